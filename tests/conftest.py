@@ -1,0 +1,33 @@
+"""Shared test fixtures: the real data sets live in ../shared/data beside the checkout."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_root_env(tmp_path_factory):
+    """Point the library's data root at ../shared/data and keep its cache inside the test session."""
+    old = {k: os.environ.get(k) for k in ("ROBUST_SURGERY_DATA", "ROBUST_SURGERY_CACHE")}
+    os.environ["ROBUST_SURGERY_DATA"] = str(SHARED_DATA)
+    os.environ.setdefault("ROBUST_SURGERY_CACHE", str(Path.home() / ".cache" / "robust_surgery"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"../shared/data not found at {SHARED_DATA}: the tests need the shared data sets beside the checkout")
+    return SHARED_DATA
