@@ -1,0 +1,406 @@
+"""The NRPM math, in one place.
+
+Nonlinear Robust Pattern Matching (NRPM) replaces the sum of the D product terms
+``u_d = a_d * x_d`` of a Linear or Conv output unit (the *linear pattern match*, LPM) by a
+robust location estimate of the same terms, computed by K steps of iteratively reweighted
+least squares (IRLS), and mixes the two (``../shared/reference/nrpm.md``)::
+
+    z0 = z_LPM = sum_d u_d
+    repeat K times:
+        dist_d  = |u_d - z / D|
+        w_d     = reweight(dist_d)
+        z       = D * sum_d w_d u_d / max(sum_d w_d, 1e-12)
+    y = lam * z_LPM + (1 - lam) * z + bias
+
+Everything here works on a common "grouped rows" shape: inputs ``x`` of shape ``(G, R, D)``
+(G groups, R rows: batch items for Linear, batch items x output positions for Conv),
+weights ``(G, O, D)``, outputs ``(G, R, O)``. The per-term tensor ``(G, R, O, D)`` is never
+built whole: rows and outputs are processed in chunks whose size follows a memory budget,
+and backward recomputes each chunk's terms instead of keeping them, so peak memory stays
+near one chunk's worth.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NRPMSettings",
+    "REWEIGHTS",
+    "register_reweight",
+    "reweight_names",
+    "default_memory_budget",
+    "robust_pattern_match",
+    "nrpm_linear",
+    "nrpm_conv",
+    "conv_padding_pairs",
+    "mix",
+]
+
+# --------------------------------------------------------------------------------------------
+# Reweighting functions: dist (>= 0) -> weights (> 0), elementwise.
+# --------------------------------------------------------------------------------------------
+Reweight = Callable[..., torch.Tensor]
+REWEIGHTS: dict[str, Reweight] = {}
+
+
+def register_reweight(name: str) -> Callable[[Reweight], Reweight]:
+    """Register ``fn(dist, *, eps, gamma, delta) -> weights`` under ``name`` (a norm name).
+
+    ``dist`` is a non-negative tensor of any shape; the function returns positive weights of
+    the same shape. Registered names become valid ``norm=`` values everywhere (layers,
+    ``convert``, the CLI).
+    """
+
+    def wrap(fn: Reweight) -> Reweight:
+        REWEIGHTS[name] = fn
+        return fn
+
+    return wrap
+
+
+def reweight_names() -> list[str]:
+    """Names of every registered reweighting function (valid ``norm`` values)."""
+    return list(REWEIGHTS)
+
+
+@register_reweight("L2")
+def _reweight_l2(dist, *, eps, gamma, delta):
+    # IRLS with constant weights returns the mean: NRPM with L2 equals the linear layer.
+    return torch.ones_like(dist)
+
+
+@register_reweight("L1")
+def _reweight_l1(dist, *, eps, gamma, delta):
+    return 1.0 / (dist + eps)
+
+
+@register_reweight("MCP")
+def _reweight_mcp(dist, *, eps, gamma, delta):
+    return torch.clamp_min(1.0 / (dist + eps) - 1.0 / gamma, eps)
+
+
+@register_reweight("Huber")
+def _reweight_huber(dist, *, eps, gamma, delta):
+    return torch.clamp_max(delta / (dist + eps), 1.0)
+
+
+@register_reweight("HM")
+def _reweight_hm(dist, *, eps, gamma, delta):
+    return torch.clamp(delta / (gamma - delta) * (gamma / (dist + eps) - 1.0), eps, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NRPMSettings:
+    """The knobs of one NRPM layer.
+
+    norm: reweighting function name (``L2``, ``L1``, ``MCP``, ``Huber``, ``HM`` or registered).
+    K: number of IRLS steps (int >= 0). eps: the small constant ε > 0 in the weights.
+    gamma, delta: the thresholds γ, δ of ``MCP``/``Huber``/``HM`` (in the units of the terms).
+    """
+
+    norm: str = "L1"
+    K: int = 3
+    eps: float = 1e-3
+    gamma: float = 4.0
+    delta: float = 3.0
+
+    def __post_init__(self):
+        if self.norm not in REWEIGHTS:
+            raise ValueError(
+                f"unknown norm {self.norm!r}: choose one of {', '.join(REWEIGHTS)} "
+                "(or add one with robust_surgery.register_reweight)"
+            )
+        if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 0:
+            raise ValueError(f"K must be a whole number >= 0 (IRLS steps), got {self.K!r}")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
+        if not self.gamma > 0 or not self.delta > 0:
+            raise ValueError(f"gamma and delta must be positive, got gamma={self.gamma}, delta={self.delta}")
+        if self.norm == "HM" and not self.gamma > self.delta:
+            raise ValueError(f"norm 'HM' needs gamma > delta, got gamma={self.gamma}, delta={self.delta}")
+
+    @property
+    def is_linear(self) -> bool:
+        """True when NRPM equals the plain layer whatever λ (norm L2, or no IRLS step)."""
+        return self.norm == "L2" or self.K == 0
+
+    def reweight(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The reweighting function with this layer's ε, γ, δ bound."""
+        return partial(REWEIGHTS[self.norm], eps=self.eps, gamma=self.gamma, delta=self.delta)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory budget and chunking
+# --------------------------------------------------------------------------------------------
+_DEFAULT_BUDGET = 256 * 2**20
+
+
+def default_memory_budget() -> int:
+    """Bytes one chunk of NRPM terms may use: env ``ROBUST_SURGERY_NRPM_BUDGET_MB`` or 256 MiB."""
+    mb = os.environ.get("ROBUST_SURGERY_NRPM_BUDGET_MB")
+    if mb is None:
+        return _DEFAULT_BUDGET
+    try:
+        value = int(float(mb) * 2**20)
+    except ValueError:
+        raise ValueError(f"ROBUST_SURGERY_NRPM_BUDGET_MB must be a number of MiB, got {mb!r}") from None
+    if value <= 0:
+        raise ValueError(f"ROBUST_SURGERY_NRPM_BUDGET_MB must be positive, got {mb!r}")
+    return value
+
+
+def _live_tensors(K: int) -> int:
+    """How many term-sized tensors one chunk keeps alive at peak (recomputed backward included)."""
+    return 4 + 4 * K
+
+
+def _chunk_sizes(G: int, R: int, O: int, D: int, K: int, itemsize: int, budget: int) -> tuple[int, int]:
+    """Rows and outputs per chunk so that ``G*rows*outs*D`` terms x live tensors fit the budget."""
+    elems = max(1, budget // (itemsize * _live_tensors(K)))
+    per_row = G * O * D
+    if per_row <= elems:
+        return max(1, min(R, elems // per_row)), O
+    return 1, max(1, min(O, elems // (G * D)))
+
+
+# --------------------------------------------------------------------------------------------
+# The IRLS core
+# --------------------------------------------------------------------------------------------
+def _irls(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, K: int, reweight) -> torch.Tensor:
+    """K IRLS steps on one chunk. x: (G, r, D), w: (G, o, D), z0: (G, r, o) -> (G, r, o)."""
+    D = x.shape[-1]
+    u = x.unsqueeze(2) * w.unsqueeze(1)  # (G, r, o, D): the product terms
+    z = z0
+    for _ in range(K):
+        dist = (u - (z / D).unsqueeze(-1)).abs()
+        wt = reweight(dist)
+        z = D * (wt * u).sum(-1) / wt.sum(-1).clamp_min(1e-12)
+    return z
+
+
+def _chunks(R: int, O: int, rows: int, outs: int):
+    for r0 in range(0, R, rows):
+        for o0 in range(0, O, outs):
+            yield slice(r0, r0 + rows), slice(o0, o0 + outs)
+
+
+class _RobustPatternMatch(torch.autograd.Function):
+    """Chunked IRLS whose backward recomputes each chunk's terms (nothing per-term is saved).
+
+    Forward runs without building a graph; backward rebuilds one chunk at a time, takes its
+    vector-Jacobian product with ``torch.autograd.grad`` and accumulates into preallocated
+    gradients, so at any moment only one chunk's terms are alive.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, z0, settings: NRPMSettings, rows: int, outs: int):
+        ctx.save_for_backward(x, w, z0)
+        ctx.settings, ctx.rows, ctx.outs = settings, rows, outs
+        return _irls_chunked(x, w, z0, settings, rows, outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, z0 = ctx.saved_tensors
+        need_x, need_w, need_z0 = ctx.needs_input_grad[:3]
+        gx = torch.zeros_like(x) if need_x else None
+        gw = torch.zeros_like(w) if need_w else None
+        gz0 = torch.zeros_like(z0) if need_z0 else None
+        reweight = ctx.settings.reweight()
+        for r, o in _chunks(x.shape[1], w.shape[1], ctx.rows, ctx.outs):
+            with torch.enable_grad():
+                xc = x[:, r].detach().requires_grad_(need_x)
+                wc = w[:, o].detach().requires_grad_(need_w)
+                zc = z0[:, r, o].detach().requires_grad_(need_z0)
+                out = _irls(xc, wc, zc, ctx.settings.K, reweight)
+                wanted = [t for t, need in ((xc, need_x), (wc, need_w), (zc, need_z0)) if need]
+                grads = list(torch.autograd.grad(out, wanted, grad_out[:, r, o]))
+            if need_x:
+                gx[:, r] += grads.pop(0)
+            if need_w:
+                gw[:, o] += grads.pop(0)
+            if need_z0:
+                gz0[:, r, o] = grads.pop(0)
+        return gx, gw, gz0, None, None, None
+
+
+def _irls_chunked(x, w, z0, settings: NRPMSettings, rows: int, outs: int) -> torch.Tensor:
+    # One output tensor, filled chunk by chunk: keeping no small per-chunk results alive between
+    # the large temporaries stops the heap from fragmenting (and the process from growing).
+    out = torch.empty(x.shape[0], x.shape[1], w.shape[1], dtype=torch.result_type(x, w), device=x.device)
+    reweight = settings.reweight()
+    for r, o in _chunks(x.shape[1], w.shape[1], rows, outs):
+        out[:, r, o] = _irls(x[:, r], w[:, o], z0[:, r, o], settings.K, reweight)
+    return out
+
+
+def robust_pattern_match(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    z0: torch.Tensor,
+    settings: NRPMSettings,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """The robust estimate z_NRPM of every output, chunked under a memory budget.
+
+    x: (G, R, D) inputs, w: (G, O, D) weights, z0: (G, R, O) the linear outputs z_LPM (no bias)
+    the iteration starts from. Returns (G, R, O). ``memory_budget`` (bytes) bounds the terms of
+    one chunk; gradients reach x, w and z0 through per-chunk recomputation in backward
+    (first-order only: double backward is not supported).
+    """
+    G, R, D = x.shape
+    O = w.shape[1]
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    rows, outs = _chunk_sizes(G, R, O, D, settings.K, x.element_size(), budget)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or z0.requires_grad):
+        return _RobustPatternMatch.apply(x, w, z0, settings, rows, outs)
+    with torch.no_grad():
+        return _irls_chunked(x, w, z0, settings, rows, outs)
+
+
+def mix(lam, z_lpm: torch.Tensor, z_nrpm: torch.Tensor) -> torch.Tensor:
+    """The hybrid ``lam * z_lpm + (1 - lam) * z_nrpm`` (λ a float or a 0-dim tensor)."""
+    if not torch.is_tensor(lam) and lam == 0:
+        return z_nrpm
+    return lam * z_lpm + (1 - lam) * z_nrpm
+
+
+def _is_exactly_one(lam) -> bool:
+    if torch.is_tensor(lam):
+        return not lam.requires_grad and bool(lam == 1)
+    return lam == 1
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    if bias is None:
+        return y
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    return y + bias.view(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------
+def nrpm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lam=0.5,
+    settings: NRPMSettings = NRPMSettings(),
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """NRPM version of ``F.linear``. x: (*, D), weight: (O, D), bias: (O,) -> (*, O).
+
+    ``lam`` is λ in [0, 1] (float or 0-dim tensor); λ = 1, norm ``L2`` or K = 0 give
+    ``F.linear`` itself.
+    """
+    if settings.is_linear or _is_exactly_one(lam):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    D = x.shape[-1]
+    rows = x.reshape(1, -1, D)
+    z_lpm = F.linear(rows, weight)  # (1, N, O)
+    z = robust_pattern_match(rows, weight.unsqueeze(0), z_lpm, settings, memory_budget)
+    y = _add_bias(mix(lam, z_lpm, z), bias, -1)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution (any number of spatial dims), by unfolding
+# --------------------------------------------------------------------------------------------
+def _ntuple(v, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def conv_padding_pairs(padding, kernel: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """Padding amounts in ``F.pad`` order (last dim first, (left, right) each), as torch's ConvNd.
+
+    ``padding`` is an int, a tuple of ints, ``'valid'`` or ``'same'`` (an odd total pads one
+    more on the right, as torch does).
+    """
+    n = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0] * (2 * n)
+        if padding == "same":
+            pairs = []
+            for k, d in zip(reversed(kernel), reversed(dilation)):
+                total = d * (k - 1)
+                pairs += [total // 2, total - total // 2]
+            return pairs
+        raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+    pads = _ntuple(padding, n)
+    return [p for p in reversed(pads) for _ in range(2)]
+
+
+def _unfold(xp: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
+    """Patches of a padded input. xp: (B, C, *S) -> (B, *L, C, *kernel), a view where possible."""
+    n = len(kernel)
+    cols = xp
+    for i in range(n):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        cols = cols.unfold(2 + i, span, stride[i])
+        if dilation[i] > 1:
+            cols = cols[..., :: dilation[i]]
+    # (B, C, L1..Ln, k1..kn) -> (B, L1..Ln, C, k1..kn)
+    order = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
+    return cols.permute(order)
+
+
+def nrpm_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lam=0.5,
+    settings: NRPMSettings = NRPMSettings(),
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    z_lpm: torch.Tensor | None = None,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """NRPM version of ``F.conv{1,2,3}d``. x: (B, C, *S), weight: (O, C/groups, *k) -> (B, O, *L).
+
+    Padding positions take part in the robust estimate as terms (zeros for ``padding_mode``
+    'zeros', reflected/replicated/circular values otherwise), as the reference does. ``z_lpm``
+    may pass the already computed bias-free linear output (B, O, *L) to avoid recomputing it.
+    """
+    n = weight.dim() - 2
+    if x.dim() != n + 2:
+        raise ValueError(f"a {n}-d convolution needs input of shape (B, C, {n} spatial dims), got {tuple(x.shape)}")
+    kernel = tuple(weight.shape[2:])
+    stride, dilation = _ntuple(stride, n), _ntuple(dilation, n)
+    pads = conv_padding_pairs(padding, kernel, dilation)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    xp = F.pad(x, pads, mode=mode) if any(pads) else x
+    conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    if settings.is_linear or _is_exactly_one(lam):
+        return conv(xp, weight, bias, stride, 0, dilation, groups)
+    if z_lpm is None:
+        z_lpm = conv(xp, weight, None, stride, 0, dilation, groups)
+    B, O = x.shape[0], weight.shape[0]
+    L = z_lpm.shape[2:]
+    Lp = math.prod(L)
+    G = groups
+    Og, Dg = O // G, weight[0].numel()
+    rows = _unfold(xp, kernel, stride, dilation).reshape(B * Lp, G, Dg).transpose(0, 1)  # (G, B*L, Dg)
+    z0 = z_lpm.reshape(B, G, Og, Lp).permute(1, 0, 3, 2).reshape(G, B * Lp, Og)
+    z = robust_pattern_match(rows, weight.reshape(G, Og, Dg), z0, settings, memory_budget)
+    z_nrpm = z.reshape(G, B, Lp, Og).permute(1, 0, 3, 2).reshape(B, O, *L)
+    return _add_bias(mix(lam, z_lpm, z_nrpm), bias, 1)

@@ -1,0 +1,205 @@
+"""NRPM layers: drop-in subclasses of ``nn.Linear`` and ``nn.ConvNd``.
+
+Each keeps the original ``weight`` and ``bias`` under the same names (so state dicts line up)
+and adds one parameter, ``lam_logit``: λ = sigmoid(lam_logit) is the per-layer mix between the
+linear output (λ = 1, exactly the original layer) and the robust NRPM estimate (λ = 0).
+The math lives in :mod:`robust_surgery.nn.functional`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from .functional import NRPMSettings, nrpm_conv, nrpm_linear
+
+__all__ = ["NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "lam_to_logit", "linear_mode"]
+
+
+def lam_to_logit(lam: float) -> float:
+    """logit(λ) for λ in [0, 1] (±inf at the ends, so sigmoid gives 0 and 1 exactly)."""
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0 or math.isnan(lam):
+        raise ValueError(f"lam (λ) must be in [0, 1], got {lam}")
+    if lam == 0.0:
+        return -math.inf
+    if lam == 1.0:
+        return math.inf
+    return math.log(lam) - math.log1p(-lam)
+
+
+_KEPT_PRIVATE = ("_reversed_padding_repeated_twice",)
+
+
+def _copy_layer_state(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the configuration (stride, padding, ...) of ``src`` and share its tensors.
+
+    Public attributes and torch's private padding cache are copied; parameters and buffers are
+    shared (no weight is copied); ``lam_logit`` stays behind; hooks are not carried over.
+    """
+    for k, v in vars(src).items():
+        if (not k.startswith("_") or k in _KEPT_PRIVATE) and k not in ("settings", "memory_budget", "force_dense"):
+            dst.__dict__[k] = v
+    for k, p in src._parameters.items():
+        if k != "lam_logit":
+            dst._parameters[k] = p
+    for k, b in src._buffers.items():
+        dst._buffers[k] = b
+    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+
+
+class NRPMLayer:
+    """Mixin with what every NRPM layer shares: settings, λ, and the conversion from a dense layer."""
+
+    dense_type: type[nn.Module]
+    settings: NRPMSettings
+    memory_budget: int | None
+
+    def _init_nrpm(self, settings: NRPMSettings, lam: float, memory_budget: int | None) -> None:
+        self.settings = settings
+        self.memory_budget = memory_budget
+        dtype = self.weight.dtype if self.weight.is_floating_point() else torch.get_default_dtype()
+        self.lam_logit = nn.Parameter(torch.tensor(lam_to_logit(lam), dtype=dtype, device=self.weight.device))
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """λ = sigmoid(lam_logit), a 0-dim tensor in [0, 1] (differentiable)."""
+        return torch.sigmoid(self.lam_logit)
+
+    def set_lam(self, lam: float) -> None:
+        """Set λ in [0, 1] in place (keeps the parameter object)."""
+        with torch.no_grad():
+            self.lam_logit.fill_(lam_to_logit(lam))
+
+    force_dense: bool = False  # set by linear_mode(): run as the original layer whatever λ
+
+    def _runs_dense(self) -> bool:
+        """True when the output equals the original layer: λ == 1, norm L2, K == 0 or linear_mode."""
+        return self.force_dense or self.settings.is_linear or float(torch.sigmoid(self.lam_logit.detach())) == 1.0
+
+    def nrpm_extra_repr(self) -> str:
+        s = self.settings
+        extra = f", gamma={s.gamma}, delta={s.delta}" if s.norm in ("MCP", "Huber", "HM") else ""
+        return f"norm={s.norm}, K={s.K}, eps={s.eps:g}, lam={float(self.lam.detach()):.4g}{extra}"
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, settings: NRPMSettings | None = None, lam: float = 0.5,
+                   memory_budget: int | None = None):
+        """Build the NRPM layer from a plain one, sharing its weight and bias tensors."""
+        if not isinstance(layer, cls.dense_type):
+            raise TypeError(f"{cls.__name__}.from_dense needs an nn.{cls.dense_type.__name__}, got {type(layer).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        _copy_layer_state(layer, new)
+        new._init_nrpm(settings or NRPMSettings(), lam, memory_budget)
+        new.train(layer.training)
+        return new
+
+    def to_dense(self) -> nn.Module:
+        """The plain layer with the same weight and bias tensors (λ and settings dropped)."""
+        dense = self.dense_type.__new__(self.dense_type)
+        nn.Module.__init__(dense)
+        _copy_layer_state(self, dense)
+        dense.train(self.training)
+        return dense
+
+
+@contextlib.contextmanager
+def linear_mode(model: nn.Module):
+    """Within the block every NRPM layer of ``model`` runs as its original layer (λ = 1)."""
+    layers = [m for m in model.modules() if isinstance(m, NRPMLayer)]
+    old = [m.force_dense for m in layers]
+    for m in layers:
+        m.force_dense = True
+    try:
+        yield model
+    finally:
+        for m, o in zip(layers, old):
+            m.force_dense = o
+
+
+class NRPMLinear(NRPMLayer, nn.Linear):
+    """NRPM ``nn.Linear``. Input (*, in_features) -> (*, out_features)."""
+
+    dense_type = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 settings: NRPMSettings | None = None, lam: float = 0.5,
+                 memory_budget: int | None = None, device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_nrpm(settings or NRPMSettings(), lam, memory_budget)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_dense():
+            return nn.Linear.forward(self, x)
+        return nrpm_linear(x, self.weight, self.bias, self.lam, self.settings, self.memory_budget)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self.nrpm_extra_repr()}"
+
+
+class _NRPMConvNd(NRPMLayer):
+    """Shared forward of the NRPM convolutions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_dense():
+            return self.dense_type.forward(self, x)
+        if x.dim() == len(self.kernel_size) + 1:  # unbatched input, as torch's conv accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        padding = self.padding if self.padding_mode == "zeros" else 0
+        xp = x
+        if self.padding_mode != "zeros":
+            xp = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        return nrpm_conv(
+            xp, self.weight, self.bias, self.lam, self.settings,
+            stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups,
+            memory_budget=self.memory_budget,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.dense_type.extra_repr(self)}, {self.nrpm_extra_repr()}"
+
+
+def _conv_init(self, dense_type, in_channels, out_channels, kernel_size, stride, padding, dilation,
+               groups, bias, padding_mode, settings, lam, memory_budget, device, dtype):
+    dense_type.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                        groups, bias, padding_mode, device=device, dtype=dtype)
+    self._init_nrpm(settings or NRPMSettings(), lam, memory_budget)
+
+
+class NRPMConv1d(_NRPMConvNd, nn.Conv1d):
+    """NRPM ``nn.Conv1d``. Input (B, C, W) -> (B, O, W')."""
+
+    dense_type = nn.Conv1d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=0.5,
+                 memory_budget=None, device=None, dtype=None):
+        _conv_init(self, nn.Conv1d, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                   groups, bias, padding_mode, settings, lam, memory_budget, device, dtype)
+
+
+class NRPMConv2d(_NRPMConvNd, nn.Conv2d):
+    """NRPM ``nn.Conv2d``. Input (B, C, H, W) -> (B, O, H', W')."""
+
+    dense_type = nn.Conv2d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=0.5,
+                 memory_budget=None, device=None, dtype=None):
+        _conv_init(self, nn.Conv2d, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                   groups, bias, padding_mode, settings, lam, memory_budget, device, dtype)
+
+
+class NRPMConv3d(_NRPMConvNd, nn.Conv3d):
+    """NRPM ``nn.Conv3d``. Input (B, C, D, H, W) -> (B, O, D', H', W')."""
+
+    dense_type = nn.Conv3d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=0.5,
+                 memory_budget=None, device=None, dtype=None):
+        _conv_init(self, nn.Conv3d, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                   groups, bias, padding_mode, settings, lam, memory_budget, device, dtype)
