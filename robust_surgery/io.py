@@ -180,7 +180,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 "where the file came from, pass --trust-pickle (Python: trust_pickle=True); better, re-save it "
                 f"as a state_dict. Detail: {str(e).splitlines()[0]}"
             ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # torch raises many types (KeyError, RuntimeError...) for a non-torch file
         raise ModelLoadError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {e})") from None
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -318,7 +318,7 @@ def _layer_manifest(model: nn.Module) -> dict[str, dict]:
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, NRPMLayer):
-            layers[name] = {"type": type(m).__name__, **m.settings.to_dict(), "lam": float(m.lam.detach())}
+            layers[name] = {"type": type(m).__name__, **m.settings.to_dict(), "lam": m.lam_value}
     return layers
 
 

@@ -84,7 +84,8 @@ class ConversionReport:
         t = Table(title=self.title + (f" (input {tuple(self.input_shape)})" if self.input_shape else ""))
         cols = ["name", "type", "shape", "D", "norm", "K", "eps", "lam", "linear FLOPs", "NRPM extra FLOPs", "direct mem"]
         for c in cols:
-            t.add_column(c, justify="left" if c in ("name", "type", "shape", "norm") else "right")
+            t.add_column(c, justify="left" if c in ("name", "type", "shape", "norm") else "right",
+                         no_wrap=c in ("name", "shape"))
         for r in self.layers:
             mem = None if r.direct_bytes is None else f"{r.direct_bytes / 2**20:.1f} MiB"
             t.add_row(r.name, r.type, r.shape, fmt(r.D), fmt(r.norm), fmt(r.K), fmt(r.eps), fmt(r.lam),
@@ -154,7 +155,7 @@ def conversion_report(model: nn.Module, input_shape=None) -> ConversionReport:
     """Report on the NRPM layers of a converted ``model``; ``input_shape`` (C, H, W...) adds costs."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, NRPMLayer)]
     outs = _out_elements(model, [n for n, _ in layers], input_shape)
-    rows = [_row(n, m, LayerConfig(m.settings, float(m.lam.detach())), outs.get(n)) for n, m in layers]
+    rows = [_row(n, m, LayerConfig(m.settings, m.lam_value), outs.get(n)) for n, m in layers]
     return ConversionReport(rows, "NRPM conversion", tuple(input_shape) if input_shape else None)
 
 

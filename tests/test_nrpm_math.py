@@ -49,10 +49,10 @@ def test_lambda_one_is_exactly_the_original_layer():
 
 def test_lambda_is_stored_as_a_logit_and_exposed():
     layer = NRPMLinear(4, 3, lam=0.6)
-    assert abs(float(layer.lam) - 0.6) < 1e-7
+    assert abs(layer.lam_value - 0.6) < 1e-7
     assert torch.isclose(layer.lam_logit, torch.logit(torch.tensor(0.6)))
     layer.set_lam(0.0)
-    assert float(layer.lam) == 0.0
+    assert layer.lam_value == 0.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         layer.set_lam(1.5)
     assert "norm=L1, K=3, eps=0.001, lam=0" in repr(layer)

@@ -68,6 +68,11 @@ class NRPMLayer:
         """λ = sigmoid(lam_logit), a 0-dim tensor in [0, 1] (differentiable)."""
         return torch.sigmoid(self.lam_logit)
 
+    @property
+    def lam_value(self) -> float:
+        """λ as a plain float (no gradient)."""
+        return float(torch.sigmoid(self.lam_logit.detach()))
+
     def set_lam(self, lam: float) -> None:
         """Set λ in [0, 1] in place (keeps the parameter object)."""
         with torch.no_grad():
@@ -82,7 +87,7 @@ class NRPMLayer:
     def nrpm_extra_repr(self) -> str:
         s = self.settings
         extra = f", gamma={s.gamma}, delta={s.delta}" if s.norm in ("MCP", "Huber", "HM") else ""
-        return f"norm={s.norm}, K={s.K}, eps={s.eps:g}, lam={float(self.lam.detach()):.4g}{extra}"
+        return f"norm={s.norm}, K={s.K}, eps={s.eps:g}, lam={self.lam_value:.4g}{extra}"
 
     @classmethod
     def from_dense(cls, layer: nn.Module, settings: NRPMSettings | None = None, lam: float = 0.5,

@@ -1,0 +1,1 @@
+"""The ``surgery`` command-line interface (installed as ``robust_surgery.cli``)."""

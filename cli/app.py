@@ -1,0 +1,207 @@
+"""The ``surgery`` command line: parse, call the library, render. No logic of its own."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .render import console, err, fail, guard, print_json
+
+app = typer.Typer(
+    name="surgery",
+    help="Model surgery for robustness: convert pretrained PyTorch networks to NRPM layers, inspect and save them.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+zoo_app = typer.Typer(help="The model zoo: reference architectures and checkpoints.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+MODEL_HELP = ("A model file (.safetensors, .pt, .pth) or a spec: zoo:NAME, torchvision:NAME, timm:NAME.")
+ARCH_HELP = ("Architecture of a weights-only file: zoo:NAME, torchvision:NAME, timm:NAME or "
+             "package.module:Callable.")
+
+
+def _input_shape(text: Optional[str], model) -> Optional[tuple[int, ...]]:
+    if text:
+        try:
+            return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            fail(f"--input-shape must be numbers like 3,32,32 (channels first, no batch), got {text!r}")
+    info = getattr(model, "zoo_info", None)
+    arch = (getattr(model, "_robust_surgery_meta", None) or {}).get("arch", "")
+    name = info["name"] if info else (arch[4:] if arch.startswith("zoo:") else None)
+    if name:
+        from robust_surgery.zoo import get_entry
+
+        return tuple(get_entry(name).input_shape)
+    return None
+
+
+def _default_out(model_arg: str) -> Path:
+    stem = model_arg.split(":", 1)[1] if ":" in model_arg and not Path(model_arg).exists() else Path(model_arg).stem
+    return Path(f"{stem.replace('/', '_')}.nrpm.safetensors")
+
+
+@app.command()
+@guard
+def convert(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    paradigm: int = typer.Option(1, "--paradigm", "-p", help="1: no fine-tuning; 2: fine-tune λ only; 3: fine-tune everything."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    norm: str = typer.Option("L1", "--norm", help="Reweighting: L2, L1, MCP, Huber, HM."),
+    K: int = typer.Option(3, "--K", "-K", help="IRLS steps."),
+    eps: float = typer.Option(1e-3, "--eps", help="ε in the reweighting."),
+    lam: float = typer.Option(0.5, "--lam", help="λ: 1 = original layer, 0 = pure NRPM."),
+    gamma: float = typer.Option(4.0, "--gamma", help="γ of MCP/HM."),
+    delta: float = typer.Option(3.0, "--delta", help="δ of Huber/HM."),
+    include: Optional[str] = typer.Option(None, "--include", help="Layers to convert: comma-separated names, globs ('layer1.*') or 're:<regex>'."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Layers to leave alone (same syntax)."),
+    override: Optional[str] = typer.Option(None, "--override", help='Per-layer settings as JSON: \'{"fc3": {"lam": 1.0}, "re:conv.*": {"K": 1}}\'.'),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.nrpm.safetensors)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input, for the cost estimate (zoo models know theirs)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module (runs code from the file)."),
+    non_strict: bool = typer.Option(False, "--non-strict", help="Load weights that match the architecture and ignore the rest."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live (else $ROBUST_SURGERY_DATA)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Replace a model's Linear/Conv layers by NRPM layers and save it.
+
+    Example: [bold]surgery convert zoo:mnist-mlp --paradigm 1 --lam 0.6 --K 1 --eps 5e-5 -o mlp.safetensors[/bold]
+    """
+    import robust_surgery as rs
+
+    if paradigm in (2, 3):
+        fail(
+            f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) needs fine-tuning, which arrives with issue 4 "
+            "(Paradigms 2 and 3). Until then convert with --paradigm 1 and set λ by hand (--lam).",
+            code=2,
+        )
+    overrides = None
+    if override:
+        try:
+            overrides = json.loads(override)
+        except json.JSONDecodeError as e:
+            fail(f"--override must be JSON mapping layer names/patterns to settings: {e}", code=2)
+    with err.status(f"loading {model}"):
+        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, strict=not non_strict,
+                            data_root=str(data_root) if data_root else None)
+    shape = _input_shape(input_shape, net)
+    with err.status("converting"):
+        converted = rs.convert(net, paradigm, norm=norm, K=K, eps=eps, lam=lam, gamma=gamma, delta=delta,
+                               include=include, exclude=exclude, overrides=overrides)
+        report = rs.conversion_report(converted, shape)
+    out = out or _default_out(model)
+    manifest = rs.save(converted, out)
+    if as_json:
+        print_json({"output": str(out), "manifest": manifest, "report": report.to_dict()})
+        return
+    console.print(report)
+    console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, arch {manifest['arch'] or 'unknown'})")
+    if not manifest["arch"]:
+        err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
+
+
+@app.command()
+@guard
+def inspect(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    K: int = typer.Option(3, "--K", "-K", help="IRLS steps to estimate the cost for."),
+    norm: str = typer.Option("L1", "--norm", help="Reweighting to estimate the cost for."),
+    lam: float = typer.Option(0.5, "--lam", help="λ to estimate the cost for."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input (zoo models know theirs)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """List the convertible layers of a model (or the NRPM layers of a converted one) with their cost.
+
+    Example: [bold]surgery inspect zoo:cifar-resnet20 --K 1[/bold]
+    """
+    import robust_surgery as rs
+
+    with err.status(f"loading {model}"):
+        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle,
+                            data_root=str(data_root) if data_root else None)
+    shape = _input_shape(input_shape, net)
+    if rs.nrpm_layers(net):
+        report = rs.conversion_report(net, shape)
+    else:
+        cfg = rs.LayerConfig(rs.NRPMSettings(norm=norm, K=K), lam)
+        report = rs.inspect_model(net, shape, cfg)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        console.print(report)
+
+
+@zoo_app.command("list")
+@guard
+def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")):
+    """List the zoo models.
+
+    Example: [bold]surgery zoo list[/bold]
+    """
+    from rich.table import Table
+
+    from robust_surgery.zoo import list_models
+
+    entries = list_models()
+    if as_json:
+        print_json([{
+            "name": e.name, "description": e.description, "dataset": e.dataset, "input_shape": list(e.input_shape),
+            "num_classes": e.num_classes, "weights": e.weights, "reference_acc": e.reference_acc,
+            "source": e.source, "license": e.license,
+        } for e in entries])
+        return
+    t = Table(title="Model zoo (use as zoo:NAME)")
+    for c in ("name", "dataset", "input", "ref. acc"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("description", ratio=1)
+    for e in entries:
+        t.add_row(e.name, e.dataset, "×".join(map(str, e.input_shape)),
+                  "-" if e.reference_acc is None else f"{e.reference_acc:.2f} %", e.description)
+    console.print(t)
+
+
+@zoo_app.command("train")
+@guard
+def zoo_train(
+    name: str = typer.Argument(..., help="Zoo model to retrain from scratch (mnist-mlp, mnist-lenet, ...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the recipe's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the recipe's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on the first N training images only."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.trained.safetensors)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where MNIST lives (else $ROBUST_SURGERY_DATA)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+):
+    """Retrain a zoo model from scratch with its recipe and save it.
+
+    Example: [bold]surgery zoo train mnist-mlp --epochs 2 -o mlp.safetensors[/bold]
+    """
+    import robust_surgery as rs
+    from robust_surgery.model_zoo.train import train_zoo_model
+
+    out = out or Path(f"{name}.trained.safetensors")
+    model, metrics = train_zoo_model(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                     data_root=str(data_root) if data_root else None, n_train=n_train)
+    rs.save(model, out, arch=f"zoo:{name}", training=metrics)
+    if as_json:
+        print_json({"output": str(out), **metrics})
+        return
+    console.print(f"{name}: test accuracy {metrics['test_acc']:.2f} % ({metrics['test_correct']}/{metrics['test_n']}) "
+                  f"after {metrics['epochs']} epochs in {metrics['seconds']:.0f} s; saved [bold]{out}[/bold]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The `surgery` CLI end to end (Typer's runner, in process)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import robust_surgery as rs
+from robust_surgery.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_convert_zoo_model_and_load_it_back(tmp_path):
+    out = tmp_path / "m.safetensors"
+    res = run("convert", "zoo:mnist-mlp", "--paradigm", "1", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "NRPM conversion" in res.stdout and "saved" in res.stdout
+    model = rs.load(out)
+    reference = rs.convert(rs.load_model("zoo:mnist-mlp"), paradigm=1)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_convert_json_output_and_settings(tmp_path):
+    out = tmp_path / "lenet.safetensors"
+    res = run("convert", "zoo:mnist-lenet-rs", "--norm", "MCP", "--K", "1", "--lam", "0.7", "--include", "conv*",
+              "--override", '{"conv2": {"K": 2}}', "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["output"] == str(out)
+    assert set(data["manifest"]["layers"]) == {"conv1", "conv2"}
+    assert data["manifest"]["layers"]["conv2"]["K"] == 2 and data["manifest"]["layers"]["conv1"]["norm"] == "MCP"
+    rows = {r["name"]: r for r in data["report"]["layers"]}
+    assert rows["conv1"]["out_elements"] == 10 * 24 * 24  # input shape known from the zoo entry
+
+
+def test_paradigm_2_says_it_arrives_with_issue_4(tmp_path):
+    res = run("convert", "zoo:mnist-mlp-rs", "--paradigm", "2", "-o", tmp_path / "p2.safetensors")
+    assert res.exit_code == 2
+    assert "issue 4" in res.stderr and "--paradigm 1" in res.stderr
+    assert not (tmp_path / "p2.safetensors").exists()
+
+
+def test_errors_are_one_clear_line_without_traceback(tmp_path):
+    res = run("convert", tmp_path / "nope.pt")
+    assert res.exit_code == 1 and "error:" in res.stderr and "Traceback" not in res.output
+    weights = tmp_path / "w.pt"
+    torch.save(rs.load_model("zoo:mnist-mlp-rs").state_dict(), weights)
+    res = run("convert", weights, "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 1 and "--arch" in res.stderr
+    res = run("convert", "zoo:mnist-mlp-rs", "--include", "nothing", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 1 and "no layer matched" in res.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+    res = run("convert", "zoo:mnist-mlp-rs", "--lam", "3", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 1 and "[0, 1]" in res.stderr
+
+
+def test_convert_state_dict_with_arch(tmp_path):
+    weights = tmp_path / "w.pt"
+    torch.save(rs.load_model("zoo:mnist-mlp-rs").state_dict(), weights)
+    res = run("convert", weights, "--arch", "zoo:mnist-mlp-rs", "--lam", "1", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)["output"]
+    assert out.endswith("w.nrpm.safetensors")
+
+
+def test_inspect_plain_and_converted(tmp_path):
+    res = run("inspect", "zoo:cifar-resnet20", "--K", "1", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["totals"]["layers"] == 20  # 19 convs + the final linear
+    assert data["totals"]["cost_ratio"] > 1
+    out = tmp_path / "c.safetensors"
+    assert run("convert", "zoo:mnist-mlp-rs", "-o", out).exit_code == 0
+    res = run("inspect", out)
+    assert res.exit_code == 0 and "NRPM conversion" in res.stdout
+
+
+def test_zoo_list(tmp_path):
+    res = run("zoo", "list", "--json")
+    names = {e["name"] for e in json.loads(res.stdout)}
+    assert {"mnist-mlp", "mnist-lenet", "cifar-resnet20", "cifar-tiny-resnet18", "mnist-mlp-rs"} <= names
+    assert "cifar-resnet20" in run("zoo", "list").stdout
+
+
+def test_zoo_train_quick(tmp_path):
+    out = tmp_path / "t.safetensors"
+    res = run("zoo", "train", "mnist-mlp", "--epochs", "1", "--n-train", "3000", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert metrics["test_acc"] > 80.0  # a linear MLP on 3000 images, one epoch
+    model = rs.load(out)
+    assert rs.read_manifest(out)["training"]["n_train"] == 3000
+    assert isinstance(model.fc1, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("cmd", [["convert"], ["inspect"], ["zoo", "list"], ["zoo", "train"]])
+def test_every_command_help_has_an_example(cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0 and "Example:" in res.stdout
