@@ -63,13 +63,14 @@ def test_errors_are_one_clear_line_without_traceback(tmp_path):
     assert res.exit_code == 1 and "[0, 1]" in res.stderr
 
 
-def test_convert_state_dict_with_arch(tmp_path):
+def test_convert_state_dict_with_arch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output goes to the working directory
     weights = tmp_path / "w.pt"
     torch.save(rs.load_model("zoo:mnist-mlp-rs").state_dict(), weights)
     res = run("convert", weights, "--arch", "zoo:mnist-mlp-rs", "--lam", "1", "--json")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)["output"]
-    assert out.endswith("w.nrpm.safetensors")
+    assert json.loads(res.stdout)["output"] == "w.nrpm.safetensors"
+    assert (tmp_path / "w.nrpm.safetensors").exists()
 
 
 def test_inspect_plain_and_converted(tmp_path):
