@@ -7,19 +7,18 @@ source hash, package version), so :func:`load` rebuilds it from the file alone.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import hashlib
 import importlib
 import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .fileutil import atomic_path, file_sha256
 from .meta import get_meta, set_meta
 from .nn.layers import NRPMLayer
 from .surgery import apply_paradigm, convert
@@ -50,30 +49,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist (create it first)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------

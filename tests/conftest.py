@@ -31,3 +31,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"../shared/data not found at {SHARED_DATA}: the tests need the shared data sets beside the checkout")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_data(tmp_path, monkeypatch):
+    """No data anywhere: an empty data root, a private cache, downloads off. Returns the empty root."""
+    empty = tmp_path / "empty-root"
+    empty.mkdir()
+    monkeypatch.setenv("ROBUST_SURGERY_DATA", str(empty))
+    monkeypatch.setenv("ROBUST_SURGERY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROBUST_SURGERY_NO_DOWNLOAD", "1")
+    return empty

@@ -1,0 +1,11 @@
+"""Architectures and weights of the model zoo (installed as ``robust_surgery.model_zoo``).
+
+Importing this package registers every model with :mod:`robust_surgery.zoo`; use
+``robust_surgery.zoo.create_model(name)`` / ``list_models()`` rather than the builders directly.
+One module per family; ``checkpoints/`` holds the small embedded weights trained by
+:mod:`robust_surgery.model_zoo.train`.
+"""
+from . import cifar_resnet, mnist_lenet, mnist_mlp, tiny_resnet  # noqa: F401  (registration)
+from .common import Normalize
+
+__all__ = ["Normalize", "cifar_resnet", "mnist_lenet", "mnist_mlp", "tiny_resnet"]
