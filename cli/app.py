@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .render import console, err, fail, guard, print_json
+from .render import console, err, fail, guard, print_json, write_json
 
 app = typer.Typer(
     name="surgery",
@@ -136,6 +136,79 @@ def inspect(
         print_json(report.to_dict())
     else:
         console.print(report)
+
+
+def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{what} takes numbers separated by commas, got {text!r}", code=2)
+
+
+@app.command()
+@guard
+def evaluate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: str = typer.Option(..., "--data", help="mnist, cifar10, or a path (ImageFolder tree or .pt with images/labels)."),
+    attack: str = typer.Option("fgsm,pgd", "--attack", help="Comma-separated: fgsm, pgd, cw, autoattack, square."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Budgets, comma-separated, fractions allowed: 0,0.1,0.3 or 8/255 (default: the data set's standard)."),
+    threat: str = typer.Option("Linf", "--threat", help="Linf or L2."),
+    n: Optional[int] = typer.Option(None, "--n", "--n-examples", help="Evaluate the first N test points (--n-examples under torchrun, whose own options --n would clash with)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Points per batch (also the unit of sharding and resuming)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random starts and AutoAttack."),
+    steps: int = typer.Option(20, "--steps", help="PGD steps."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="PGD step size (default 2.5·ε/steps)."),
+    restarts: int = typer.Option(1, "--restarts", help="PGD restarts."),
+    queries: int = typer.Option(1000, "--queries", help="Square attack queries."),
+    compare_original: bool = typer.Option(False, "--compare-original", help="Also evaluate the λ = 1 (original) network."),
+    no_checks: bool = typer.Option(False, "--no-checks", help="Skip the sanity report card (on by default for converted models)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised inputs: 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, with --mean."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Keep per-point results here; an interrupted run resumes from it."),
+    max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after this many new batches (resume later with --state)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the robust-accuracy curve as PNG."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+):
+    """Attack a model over an ε sweep and print robust accuracy with the sanity report card.
+
+    Example: [bold]surgery evaluate zoo:mnist-mlp --data mnist --attack fgsm,pgd --eps 0,0.1,0.3 --n 1000[/bold]
+    Sharded: [bold]torchrun --nproc-per-node 2 -m robust_surgery.cli.app evaluate MODEL --data mnist --n-examples 1000[/bold]
+    """
+    import robust_surgery as rs
+    from robust_surgery.evaluate import parse_eps
+
+    root = str(data_root) if data_root else None
+    with err.status(f"loading {model}"):
+        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, data_root=root)
+    report = rs.evaluate(
+        net, data, attacks=[a for a in attack.split(",") if a.strip()], eps=parse_eps(eps) if eps else None,
+        threat=threat, n=n, batch_size=batch_size, seed=seed, steps=steps, alpha=alpha, restarts=restarts,
+        queries=queries, compare_original=compare_original, checks=False if no_checks else None,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,
+        max_batches=max_batches, progress=True, architecture=model if ":" in model else None,
+    )
+    from robust_surgery.evaluate import _dist_info
+
+    if _dist_info()[0] != 0:  # under torchrun only rank 0 reports
+        return
+    if json_out is not None:
+        if str(json_out) == "-":
+            print_json(report.to_dict())
+        else:
+            write_json(report.to_dict(), json_out)
+    if plot is not None:
+        from robust_surgery.plot import plot_robustness_curve
+
+        plot_robustness_curve(report, plot)
+    if str(json_out) != "-":
+        console.print(report)
+        if not report.complete:
+            err.print(f"partial run: {report.batches_done}/{report.batches_total} batches; run again with the same --state to finish")
 
 
 @zoo_app.command("list")

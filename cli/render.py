@@ -17,6 +17,14 @@ def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_json(data, path) -> None:
+    """Write ``data`` as JSON to ``path`` (temporary name, then rename)."""
+    from robust_surgery.fileutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
 def fail(message: str, code: int = 1):
     """Print ``message`` as an error on stderr and exit with ``code``."""
     err.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True)

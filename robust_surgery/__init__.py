@@ -10,6 +10,7 @@ Python API (one function per CLI command)::
 """
 __version__ = "0.1.0"
 
+from .evaluate import EvalReport, evaluate
 from .io import ModelLoadError, build_arch, load, load_model, read_manifest, save
 from .nn import (
     NRPMConv1d,
@@ -20,6 +21,7 @@ from .nn import (
     NRPMSettings,
     linear_mode,
     register_reweight,
+    straight_through_mode,
     reweight_names,
 )
 from .report import ConversionReport, conversion_report, inspect_model
@@ -39,7 +41,7 @@ __all__ = [
     "__version__",
     "convert", "unconvert", "set_lam", "nrpm_layers", "register_converter", "convertible_types",
     "register_reweight", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
-    "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode",
+    "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "ModelLoadError",
-    "ConversionReport", "conversion_report", "inspect_model",
+    "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 
 from .functional import NRPMSettings, nrpm_conv, nrpm_linear
 
-__all__ = ["NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "lam_to_logit", "linear_mode"]
+__all__ = ["NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "lam_to_logit", "linear_mode", "straight_through_mode"]
 
 
 def lam_to_logit(lam: float) -> float:
@@ -40,7 +40,7 @@ def _copy_layer_state(src: nn.Module, dst: nn.Module) -> None:
     shared (no weight is copied); ``lam_logit`` stays behind; hooks are not carried over.
     """
     for k, v in vars(src).items():
-        if (not k.startswith("_") or k in _KEPT_PRIVATE) and k not in ("settings", "memory_budget", "force_dense"):
+        if (not k.startswith("_") or k in _KEPT_PRIVATE) and k not in ("settings", "memory_budget", "force_dense", "straight_through"):
             dst.__dict__[k] = v
     for k, p in src._parameters.items():
         if k != "lam_logit":
@@ -79,6 +79,17 @@ class NRPMLayer:
             self.lam_logit.fill_(lam_to_logit(lam))
 
     force_dense: bool = False  # set by linear_mode(): run as the original layer whatever λ
+    straight_through: bool = False  # set by straight_through_mode(): NRPM values, linear gradients
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_dense():
+            return self._dense_forward(x)
+        if self.straight_through:
+            y_lin = self._dense_forward(x)
+            with torch.no_grad():
+                y = self._nrpm_forward(x)
+            return y_lin + (y - y_lin).detach()
+        return self._nrpm_forward(x)
 
     def _runs_dense(self) -> bool:
         """True when the output equals the original layer: λ == 1, norm L2, K == 0 or linear_mode."""
@@ -112,17 +123,29 @@ class NRPMLayer:
 
 
 @contextlib.contextmanager
-def linear_mode(model: nn.Module):
-    """Within the block every NRPM layer of ``model`` runs as its original layer (λ = 1)."""
+def _layer_flag(model: nn.Module, flag: str):
     layers = [m for m in model.modules() if isinstance(m, NRPMLayer)]
-    old = [m.force_dense for m in layers]
+    old = [getattr(m, flag) for m in layers]
     for m in layers:
-        m.force_dense = True
+        setattr(m, flag, True)
     try:
         yield model
     finally:
         for m, o in zip(layers, old):
-            m.force_dense = o
+            setattr(m, flag, o)
+
+
+def linear_mode(model: nn.Module):
+    """Context manager: inside it every NRPM layer of ``model`` runs as its original layer (λ = 1)."""
+    return _layer_flag(model, "force_dense")
+
+
+def straight_through_mode(model: nn.Module):
+    """Context manager: NRPM forward values, gradients of the original linear layer (BPDA).
+
+    The surrogate an honest evaluation attacks through when NRPM's own gradients may mislead.
+    """
+    return _layer_flag(model, "straight_through")
 
 
 class NRPMLinear(NRPMLayer, nn.Linear):
@@ -136,9 +159,10 @@ class NRPMLinear(NRPMLayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_nrpm(settings or NRPMSettings(), lam, memory_budget)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._runs_dense():
-            return nn.Linear.forward(self, x)
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear.forward(self, x)
+
+    def _nrpm_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nrpm_linear(x, self.weight, self.bias, self.lam, self.settings, self.memory_budget)
 
     def extra_repr(self) -> str:
@@ -148,11 +172,12 @@ class NRPMLinear(NRPMLayer, nn.Linear):
 class _NRPMConvNd(NRPMLayer):
     """Shared forward of the NRPM convolutions."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._runs_dense():
-            return self.dense_type.forward(self, x)
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_type.forward(self, x)
+
+    def _nrpm_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == len(self.kernel_size) + 1:  # unbatched input, as torch's conv accepts
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+            return self._nrpm_forward(x.unsqueeze(0)).squeeze(0)
         padding = self.padding if self.padding_mode == "zeros" else 0
         xp = x
         if self.padding_mode != "zeros":

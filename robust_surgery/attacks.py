@@ -1,0 +1,155 @@
+"""Attacks for evaluation: torchattacks objects built by name, and the guards they lack.
+
+torchattacks assumes a model mapping [0, 1] images to one ``(N, C)`` logits tensor, in eval
+mode. :class:`AttackTarget` makes any model fit (normalisation, tuple/dict outputs) and
+:func:`check_unit_range` refuses inputs outside [0, 1] instead of letting them be clamped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torchattacks
+from torch import nn
+
+__all__ = [
+    "ATTACKS",
+    "THREATS",
+    "AttackTarget",
+    "AttackConfig",
+    "FGML2",
+    "check_unit_range",
+    "build_attack",
+    "within_budget",
+]
+
+ATTACKS = ("fgsm", "pgd", "cw", "autoattack", "square")
+THREATS = ("Linf", "L2")
+
+
+def check_unit_range(x: torch.Tensor) -> None:
+    """Raise a clear error unless every value of ``x`` is in [0, 1] (attacks assume pixels in [0, 1])."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"inputs must be images in [0, 1] for the attacks (got min {lo:.4g}, max {hi:.4g}). Pass raw "
+            "[0, 1] images and let the model normalise inside, or give --mean/--std (Python: mean=, std=)."
+        )
+
+
+def _logits(out) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    if isinstance(out, dict):
+        if "logits" in out:
+            return out["logits"]
+        tensors = [v for v in out.values() if torch.is_tensor(v)]
+        if len(tensors) == 1:
+            return tensors[0]
+    logits = getattr(out, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    raise TypeError(
+        f"the model returned a {type(out).__name__} the attacks cannot use; it must return logits (N, classes), "
+        "a tuple/list whose first item is the logits, or a dict with a 'logits' entry"
+    )
+
+
+class AttackTarget(nn.Module):
+    """The model as attacks see it: [0, 1] images in, one ``(N, classes)`` logits tensor out.
+
+    ``mean``/``std`` (per channel) normalise inside when the model expects normalised inputs.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        self.model = model
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (per channel), or neither")
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        out = _logits(self.model(x))
+        if out.dim() != 2:
+            raise TypeError(f"the model's logits must have shape (N, classes), got {tuple(out.shape)}")
+        return out
+
+
+class FGML2(torchattacks.attack.Attack):
+    """Single-step L2 attack (fast gradient method): x + ε·g/‖g‖₂, clipped to [0, 1]."""
+
+    def __init__(self, model, eps: float = 1.0):
+        super().__init__("FGML2", model)
+        self.eps = eps
+        self.supported_mode = ["default"]
+
+    def forward(self, images, labels):
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        images.requires_grad = True
+        loss = nn.CrossEntropyLoss()(self.get_logits(images), labels)
+        (grad,) = torch.autograd.grad(loss, images)
+        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+        return (images + self.eps * grad / norm).clamp(0, 1).detach()
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One attack at one budget. ``steps``/``alpha``: iterative attacks (alpha None: 2.5·ε/steps);
+    ``restarts``: PGD restarts (worst per point); ``queries``: Square's query budget."""
+
+    name: str
+    eps: float
+    threat: str = "Linf"
+    steps: int = 20
+    alpha: float | None = None
+    restarts: int = 1
+    queries: int = 1000
+
+    def __post_init__(self):
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}: choose from {', '.join(ATTACKS)}")
+        if self.threat not in THREATS:
+            raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+    @property
+    def key(self) -> str:
+        extra = ""
+        if self.name == "pgd":
+            extra = f"-s{self.steps}" + (f"-r{self.restarts}" if self.restarts > 1 else "")
+        return f"{self.name}{extra}@{self.eps:g}"
+
+
+def build_attack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int) -> torchattacks.attack.Attack:
+    """The torchattacks object for ``cfg`` against ``target`` (an :class:`AttackTarget`)."""
+    eps, steps = cfg.eps, cfg.steps
+    alpha = cfg.alpha if cfg.alpha is not None else 2.5 * eps / max(steps, 1)
+    linf = cfg.threat == "Linf"
+    if cfg.name == "fgsm":
+        return torchattacks.FGSM(target, eps=eps) if linf else FGML2(target, eps=eps)
+    if cfg.name == "pgd":
+        make = (lambda: torchattacks.PGD(target, eps=eps, alpha=alpha, steps=steps, random_start=True)) if linf \
+            else (lambda: torchattacks.PGDL2(target, eps=eps, alpha=alpha, steps=steps, random_start=True))
+        return make() if cfg.restarts <= 1 else torchattacks.MultiAttack([make() for _ in range(cfg.restarts)])
+    if cfg.name == "cw":
+        return torchattacks.CW(target, c=1.0, kappa=0.0, steps=max(steps, 50), lr=0.01)
+    if cfg.name == "autoattack":
+        return torchattacks.AutoAttack(target, norm=cfg.threat, eps=eps, version="standard", n_classes=n_classes, seed=seed)
+    if cfg.name == "square":
+        return torchattacks.Square(target, norm=cfg.threat, eps=eps, n_queries=cfg.queries, n_restarts=1, seed=seed)
+    raise ValueError(cfg.name)
+
+
+def within_budget(x: torch.Tensor, x_adv: torch.Tensor, cfg: AttackConfig, slack: float = 1e-5) -> torch.Tensor:
+    """Per point: is ``x_adv`` within ε of ``x`` in the threat norm? (C&W is unbounded.)"""
+    d = (x_adv - x).flatten(1)
+    size = d.abs().amax(1) if cfg.threat == "Linf" else d.norm(dim=1)
+    return size <= cfg.eps + slack

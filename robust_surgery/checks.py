@@ -1,0 +1,104 @@
+"""The sanity report card: the checks that stop a defense from fooling its own evaluation.
+
+Each check reads numbers the evaluation already measured (``evaluation.md``, "Sanity checks"):
+accuracy falls with ε and reaches about 0 at a huge ε; stronger PGD is not weaker; PGD is not
+weaker than FGSM; the gradient-free Square attack does not beat the gradient attacks by much;
+input gradients do not vanish; outputs are deterministic; transfer from the λ = 1 network and
+the BPDA surrogate do not beat the direct attack. Tolerances are in accuracy points.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["CheckResult", "run_checks", "TOLERANCE", "SQUARE_TOLERANCE", "HUGE_EPS_MAX"]
+
+TOLERANCE = 1.0  # points: slack for random starts on small n (at least one point)
+SQUARE_TOLERANCE = 5.0  # points Square may beat the gradient attacks by
+HUGE_EPS_MAX = 5.0  # robust accuracy (%) still allowed at an unbounded budget
+
+
+@dataclass
+class CheckResult:
+    """One line of the report card. ``passed`` is None when the check could not be run."""
+
+    name: str
+    passed: bool | None
+    detail: str
+    numbers: dict = field(default_factory=dict)
+
+
+def _find(report, variant, **match):
+    for r in report.results:
+        if r["model"] == variant and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def run_checks(report, *, grad_zero: int, nondeterministic_batches: int) -> list[CheckResult]:
+    """Evaluate the report card of the main variant of ``report`` (an ``EvalReport``)."""
+    v = report.variants[0]
+    e = max(report.eps)
+    tol = max(TOLERANCE, 100.0 / report.n)
+    out: list[CheckResult] = []
+    direct_pgd = _find(report, v, attack="pgd", eps=e, source="direct", check=None) or \
+        _find(report, v, attack="pgd", eps=e, source="direct", check="pgd-at-max-eps")
+    fgsm = _find(report, v, attack="fgsm", eps=e, source="direct", check=None) or \
+        _find(report, v, attack="fgsm", eps=e, source="direct", check="fgsm-at-max-eps")
+
+    # 1. accuracy falls as ε grows, and is about 0 at a huge ε
+    worst = report.worst(v)
+    curve = [worst[x] for x in sorted(worst)]
+    rises = [(a, b) for a, b in zip(curve, curve[1:]) if b > a + tol]
+    out.append(CheckResult("accuracy falls as ε grows", not rises,
+                           "worst-case accuracy per ε: " + ", ".join(f"{x:g}→{worst[x]:.1f}" for x in sorted(worst)),
+                           {"curve": {str(x): worst[x] for x in sorted(worst)}}))
+    huge = _find(report, v, check="huge-eps")
+    if huge:
+        out.append(CheckResult("about 0 at a huge ε", huge["robust_acc"] <= HUGE_EPS_MAX,
+                               f"PGD at ε={huge['eps']:g}: {huge['robust_acc']:.1f} % (must be ≤ {HUGE_EPS_MAX:g})",
+                               {"eps": huge["eps"], "robust_acc": huge["robust_acc"]}))
+
+    # 2. more steps and restarts are not weaker
+    strong = _find(report, v, check="pgd-stronger")
+    if strong and direct_pgd:
+        out.append(CheckResult("stronger PGD is not weaker", strong["robust_acc"] <= direct_pgd["robust_acc"] + tol,
+                               f"PGD-{strong['steps']}×{strong['restarts']} {strong['robust_acc']:.1f} % vs "
+                               f"PGD-{direct_pgd['steps']} {direct_pgd['robust_acc']:.1f} %",
+                               {"strong": strong["robust_acc"], "base": direct_pgd["robust_acc"]}))
+
+    # 3. iterative is not weaker than single-step
+    if fgsm and direct_pgd:
+        out.append(CheckResult("PGD is not weaker than FGSM", direct_pgd["robust_acc"] <= fgsm["robust_acc"] + tol,
+                               f"PGD {direct_pgd['robust_acc']:.1f} % vs FGSM {fgsm['robust_acc']:.1f} %",
+                               {"pgd": direct_pgd["robust_acc"], "fgsm": fgsm["robust_acc"]}))
+
+    # 4. a gradient-free attack must not beat the gradient attacks by much
+    square = _find(report, v, check="square") or _find(report, v, attack="square", eps=e, check=None)
+    gradient = [r["robust_acc"] for r in report.results if r["model"] == v and r["eps"] == e
+                and r["attack"] in ("fgsm", "pgd", "cw", "autoattack") and r["source"] == "direct"]
+    if square and gradient:
+        best = min(gradient)
+        out.append(CheckResult("Square does not beat gradient attacks", square["robust_acc"] >= best - SQUARE_TOLERANCE,
+                               f"Square {square['robust_acc']:.1f} % vs best gradient attack {best:.1f} %",
+                               {"square": square["robust_acc"], "best_gradient": best}))
+
+    # 5. vanishing input gradients
+    frac = 100.0 * grad_zero / report.n
+    out.append(CheckResult("input gradients do not vanish", frac <= 1.0,
+                           f"{grad_zero} of {report.n} points have an all-zero input gradient ({frac:.1f} %)",
+                           {"zero_gradient_points": grad_zero}))
+
+    # 6. deterministic outputs (randomness would need EOT)
+    out.append(CheckResult("outputs are deterministic", nondeterministic_batches == 0,
+                           f"{nondeterministic_batches} batches gave different outputs on a second pass",
+                           {"nondeterministic_batches": nondeterministic_batches}))
+
+    # 7. transfer from the original network and the BPDA surrogate
+    for name, label in (("transfer", "transfer from λ = 1 is not stronger"), ("bpda", "BPDA is not stronger")):
+        r = _find(report, v, check=name)
+        if r and direct_pgd:
+            out.append(CheckResult(label, r["robust_acc"] >= direct_pgd["robust_acc"] - tol,
+                                   f"{name} PGD {r['robust_acc']:.1f} % vs direct PGD {direct_pgd['robust_acc']:.1f} % "
+                                   "(the reported robust accuracy is the worst of all)",
+                                   {name: r["robust_acc"], "direct": direct_pgd["robust_acc"]}))
+    return out

@@ -1,0 +1,475 @@
+"""Robustness evaluation: attacks over an ε sweep, the sanity report card, sharding, resuming.
+
+Robust accuracy (``../shared/reference/evaluation.md``) is the fraction of points classified
+correctly on the clean input **and** after every attack run at that ε; the headline number
+is the worst over all attacks, per point. Points are processed in fixed global batches: batch
+``b`` is attacked with seed ``seed + b`` whatever process runs it, so sharded runs
+(``torchrun``) and resumed runs give exactly the numbers of one uninterrupted process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import AttackConfig, AttackTarget, build_attack, check_unit_range, within_budget
+from .checks import CheckResult, run_checks
+from .fileutil import atomic_path
+from .meta import get_meta
+from .nn.layers import NRPMLayer, linear_mode, straight_through_mode
+
+__all__ = ["Job", "EvalReport", "evaluate", "default_eps", "format_eps", "parse_eps"]
+
+_DEFAULT_EPS = {("mnist", "Linf"): (0.3,), ("mnist", "L2"): (2.0,), ("cifar10", "Linf"): (8 / 255,),
+                ("cifar10", "L2"): (0.5,)}
+
+
+def default_eps(dataset: str, threat: str) -> tuple[float, ...]:
+    """The budget people compare against: MNIST L∞ 0.3 (L2 2.0), CIFAR-10 L∞ 8/255 (L2 0.5)."""
+    try:
+        return _DEFAULT_EPS[(dataset, threat)]
+    except KeyError:
+        raise ValueError(f"no default ε for dataset {dataset!r} under {threat}; give eps=... (--eps)") from None
+
+
+def parse_eps(text: str) -> tuple[float, ...]:
+    """``"0,0.05,8/255"`` -> (0.0, 0.05, 0.0313...)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "/" in part:
+                a, b = part.split("/")
+                out.append(float(a) / float(b))
+            else:
+                out.append(float(part))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"--eps takes numbers or fractions separated by commas (0,0.1,8/255), got {part!r}") from None
+    if not out:
+        raise ValueError("--eps is empty")
+    return tuple(out)
+
+
+def format_eps(eps: float) -> str:
+    """``8/255`` style when ε is a whole number of 1/255 steps below 1, else ``%g``."""
+    k = eps * 255
+    if 0 < eps < 1 and abs(k - round(k)) < 1e-6 and round(k) not in (0, 255) and abs(eps * 20 - round(eps * 20)) > 1e-9:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One attack on one model variant. ``source``: 'direct' (attack the variant itself),
+    'transfer' (examples made on the original λ = 1 model, replayed here) or 'bpda' (gradients of
+    the linear surrogate). ``worst``: counts in the worst-case robust accuracy."""
+
+    variant: str
+    cfg: AttackConfig
+    source: str = "direct"
+    worst: bool = True
+    check: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/{self.source}:{self.cfg.key}"
+
+
+@dataclass
+class EvalReport:
+    """What an evaluation measured. Accuracies in percent over ``n`` points; ``to_dict()`` uses
+    RobustBench's field names where they apply (clean_acc, autoattack_acc, eps, dataset,
+    threat_model, architecture)."""
+
+    dataset: str
+    architecture: str
+    threat_model: str
+    n: int
+    seed: int
+    eps: list[float]
+    clean: dict[str, int]
+    results: list[dict]
+    checks: list[CheckResult] = field(default_factory=list)
+    complete: bool = True
+    seconds: float = 0.0
+    batches_done: int = 0
+    batches_total: int = 0
+
+    def worst(self, variant: str) -> dict[float, float]:
+        """Worst-case robust accuracy (percent) per ε for ``variant``."""
+        out = {}
+        for e in self.eps:
+            rows = [r for r in self.results if r["model"] == variant and r["eps"] == e and r["in_worst"]]
+            if rows:
+                out[e] = min(r["worst_robust_acc"] for r in rows)
+        return out
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.clean)
+
+    def robust_acc(self, variant: str, attack: str, eps: float) -> float:
+        """Robust accuracy (percent) of one direct attack at one ε."""
+        for r in self.results:
+            if r["model"] == variant and r["attack"] == attack and r["eps"] == eps and r["source"] == "direct" \
+                    and r.get("check") is None:
+                return r["robust_acc"]
+        raise KeyError(f"no result for {variant}/{attack}@{eps}")
+
+    def to_dict(self) -> dict:
+        main = self.variants[0]
+        worst = self.worst(main)
+        head = max(self.eps)
+        aa = [r for r in self.results if r["model"] == main and r["attack"] == "autoattack" and r["eps"] == head]
+        d = {
+            "dataset": self.dataset,
+            "architecture": self.architecture,
+            "threat_model": self.threat_model,
+            "eps": format_eps(head),
+            "n_examples": self.n,
+            "seed": self.seed,
+            "clean_acc": 100.0 * self.clean[main] / self.n,
+            "robust_acc": worst.get(head),
+            "autoattack_acc": aa[0]["robust_acc"] if aa else None,
+            "complete": self.complete,
+            "seconds": round(self.seconds, 2),
+            "models": {
+                v: {"clean_acc": 100.0 * c / self.n, "clean_correct": c,
+                    "worst_robust_acc": {format_eps(e): a for e, a in self.worst(v).items()}}
+                for v, c in self.clean.items()
+            },
+            "results": self.results,
+            "checks": [asdict(c) for c in self.checks],
+        }
+        return d
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+
+        t = Table(caption="columns: ε; worst = per point, over every attack run at that ε",
+                  title=f"Robust accuracy (%) on {self.dataset}, {self.threat_model}, n = {self.n}, seed {self.seed}"
+                        + ("" if self.complete else f"  [partial: {self.batches_done}/{self.batches_total} batches]"))
+        t.add_column("model")
+        t.add_column("attack")
+        t.add_column("clean", justify="right")
+        for e in self.eps:
+            t.add_column(format_eps(e), justify="right", no_wrap=True)
+        for v in self.variants:
+            clean = f"{100.0 * self.clean[v] / self.n:.1f}"
+            seen = []
+            for r in self.results:
+                if r["model"] == v and r["source"] == "direct" and r.get("check") is None and r["attack"] not in seen:
+                    seen.append(r["attack"])
+            for a in seen:
+                cells = []
+                for e in self.eps:
+                    try:
+                        cells.append(f"{self.robust_acc(v, a, e):.1f}")
+                    except KeyError:
+                        cells.append("")
+                t.add_row(v, a, clean, *cells)
+            worst = self.worst(v)
+            t.add_row(v, "[bold]worst[/bold]", clean,
+                      *[f"[bold]{worst[e]:.1f}[/bold]" if e in worst else "" for e in self.eps])
+        parts = [t]
+        if self.checks:
+            c = Table(title="Sanity report card")
+            for col in ("check", "result", "numbers"):
+                c.add_column(col)
+            for ch in self.checks:
+                mark = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[yellow]n/a[/yellow]"}[ch.passed]
+                c.add_row(ch.name, mark, ch.detail)
+            parts.append(c)
+        return Group(*parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and model preparation
+# --------------------------------------------------------------------------------------------
+def _resolve_data(data, n: int | None, data_root) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from torch.utils.data import TensorDataset
+
+    from .data import load_dataset
+
+    if isinstance(data, (str, Path)):
+        ds = load_dataset(data, "test", root=data_root, n=n)
+        name = str(data) if str(data) in ("mnist", "cifar10") else Path(data).name
+        x, y = ds.tensors
+        return x, y, name
+    if isinstance(data, TensorDataset):
+        x, y = data.tensors[:2]
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        raise TypeError("data must be 'mnist', 'cifar10', a path, a TensorDataset or an (images, labels) pair")
+    if n is not None:
+        if n > len(x):
+            raise ValueError(f"n = {n} is more than the {len(x)} points available")
+        x, y = x[:n], y[:n]
+    return x, y, "custom"
+
+
+def _variant_context(variant: str):
+    return linear_mode if variant == "original" else (lambda m: contextlib.nullcontext(m))
+
+
+def _plan(attacks: Sequence[str], eps: Sequence[float], threat: str, variants: list[str], checks: bool,
+          steps: int, alpha, restarts: int, queries: int, x_numel: int) -> list[Job]:
+    def cfg(name, e, **kw):
+        base = dict(threat=threat, steps=steps, alpha=alpha, restarts=restarts, queries=queries)
+        base.update(kw)
+        return AttackConfig(name, e, **base)
+
+    jobs = [Job(v, cfg(a, e)) for v in variants for a in attacks for e in eps]
+    if checks:
+        main = variants[0]
+        e = max(eps)
+        have = {(j.cfg.name, j.cfg.eps) for j in jobs if j.variant == main}
+        for name in ("fgsm", "pgd"):
+            if (name, e) not in have:
+                jobs.append(Job(main, cfg(name, e), check=f"{name}-at-max-eps"))
+        jobs.append(Job(main, cfg("pgd", e, steps=2 * steps, restarts=max(2, restarts)), check="pgd-stronger"))
+        jobs.append(Job(main, cfg("square", e), check="square"))
+        huge = 1.0 if threat == "Linf" else math.sqrt(x_numel)
+        jobs.append(Job(main, cfg("pgd", huge, alpha=2.5 * huge / steps), worst=False, check="huge-eps"))
+        if main == "nrpm":
+            jobs.append(Job(main, cfg("pgd", e), source="transfer", check="transfer"))
+            jobs.append(Job(main, cfg("pgd", e), source="bpda", check="bpda"))
+    return jobs
+
+
+def _fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[Job], batch_size: int, seed: int) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(x.cpu().contiguous().numpy().tobytes())
+    h.update(y.cpu().numpy().tobytes())
+    h.update(json.dumps([j.key for j in jobs] + [batch_size, seed]).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _attack_batch(job: Job, target: AttackTarget, model: nn.Module, xb, yb, n_classes: int, seed: int) -> torch.Tensor:
+    """Adversarial examples of one batch for one job (x itself when ε = 0)."""
+    if job.cfg.eps == 0:
+        return xb
+    torch.manual_seed(seed)
+    if job.source == "transfer":
+        ctx = linear_mode(model)
+    elif job.source == "bpda":
+        ctx = straight_through_mode(model)
+    else:
+        ctx = _variant_context(job.variant)(model)
+    with ctx:
+        attack = build_attack(job.cfg, target, n_classes, seed)
+        x_adv = attack(xb, yb)
+    return x_adv.detach()
+
+
+def evaluate(
+    model: nn.Module,
+    data,
+    *,
+    attacks: Sequence[str] = ("fgsm", "pgd"),
+    eps: Sequence[float] | None = None,
+    threat: str = "Linf",
+    n: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    steps: int = 20,
+    alpha: float | None = None,
+    restarts: int = 1,
+    queries: int = 1000,
+    compare_original: bool = False,
+    checks: bool | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    data_root=None,
+    state: str | Path | None = None,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    architecture: str | None = None,
+) -> EvalReport:
+    """Evaluate ``model`` under ``attacks`` at every ε of ``eps`` on ``data``.
+
+    data: ``"mnist"``, ``"cifar10"``, a path (ImageFolder or .pt), a TensorDataset or an
+    ``(images (N, C, H, W) in [0, 1], labels (N,))`` pair; ``n`` takes the first n points.
+    attacks: ``fgsm``, ``pgd`` (random start, ``steps``, step ``alpha`` = 2.5·ε/steps by default,
+    ``restarts``), ``cw`` (L2; success only within ε), ``autoattack`` (standard, seeded),
+    ``square`` (``queries``). ``threat``: ``Linf`` or ``L2``. ``compare_original`` also evaluates
+    the λ = 1 network of a converted model. ``checks`` (default: on for converted models) adds
+    the sanity report card. ``state``: a file keeping per-point results so an interrupted run
+    resumes; ``max_batches`` stops after that many new batches (a partial report). Under
+    ``torchrun`` every rank takes every world-th batch and the counts are summed.
+    """
+    t0 = time.time()
+    x, y, dataset = _resolve_data(data, n, data_root)
+    check_unit_range(x)
+    if threat not in ("Linf", "L2"):
+        raise ValueError(f"threat must be Linf or L2, got {threat!r}")
+    attacks = [a.strip().lower() for a in attacks]
+    if eps is None:
+        eps = default_eps(dataset, threat)
+    eps = sorted({float(e) for e in eps})
+    converted = any(isinstance(m, NRPMLayer) for m in model.modules())
+    if compare_original and not converted:
+        raise ValueError("compare_original needs a converted model (one with NRPM layers); this model has none")
+    if checks is None:
+        checks = converted
+    if checks and max(eps) == 0:
+        raise ValueError("the sanity checks need an ε > 0 (they attack at the largest ε); add one or turn checks off")
+    variants = (["nrpm", "original"] if compare_original else ["nrpm"]) if converted else ["model"]
+    N = len(x)
+    if N == 0:
+        raise ValueError("no points to evaluate")
+    dev = torch.device(device) if device else next(model.parameters(), torch.empty(0)).device
+    jobs = _plan(attacks, eps, threat, variants, checks, steps, alpha, restarts, queries, x[0].numel())
+    rank, world = _dist_info()
+    n_batches = math.ceil(N / batch_size)
+
+    # per-point results, filled batch by batch (and kept in the state file)
+    fp = _fingerprint(model, x, y, jobs, batch_size, seed)
+    st = {"fingerprint": fp, "done": [], "clean": {v: torch.zeros(N, dtype=torch.int8) for v in variants},
+          "robust": {j.key: torch.zeros(N, dtype=torch.int8) for j in jobs},
+          "grad_zero": torch.zeros(N, dtype=torch.int8), "nondeterministic": 0}
+    state_path = Path(f"{state}.rank{rank}") if state and world > 1 else (Path(state) if state else None)
+    if state_path and state_path.exists():
+        saved = torch.load(state_path, weights_only=True)
+        if saved.get("fingerprint") != fp:
+            raise ValueError(f"state file {state_path} belongs to a different evaluation (model, data or settings "
+                             "differ); delete it or give another --state")
+        st = saved
+
+    was_training = model.training
+    model.eval()
+    target = AttackTarget(model, mean, std).to(dev).eval()  # torchattacks restores this mode after attacking
+    with torch.no_grad():
+        n_classes = target(x[:1].to(dev)).shape[1]
+    mine = [b for b in range(n_batches) if b % world == rank and b not in set(st["done"])]
+    if max_batches is not None:
+        mine = mine[:max_batches]
+    bar = _progress(progress and rank == 0)
+    try:
+        with bar:
+            task = bar.add_task("evaluating", total=len(mine) * (len(jobs) + 1))
+            for b in mine:
+                sl = slice(b * batch_size, min(N, (b + 1) * batch_size))
+                xb, yb = x[sl].to(dev), y[sl].to(dev)
+                clean = {}
+                for v in variants:
+                    with _variant_context(v)(model), torch.no_grad():
+                        out1 = target(xb)
+                        clean[v] = out1.argmax(1) == yb
+                        if v == variants[0] and checks and not torch.equal(out1, target(xb)):
+                            st["nondeterministic"] += 1
+                    st["clean"][v][sl] = clean[v].to(torch.int8).cpu()
+                if checks:
+                    xg = xb.clone().requires_grad_(True)
+                    (g,) = torch.autograd.grad(F.cross_entropy(target(xg), yb, reduction="sum"), xg)
+                    st["grad_zero"][sl] = (g.flatten(1).abs().amax(1) == 0).to(torch.int8).cpu()
+                bar.advance(task)
+                for j in jobs:
+                    bar.update(task, description=f"batch {b + 1}/{n_batches} {j.key}")
+                    x_adv = _attack_batch(j, target, model, xb, yb, n_classes, seed + b)
+                    with _variant_context(j.variant)(model), torch.no_grad():
+                        adv_ok = target(x_adv).argmax(1) == yb
+                    if j.cfg.name == "cw":  # unbounded attack: success only within the budget
+                        adv_ok = adv_ok | ~within_budget(xb, x_adv, j.cfg)
+                    st["robust"][j.key][sl] = (clean[j.variant] & adv_ok).to(torch.int8).cpu()
+                    bar.advance(task)
+                st["done"] = sorted(set(st["done"]) | {b})
+                if state_path:
+                    with atomic_path(state_path, make_parents=True) as tmp:
+                        torch.save(st, tmp)
+    finally:
+        model.train(was_training)
+
+    done = torch.zeros(n_batches, dtype=torch.int64)
+    done[st["done"]] = 1
+    _all_reduce_(done, world)
+    complete = bool((done > 0).all())
+    clean_counts = {v: int(_all_reduce_(st["clean"][v].to(torch.int64), world).sum()) for v in variants}
+    robust = {k: _all_reduce_(t.to(torch.int64), world).bool() for k, t in st["robust"].items()}
+    grad_zero = int(_all_reduce_(st["grad_zero"].to(torch.int64), world).sum())
+    nondet = int(_all_reduce_(torch.tensor(st["nondeterministic"]), world))
+
+    results = []
+    for v in variants:
+        for e in eps:
+            group = [j for j in jobs if j.variant == v and j.cfg.eps == e and j.worst]
+            worst = torch.ones(N, dtype=torch.bool)
+            for j in group:
+                worst &= robust[j.key]
+            for j in group:
+                results.append(_row(j, robust[j.key], N, in_worst=True, worst_count=int(worst.sum())))
+        for j in jobs:
+            if j.variant == v and not j.worst:
+                results.append(_row(j, robust[j.key], N, in_worst=False, worst_count=None))
+    report = EvalReport(
+        dataset=dataset,
+        architecture=architecture or get_meta(model).get("arch") or type(model).__name__,
+        threat_model=threat, n=N, seed=seed, eps=eps, clean=clean_counts, results=results,
+        complete=complete, seconds=time.time() - t0, batches_done=int((done > 0).sum()), batches_total=n_batches,
+    )
+    if checks and complete:
+        report.checks = run_checks(report, grad_zero=grad_zero, nondeterministic_batches=nondet)
+    return report
+
+
+def _row(job: Job, robust: torch.Tensor, N: int, *, in_worst: bool, worst_count: int | None) -> dict:
+    c = job.cfg
+    return {
+        "model": job.variant, "attack": c.name, "source": job.source, "check": job.check, "eps": c.eps,
+        "eps_str": format_eps(c.eps), "steps": c.steps if c.name in ("pgd", "cw") else None,
+        "restarts": c.restarts if c.name == "pgd" else None, "robust_count": int(robust.sum()),
+        "robust_acc": 100.0 * int(robust.sum()) / N, "in_worst": in_worst,
+        "worst_robust_acc": None if worst_count is None else 100.0 * worst_count / N, "key": job.key,
+    }
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=True)
