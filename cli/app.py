@@ -53,7 +53,8 @@ def convert(
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     norm: str = typer.Option("L1", "--norm", help="Reweighting: L2, L1, MCP, Huber, HM."),
     K: int = typer.Option(3, "--K", "-K", help="IRLS steps."),
-    eps: float = typer.Option(1e-3, "--eps", help="ε in the reweighting."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Paradigm 1: ε in the reweighting (default 1e-3). Paradigms 2-3: the adversarial training budget (as --train-eps)."),
+    nrpm_eps: Optional[float] = typer.Option(None, "--nrpm-eps", help="ε in the reweighting, in any paradigm (default 1e-3)."),
     lam: float = typer.Option(0.5, "--lam", help="λ: 1 = original layer, 0 = pure NRPM."),
     gamma: float = typer.Option(4.0, "--gamma", help="γ of MCP/HM."),
     delta: float = typer.Option(3.0, "--delta", help="δ of Huber/HM."),
@@ -66,19 +67,42 @@ def convert(
     non_strict: bool = typer.Option(False, "--non-strict", help="Load weights that match the architecture and ignore the rest."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live (else $ROBUST_SURGERY_DATA)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    data: Optional[str] = typer.Option(None, "--data", help="Paradigms 2-3: training data (mnist, cifar10 or a path).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    adversarial: str = typer.Option("fgsm", "--adversarial", help="fgsm, pgd or none (clean batches).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    train_eps: Optional[float] = typer.Option(None, "--train-eps", help="Adversarial budget while training (default 0.2; --eps means this in paradigms 2-3).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    epochs: int = typer.Option(1, "--epochs", help="Epochs.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adam.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    schedule: str = typer.Option("constant", "--schedule", help="constant, cosine or step.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Batch size.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    seed: int = typer.Option(0, "--seed", help="Seed.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on the first N training points.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    val_n: int = typer.Option(1000, "--val-n", help="Held-out points (end of the training split) for picking the best epoch.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Checkpoint after every epoch here; rerun to resume.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    log: Optional[Path] = typer.Option(None, "--log", help="Write the per-epoch JSON log here.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
 ):
-    """Replace a model's Linear/Conv layers by NRPM layers and save it.
+    """Replace a model's Linear/Conv layers by NRPM layers (and, for paradigms 2-3, fine-tune), then save it.
 
     Example: [bold]surgery convert zoo:mnist-mlp --paradigm 1 --lam 0.6 --K 1 --eps 5e-5 -o mlp.safetensors[/bold]
+    Paradigm 2: [bold]surgery convert zoo:mnist-mlp --paradigm 2 --data mnist --adversarial fgsm --train-eps 0.2 --epochs 1 -o p2.safetensors[/bold]
     """
     import robust_surgery as rs
 
-    if paradigm in (2, 3):
-        fail(
-            f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) needs fine-tuning, which arrives with issue 4 "
-            "(Paradigms 2 and 3). Until then convert with --paradigm 1 and set λ by hand (--lam).",
-            code=2,
-        )
+    if paradigm in (2, 3) and not data:
+        fail(f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) fine-tunes: give the training data with --data "
+             "(mnist, cifar10 or a path), or convert with --paradigm 1", code=2)
+    # --eps is the reweighting ε in paradigm 1 and the training attack's budget in paradigms 2-3
+    # (the two issues that specify this command use it so); --nrpm-eps / --train-eps are explicit.
+    if paradigm == 1:
+        if eps is not None and nrpm_eps is not None:
+            fail("give the reweighting ε once: --eps or --nrpm-eps", code=2)
+        nrpm_eps = eps if eps is not None else nrpm_eps
+    else:
+        if eps is not None and train_eps is not None:
+            fail("in paradigms 2-3 --eps is the training budget; give it once (--eps or --train-eps)", code=2)
+        train_eps = eps if eps is not None else train_eps
+    nrpm_eps = 1e-3 if nrpm_eps is None else nrpm_eps
+    train_eps = 0.2 if train_eps is None else train_eps
     overrides = None
     if override:
         try:
@@ -90,9 +114,12 @@ def convert(
                             data_root=str(data_root) if data_root else None)
     shape = _input_shape(input_shape, net)
     with err.status("converting"):
-        converted = rs.convert(net, paradigm, norm=norm, K=K, eps=eps, lam=lam, gamma=gamma, delta=delta,
+        converted = rs.convert(net, paradigm, norm=norm, K=K, eps=nrpm_eps, lam=lam, gamma=gamma, delta=delta,
                                include=include, exclude=exclude, overrides=overrides)
-        report = rs.conversion_report(converted, shape)
+    if paradigm in (2, 3):
+        converted, _ = _run_finetune(converted, data, paradigm, adversarial, train_eps, epochs, lr, optimizer,
+                                     schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root)
+    report = rs.conversion_report(converted, shape)
     out = out or _default_out(model)
     manifest = rs.save(converted, out)
     if as_json:
@@ -102,6 +129,63 @@ def convert(
     console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, arch {manifest['arch'] or 'unknown'})")
     if not manifest["arch"]:
         err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
+
+
+def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
+                  n_train, val_n, checkpoint_dir, log, data_root):
+    import robust_surgery as rs
+
+    adv = None if adversarial.lower() in ("none", "clean", "") else adversarial.lower()
+    model, history = rs.finetune(
+        model, data, paradigm, adversarial=adv, eps=train_eps, epochs=epochs, lr=lr, optimizer=optimizer,
+        schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n,
+        checkpoint_dir=checkpoint_dir, log=log, data_root=str(data_root) if data_root else None, progress=True,
+    )
+    for row in history:
+        robust = f", val robust {row['val_robust_acc']:.1f} %" if "val_robust_acc" in row else ""
+        err.print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val clean {row['val_clean_acc']:.1f} %{robust} "
+                  f"({row['seconds']:.0f} s)")
+    return model, history
+
+
+@app.command()
+@guard
+def finetune(
+    model: str = typer.Argument(..., help="A converted model (.safetensors written by surgery convert)."),
+    paradigm: int = typer.Option(2, "--paradigm", "-p", help="2: fine-tune λ only; 3: fine-tune everything."),
+    data: str = typer.Option(..., "--data", help="Training data: mnist, cifar10 or a path."),
+    adversarial: str = typer.Option("fgsm", "--adversarial", help="fgsm, pgd or none (clean batches)."),
+    train_eps: float = typer.Option(0.2, "--train-eps", "--eps", help="Adversarial budget while training."),
+    epochs: int = typer.Option(1, "--epochs", help="Epochs."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adam."),
+    schedule: str = typer.Option("constant", "--schedule", help="constant, cosine or step."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Batch size."),
+    seed: int = typer.Option(0, "--seed", help="Seed."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on the first N training points."),
+    val_n: int = typer.Option(1000, "--val-n", help="Held-out points for picking the best epoch."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Checkpoint after every epoch; rerun to resume."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Write the per-epoch JSON log here."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.p{paradigm}.safetensors)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live."),
+    as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
+):
+    """Continue training an already converted model (paradigm 2: λ only; 3: everything).
+
+    Example: [bold]surgery finetune mlp.safetensors --paradigm 3 --data mnist --adversarial pgd --train-eps 0.3 --epochs 2[/bold]
+    """
+    import robust_surgery as rs
+
+    net = rs.load(model)
+    net, history = _run_finetune(net, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule,
+                                 batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root)
+    out = out or Path(f"{Path(model).stem}.p{paradigm}.safetensors")
+    rs.save(net, out)
+    if as_json:
+        print_json({"output": str(out), "history": history})
+    else:
+        console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, best epoch "
+                      f"{rs.read_manifest(out)['training']['best_epoch']})")
 
 
 @app.command()

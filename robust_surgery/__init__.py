@@ -11,6 +11,7 @@ Python API (one function per CLI command)::
 __version__ = "0.1.0"
 
 from .evaluate import EvalReport, evaluate
+from .finetune import finetune
 from .io import ModelLoadError, build_arch, load, load_model, read_manifest, save
 from .nn import (
     NRPMConv1d,
@@ -43,5 +44,5 @@ __all__ = [
     "register_reweight", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "ModelLoadError",
-    "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport",
+    "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "finetune",
 ]

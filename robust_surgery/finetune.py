@@ -1,0 +1,269 @@
+"""Paradigms 2 and 3: fine-tune λ alone, or every parameter, on clean or adversarial batches.
+
+``finetune(model, data, paradigm=2, adversarial="fgsm", eps=0.2, epochs=1)`` trains a converted
+model in place and returns it with its epoch history. Paradigm 2 trains only the per-layer
+λ logits (every other parameter frozen, BatchNorm statistics frozen); paradigm 3 trains all
+parameters and λ. Adversarial batches are made on the fly against the model being trained.
+A held-out split of the training set picks the best epoch (robust accuracy when adversarial,
+else clean); a checkpoint after every epoch lets a stopped run resume with the same result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import AttackConfig, AttackTarget, build_attack, check_unit_range
+from .fileutil import atomic_path
+from .meta import set_meta
+from .nn.layers import NRPMLayer
+from .surgery import apply_paradigm
+
+__all__ = ["FinetuneConfig", "finetune", "load_train_val"]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Training settings (recorded in the saved model's manifest).
+
+    ``adversarial``: None (clean batches), ``"fgsm"`` or ``"pgd"`` (``pgd_steps``, step
+    2.5·ε/steps, random start), with budget ``eps`` under ``threat``. ``optimizer``: ``sgd``
+    (``momentum``) or ``adam``; ``schedule``: ``constant``, ``cosine`` or ``step`` (×0.1 at half
+    the epochs). ``val_n``: held-out points (the end of the training split).
+    """
+
+    paradigm: int = 2
+    adversarial: str | None = "fgsm"
+    eps: float = 0.2
+    threat: str = "Linf"
+    pgd_steps: int = 7
+    epochs: int = 1
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    batch_size: int = 64
+    seed: int = 0
+    val_n: int = 1000
+    n_train: int | None = None
+
+    def __post_init__(self):
+        if self.paradigm not in (2, 3):
+            raise ValueError(f"fine-tuning is paradigm 2 (λ only) or 3 (everything), got {self.paradigm!r}")
+        if self.adversarial not in (None, "fgsm", "pgd"):
+            raise ValueError(f"adversarial must be None, 'fgsm' or 'pgd', got {self.adversarial!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.eps < 0 or self.val_n < 0:
+            raise ValueError("epochs and batch_size must be >= 1, lr > 0, eps >= 0, val_n >= 0")
+
+
+def load_train_val(data, val_n: int, n_train: int | None, data_root=None):
+    """Training and validation tensors: ``data`` is a data-set name/path or an ``(images, labels)`` pair.
+
+    The validation split is the last ``val_n`` points of the training split (deterministic);
+    ``n_train`` keeps only the first n of the rest. Images (N, C, H, W) in [0, 1], labels (N,).
+    """
+    if isinstance(data, (str, Path)):
+        from .data import load_dataset
+
+        x, y = load_dataset(data, "train", root=data_root).tensors
+    else:
+        x, y = data
+    if val_n >= len(x):
+        raise ValueError(f"val_n = {val_n} leaves no training points (the split has {len(x)})")
+    xt, yt = x[: len(x) - val_n], y[: len(y) - val_n]
+    xv, yv = x[len(x) - val_n:], y[len(y) - val_n:]
+    if n_train is not None:
+        xt, yt = xt[:n_train], yt[:n_train]
+    check_unit_range(xt)
+    return (xt, yt), (xv, yv)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _adversarial(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_classes: int):
+    if cfg.adversarial is None or cfg.eps == 0:
+        return xb
+    was = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    attack = build_attack(AttackConfig(cfg.adversarial, cfg.eps, cfg.threat, steps=cfg.pgd_steps), target, n_classes, seed)
+    x_adv = attack(xb, yb).detach()
+    model.train(was)
+    return x_adv
+
+
+@torch.no_grad()
+def _accuracy(target, x, y, bs=500) -> int:
+    return sum(int((target(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
+
+
+def _validate(model, target, cfg: FinetuneConfig, xv, yv, n_classes: int) -> dict:
+    model.eval()
+    out = {"val_clean_acc": 100.0 * _accuracy(target, xv, yv) / max(len(xv), 1)}
+    if cfg.adversarial and len(xv):
+        robust = 0
+        for i in range(0, len(xv), 500):
+            xb, yb = xv[i:i + 500], yv[i:i + 500]
+            x_adv = _adversarial(model, target, cfg, xb, yb, cfg.seed + 7919 + i, n_classes)
+            with torch.no_grad():
+                ok = (target(xb).argmax(1) == yb) & (target(x_adv).argmax(1) == yb)
+            robust += int(ok.sum())
+        out["val_robust_acc"] = 100.0 * robust / len(xv)
+    return out
+
+
+def _lr_at(cfg: FinetuneConfig, epoch: int) -> float:
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "step":
+        return cfg.lr * (0.1 if epoch >= max(1, cfg.epochs // 2) else 1.0)
+    return cfg.lr
+
+
+def _fingerprint(model: nn.Module, cfg: FinetuneConfig, n: int) -> str:
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode() + str(n).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def finetune(
+    model: nn.Module,
+    data,
+    paradigm: int = 2,
+    *,
+    adversarial: str | None = "fgsm",
+    eps: float = 0.2,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    batch_size: int = 64,
+    seed: int = 0,
+    threat: str = "Linf",
+    pgd_steps: int = 7,
+    val_n: int = 1000,
+    n_train: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    log: str | Path | None = None,
+    max_epochs_this_run: int | None = None,
+    data_root=None,
+    device=None,
+    progress: bool = False,
+) -> tuple[nn.Module, list[dict]]:
+    """Fine-tune a converted ``model`` in place (paradigm 2: λ only; 3: everything).
+
+    data: ``"mnist"``, ``"cifar10"``, a path, or an ``(images, labels)`` pair (the training
+    split; its last ``val_n`` points are held out). Returns ``(model, history)``: the model
+    holds the best epoch's weights (by validation robust accuracy when adversarial, else
+    clean), history one dict per epoch (loss, lr, seconds, validation accuracies). With
+    ``checkpoint_dir`` a checkpoint is written after every epoch and a rerun resumes from it;
+    ``log`` receives the history as JSON after every epoch. ``max_epochs_this_run`` stops early
+    (the checkpoint lets the next call continue).
+    """
+    cfg = FinetuneConfig(paradigm=paradigm, adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps,
+                         epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
+                         schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train)
+    if not any(isinstance(m, NRPMLayer) for m in model.modules()):
+        raise ValueError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
+    (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
+    dev = torch.device(device) if device else next(model.parameters()).device
+    apply_paradigm(model, cfg.paradigm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the model has no trainable parameters for this paradigm")
+    opt = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+           if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    target = AttackTarget(model).to(dev).eval()
+    with torch.no_grad():
+        n_classes = target(xt[:1].to(dev)).shape[1]
+
+    ckpt = Path(checkpoint_dir) / "finetune-last.pt" if checkpoint_dir else None
+    fp = _fingerprint(model, cfg, len(xt))
+    history: list[dict] = []
+    best = {"score": -1.0, "state": None, "epoch": None}
+    start = 0
+    if ckpt and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True)
+        if saved["fingerprint"] != fp:
+            raise ValueError(f"checkpoint {ckpt} belongs to another run (model, data or settings differ); "
+                             "delete it or use another checkpoint folder")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        history, best, start = saved["history"], saved["best"], saved["epoch"]
+
+    n, bs = len(xt), cfg.batch_size
+    steps = math.ceil(n / bs)
+    stop = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start + max_epochs_this_run)
+    bar = _progress(progress)
+    with bar:
+        for epoch in range(start, stop):
+            t0 = time.time()
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=float("nan"))
+            total = 0.0
+            for s in range(steps):
+                idx = perm[s * bs:(s + 1) * bs]
+                xb, yb = xt[idx].to(dev), yt[idx].to(dev)
+                xb = _adversarial(model, target, cfg, xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
+                model.train()
+                if cfg.paradigm == 2:
+                    _freeze_batchnorm(model)
+                loss = F.cross_entropy(target(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                bar.update(task, advance=1, loss=float(loss.detach()))
+            row = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch), "train_loss": total / n,
+                   **_validate(model, target, cfg, xv.to(dev), yv.to(dev), n_classes),
+                   "lam": {name: m.lam_value for name, m in model.named_modules() if isinstance(m, NRPMLayer)}}
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            score = row.get("val_robust_acc", row["val_clean_acc"])
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            if ckpt:
+                with atomic_path(ckpt, make_parents=True) as tmp:
+                    torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "history": history, "best": best, "epoch": epoch + 1}, tmp)
+            if log:
+                with atomic_path(log, make_parents=True) as tmp:
+                    tmp.write_text(json.dumps(history, indent=2))
+    if len(history) == cfg.epochs and best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    set_meta(model, training={**asdict(cfg), "best_epoch": best["epoch"], "history": history})
+    return model, history
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
