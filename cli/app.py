@@ -11,7 +11,7 @@ from .render import console, err, fail, guard, print_json, write_json
 
 app = typer.Typer(
     name="surgery",
-    help="Model surgery for robustness: convert pretrained PyTorch networks to NRPM layers, inspect and save them.",
+    help="Model surgery for robustness: convert pretrained PyTorch networks to NRPM layers, fine-tune, evaluate and save them.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
