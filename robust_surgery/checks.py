@@ -45,12 +45,14 @@ def run_checks(report, *, grad_zero: int, nondeterministic_batches: int) -> list
     fgsm = _find(report, v, attack="fgsm", eps=e, source="direct", check=None) or \
         _find(report, v, attack="fgsm", eps=e, source="direct", check="fgsm-at-max-eps")
 
+    from .evaluate import format_eps
+
     # 1. accuracy falls as ε grows, and is about 0 at a huge ε
     worst = report.worst(v)
     curve = [worst[x] for x in sorted(worst)]
     rises = [(a, b) for a, b in zip(curve, curve[1:]) if b > a + tol]
     out.append(CheckResult("accuracy falls as ε grows", not rises,
-                           "worst-case accuracy per ε: " + ", ".join(f"{x:g}→{worst[x]:.1f}" for x in sorted(worst)),
+                           "worst-case accuracy per ε: " + ", ".join(f"{format_eps(x)}→{worst[x]:.1f}" for x in sorted(worst)),
                            {"curve": {str(x): worst[x] for x in sorted(worst)}}))
     huge = _find(report, v, check="huge-eps")
     if huge:
