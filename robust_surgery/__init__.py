@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .evaluate import EvalReport, evaluate
 from .finetune import finetune
 from .io import ModelLoadError, build_arch, load, load_model, read_manifest, save
+from .nn.functional import register_reweight_derivative
 from .nn import (
     NRPMConv1d,
     NRPMConv2d,
@@ -41,7 +42,7 @@ from .surgery import (
 __all__ = [
     "__version__",
     "convert", "unconvert", "set_lam", "nrpm_layers", "register_converter", "convertible_types",
-    "register_reweight", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
+    "register_reweight", "register_reweight_derivative", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "ModelLoadError",
     "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "finetune",

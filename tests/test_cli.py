@@ -42,10 +42,10 @@ def test_convert_json_output_and_settings(tmp_path):
     assert rows["conv1"]["out_elements"] == 10 * 24 * 24  # input shape known from the zoo entry
 
 
-def test_paradigm_2_says_it_arrives_with_issue_4(tmp_path):
+def test_paradigm_2_needs_training_data(tmp_path):
     res = run("convert", "zoo:mnist-mlp-rs", "--paradigm", "2", "-o", tmp_path / "p2.safetensors")
     assert res.exit_code == 2
-    assert "issue 4" in res.stderr and "--paradigm 1" in res.stderr
+    assert "--data" in res.stderr and "--paradigm 1" in res.stderr
     assert not (tmp_path / "p2.safetensors").exists()
 
 

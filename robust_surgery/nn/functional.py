@@ -16,8 +16,10 @@ Everything here works on a common "grouped rows" shape: inputs ``x`` of shape ``
 (G groups, R rows: batch items for Linear, batch items x output positions for Conv),
 weights ``(G, O, D)``, outputs ``(G, R, O)``. The per-term tensor ``(G, R, O, D)`` is never
 built whole: rows and outputs are processed in chunks whose size follows a memory budget,
-and backward recomputes each chunk's terms instead of keeping them, so peak memory stays
-near one chunk's worth.
+and backward recomputes each chunk's terms instead of keeping them (applying the analytic
+gradient of the unrolled iterations, derived in :mod:`robust_surgery.nn.kernels`, which runs
+the chunks), so peak memory stays near one chunk's worth. Conv rows are unfolded a few batch
+items at a time. ``ROBUST_SURGERY_NRPM_COMPILE=1`` runs the chunks through torch.compile.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels as _kernels
 
 __all__ = [
     "NRPMSettings",
@@ -48,18 +52,38 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 Reweight = Callable[..., torch.Tensor]
 REWEIGHTS: dict[str, Reweight] = {}
+REWEIGHT_DERIVATIVES: dict[str, Reweight] = {}  # norm name -> d weight / d dist (optional)
 
 
-def register_reweight(name: str) -> Callable[[Reweight], Reweight]:
+def register_reweight(name: str, derivative: Reweight | None = None) -> Callable[[Reweight], Reweight]:
     """Register ``fn(dist, *, eps, gamma, delta) -> weights`` under ``name`` (a norm name).
 
     ``dist`` is a non-negative tensor of any shape; the function returns positive weights of
     the same shape. Registered names become valid ``norm=`` values everywhere (layers,
-    ``convert``, the CLI).
+    ``convert``, the CLI). ``derivative(dist, *, eps, gamma, delta)`` returns d weights / d dist
+    elementwise (use 0 where a clamp is active, as torch's subgradient does); with it, backward
+    uses the fast analytic gradient, without it backward recomputes each chunk under autograd.
+    It can also be given later with ``@register_reweight_derivative(name)``.
     """
 
     def wrap(fn: Reweight) -> Reweight:
         REWEIGHTS[name] = fn
+        if derivative is not None:
+            REWEIGHT_DERIVATIVES[name] = derivative
+        else:
+            REWEIGHT_DERIVATIVES.pop(name, None)
+        return fn
+
+    return wrap
+
+
+def register_reweight_derivative(name: str) -> Callable[[Reweight], Reweight]:
+    """Decorator: register ``d weights / d dist`` for the already registered norm ``name``."""
+
+    def wrap(fn: Reweight) -> Reweight:
+        if name not in REWEIGHTS:
+            raise ValueError(f"unknown norm {name!r}: register the reweighting function first")
+        REWEIGHT_DERIVATIVES[name] = fn
         return fn
 
     return wrap
@@ -70,10 +94,18 @@ def reweight_names() -> list[str]:
     return list(REWEIGHTS)
 
 
+# Each built-in φ(dist) with its derivative φ'(dist) (t = 1 / (dist + ε)). Where a clamp is
+# active the derivative is 0, at an exact tie too (torch.clamp's subgradient: it passes the
+# gradient only strictly inside the bounds), so the analytic backward equals autograd.
 @register_reweight("L2")
 def _reweight_l2(dist, *, eps, gamma, delta):
     # IRLS with constant weights returns the mean: NRPM with L2 equals the linear layer.
     return torch.ones_like(dist)
+
+
+@register_reweight_derivative("L2")
+def _dreweight_l2(dist, *, eps, gamma, delta):
+    return torch.zeros_like(dist)
 
 
 @register_reweight("L1")
@@ -81,9 +113,21 @@ def _reweight_l1(dist, *, eps, gamma, delta):
     return 1.0 / (dist + eps)
 
 
+@register_reweight_derivative("L1")
+def _dreweight_l1(dist, *, eps, gamma, delta):
+    t = 1.0 / (dist + eps)
+    return -t * t
+
+
 @register_reweight("MCP")
 def _reweight_mcp(dist, *, eps, gamma, delta):
     return torch.clamp_min(1.0 / (dist + eps) - 1.0 / gamma, eps)
+
+
+@register_reweight_derivative("MCP")
+def _dreweight_mcp(dist, *, eps, gamma, delta):
+    t = 1.0 / (dist + eps)
+    return torch.where(t - 1.0 / gamma > eps, -t * t, torch.zeros_like(t))
 
 
 @register_reweight("Huber")
@@ -91,9 +135,23 @@ def _reweight_huber(dist, *, eps, gamma, delta):
     return torch.clamp_max(delta / (dist + eps), 1.0)
 
 
+@register_reweight_derivative("Huber")
+def _dreweight_huber(dist, *, eps, gamma, delta):
+    t = delta / (dist + eps)
+    return torch.where(t < 1.0, -t * t / delta, torch.zeros_like(t))
+
+
 @register_reweight("HM")
 def _reweight_hm(dist, *, eps, gamma, delta):
     return torch.clamp(delta / (gamma - delta) * (gamma / (dist + eps) - 1.0), eps, 1.0)
+
+
+@register_reweight_derivative("HM")
+def _dreweight_hm(dist, *, eps, gamma, delta):
+    t = 1.0 / (dist + eps)
+    c = delta / (gamma - delta)
+    v = c * (gamma * t - 1.0)
+    return torch.where((v > eps) & (v < 1.0), -(c * gamma) * t * t, torch.zeros_like(t))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +196,11 @@ class NRPMSettings:
         """The reweighting function with this layer's ε, γ, δ bound."""
         return partial(REWEIGHTS[self.norm], eps=self.eps, gamma=self.gamma, delta=self.delta)
 
+    def reweight_derivative(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """d weight / d dist with ε, γ, δ bound, or None when the norm registered none."""
+        fn = REWEIGHT_DERIVATIVES.get(self.norm)
+        return None if fn is None else partial(fn, eps=self.eps, gamma=self.gamma, delta=self.delta)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -162,25 +225,20 @@ def default_memory_budget() -> int:
     return value
 
 
-def _live_tensors(K: int) -> int:
-    """How many term-sized tensors one chunk keeps alive at peak (recomputed backward included)."""
-    return 4 + 4 * K
-
-
 def _chunk_sizes(G: int, R: int, O: int, D: int, K: int, itemsize: int, budget: int) -> tuple[int, int]:
-    """Rows and outputs per chunk so that ``G*rows*outs*D`` terms x live tensors fit the budget."""
-    elems = max(1, budget // (itemsize * _live_tensors(K)))
-    per_row = G * O * D
-    if per_row <= elems:
-        return max(1, min(R, elems // per_row)), O
-    return 1, max(1, min(O, elems // (G * D)))
+    """Rows and outputs per chunk so that the live term tensors of one chunk fit the budget."""
+    return _kernels.chunk_sizes(G, R, O, D, itemsize, budget)
 
 
 # --------------------------------------------------------------------------------------------
 # The IRLS core
 # --------------------------------------------------------------------------------------------
 def _irls(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, K: int, reweight) -> torch.Tensor:
-    """K IRLS steps on one chunk. x: (G, r, D), w: (G, o, D), z0: (G, r, o) -> (G, r, o)."""
+    """K IRLS steps on one chunk, written plainly. x: (G, r, D), w: (G, o, D), z0: (G, r, o) -> (G, r, o).
+
+    The statement of the math; :mod:`robust_surgery.nn.kernels` runs the same steps chunked,
+    with the analytic backward derived from it.
+    """
     D = x.shape[-1]
     u = x.unsqueeze(2) * w.unsqueeze(1)  # (G, r, o, D): the product terms
     z = z0
@@ -191,59 +249,8 @@ def _irls(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, K: int, reweight) 
     return z
 
 
-def _chunks(R: int, O: int, rows: int, outs: int):
-    for r0 in range(0, R, rows):
-        for o0 in range(0, O, outs):
-            yield slice(r0, r0 + rows), slice(o0, o0 + outs)
-
-
-class _RobustPatternMatch(torch.autograd.Function):
-    """Chunked IRLS whose backward recomputes each chunk's terms (nothing per-term is saved).
-
-    Forward runs without building a graph; backward rebuilds one chunk at a time, takes its
-    vector-Jacobian product with ``torch.autograd.grad`` and accumulates into preallocated
-    gradients, so at any moment only one chunk's terms are alive.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, z0, settings: NRPMSettings, rows: int, outs: int):
-        ctx.save_for_backward(x, w, z0)
-        ctx.settings, ctx.rows, ctx.outs = settings, rows, outs
-        return _irls_chunked(x, w, z0, settings, rows, outs)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w, z0 = ctx.saved_tensors
-        need_x, need_w, need_z0 = ctx.needs_input_grad[:3]
-        gx = torch.zeros_like(x) if need_x else None
-        gw = torch.zeros_like(w) if need_w else None
-        gz0 = torch.zeros_like(z0) if need_z0 else None
-        reweight = ctx.settings.reweight()
-        for r, o in _chunks(x.shape[1], w.shape[1], ctx.rows, ctx.outs):
-            with torch.enable_grad():
-                xc = x[:, r].detach().requires_grad_(need_x)
-                wc = w[:, o].detach().requires_grad_(need_w)
-                zc = z0[:, r, o].detach().requires_grad_(need_z0)
-                out = _irls(xc, wc, zc, ctx.settings.K, reweight)
-                wanted = [t for t, need in ((xc, need_x), (wc, need_w), (zc, need_z0)) if need]
-                grads = list(torch.autograd.grad(out, wanted, grad_out[:, r, o]))
-            if need_x:
-                gx[:, r] += grads.pop(0)
-            if need_w:
-                gw[:, o] += grads.pop(0)
-            if need_z0:
-                gz0[:, r, o] = grads.pop(0)
-        return gx, gw, gz0, None, None, None
-
-
-def _irls_chunked(x, w, z0, settings: NRPMSettings, rows: int, outs: int) -> torch.Tensor:
-    # One output tensor, filled chunk by chunk: keeping no small per-chunk results alive between
-    # the large temporaries stops the heap from fragmenting (and the process from growing).
-    out = torch.empty(x.shape[0], x.shape[1], w.shape[1], dtype=torch.result_type(x, w), device=x.device)
-    reweight = settings.reweight()
-    for r, o in _chunks(x.shape[1], w.shape[1], rows, outs):
-        out[:, r, o] = _irls(x[:, r], w[:, o], z0[:, r, o], settings.K, reweight)
-    return out
+def _budget(memory_budget: int | None) -> int:
+    return default_memory_budget() if memory_budget is None else int(memory_budget)
 
 
 def robust_pattern_match(
@@ -257,21 +264,21 @@ def robust_pattern_match(
 
     x: (G, R, D) inputs, w: (G, O, D) weights, z0: (G, R, O) the linear outputs z_LPM (no bias)
     the iteration starts from. Returns (G, R, O). ``memory_budget`` (bytes) bounds the terms of
-    one chunk; gradients reach x, w and z0 through per-chunk recomputation in backward
-    (first-order only: double backward is not supported).
+    one chunk. Gradients reach x, w and z0: backward recomputes each chunk's terms and applies
+    the analytic gradient of the unrolled iterations (autograd on the chunk for a reweighting
+    function registered without derivative). First-order only: no double backward.
     """
     G, R, D = x.shape
     O = w.shape[1]
-    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
-    rows, outs = _chunk_sizes(G, R, O, D, settings.K, x.element_size(), budget)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or z0.requires_grad):
-        return _RobustPatternMatch.apply(x, w, z0, settings, rows, outs)
-    with torch.no_grad():
-        return _irls_chunked(x, w, z0, settings, rows, outs)
+    rows, outs = _chunk_sizes(G, R, O, D, settings.K, x.element_size(), _budget(memory_budget))
+    src = _kernels.DenseRows(x)
+    return _kernels.run(src, x, w, z0, settings, settings.reweight(), settings.reweight_derivative(), rows, outs)
 
 
 def mix(lam, z_lpm: torch.Tensor, z_nrpm: torch.Tensor) -> torch.Tensor:
     """The hybrid ``lam * z_lpm + (1 - lam) * z_nrpm`` (λ a float or a 0-dim tensor)."""
+    if torch.is_tensor(lam) and not lam.requires_grad and lam.dim() == 0 and bool(lam == 0):
+        return z_nrpm
     if not torch.is_tensor(lam) and lam == 0:
         return z_nrpm
     return lam * z_lpm + (1 - lam) * z_nrpm
@@ -346,20 +353,6 @@ def conv_padding_pairs(padding, kernel: Sequence[int], dilation: Sequence[int]) 
     return [p for p in reversed(pads) for _ in range(2)]
 
 
-def _unfold(xp: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
-    """Patches of a padded input. xp: (B, C, *S) -> (B, *L, C, *kernel), a view where possible."""
-    n = len(kernel)
-    cols = xp
-    for i in range(n):
-        span = dilation[i] * (kernel[i] - 1) + 1
-        cols = cols.unfold(2 + i, span, stride[i])
-        if dilation[i] > 1:
-            cols = cols[..., :: dilation[i]]
-    # (B, C, L1..Ln, k1..kn) -> (B, L1..Ln, C, k1..kn)
-    order = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
-    return cols.permute(order)
-
-
 def nrpm_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -399,8 +392,12 @@ def nrpm_conv(
     Lp = math.prod(L)
     G = groups
     Og, Dg = O // G, weight[0].numel()
-    rows = _unfold(xp, kernel, stride, dilation).reshape(B * Lp, G, Dg).transpose(0, 1)  # (G, B*L, Dg)
+    budget = _budget(memory_budget)
+    items = _kernels.conv_items(B, Lp, x.shape[1], math.prod(kernel), xp.element_size(), budget)
+    src = _kernels.ConvRows(xp, kernel, stride, dilation, G, L, items)  # unfolds a few items at a time
+    rows, outs = _chunk_sizes(G, src.block_rows, Og, Dg, settings.K, xp.element_size(), budget)
     z0 = z_lpm.reshape(B, G, Og, Lp).permute(1, 0, 3, 2).reshape(G, B * Lp, Og)
-    z = robust_pattern_match(rows, weight.reshape(G, Og, Dg), z0, settings, memory_budget)
+    z = _kernels.run(src, xp, weight.reshape(G, Og, Dg), z0, settings, settings.reweight(),
+                     settings.reweight_derivative(), rows, outs)
     z_nrpm = z.reshape(G, B, Lp, Og).permute(1, 0, 3, 2).reshape(B, O, *L)
     return _add_bias(mix(lam, z_lpm, z_nrpm), bias, 1)
