@@ -161,7 +161,6 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 
 def _load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool, where: str) -> None:
-    missing, unexpected = [], []
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
