@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_surgery.data import load_mnist
+from robust_surgery.loops import evaluate_accuracy, training_progress
 from robust_surgery.zoo import ZooError, get_entry
 
 __all__ = ["RECIPES", "evaluate_accuracy", "save_state_dict_safetensors", "train_zoo_model"]
@@ -30,22 +31,6 @@ RECIPES: dict[str, dict] = {
 }
 RECIPES["mnist-mlp"] = dict(RECIPES["mnist-mlp-rs"])
 RECIPES["mnist-lenet"] = dict(RECIPES["mnist-lenet-rs"])
-
-
-@torch.inference_mode()
-def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int = 1000, device: str | torch.device | None = None) -> tuple[int, int]:
-    """(number correct, number of points) of ``model`` (in eval mode) on images N x C x H x W, labels N."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        xb = images[i:i + batch_size].to(device)
-        yb = labels[i:i + batch_size].to(device)
-        correct += int((model(xb).argmax(1) == yb).sum())
-    model.train(was_training)
-    return correct, len(images)
 
 
 def save_state_dict_safetensors(model: nn.Module, path: str | os.PathLike,
@@ -60,17 +45,6 @@ def save_state_dict_safetensors(model: nn.Module, path: str | os.PathLike,
     with atomic_path(path, make_parents=True) as tmp:
         save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not enabled, transient=False,
-    )
 
 
 def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = None,
@@ -109,7 +83,7 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
     steps = (n + bs - 1) // bs
     losses = []
     t0 = time.time()
-    with _progress(progress) as bar:
+    with training_progress(progress) as bar:
         for epoch in range(recipe["epochs"]):
             task = bar.add_task(f"{name} epoch {epoch + 1}/{recipe['epochs']}", total=steps, loss=float("nan"))
             model.train()

@@ -24,6 +24,7 @@ from torch import nn
 from .attacks import AttackConfig, AttackTarget, build_attack, check_unit_range, within_budget
 from .checks import CheckResult, run_checks
 from .fileutil import atomic_path
+from .loops import work_progress
 from .meta import get_meta
 from .nn.layers import NRPMLayer, linear_mode, straight_through_mode
 
@@ -385,10 +386,11 @@ def evaluate(
     target = AttackTarget(model, mean, std).to(dev).eval()  # torchattacks restores this mode after attacking
     with torch.no_grad():
         n_classes = target(x[:1].to(dev)).shape[1]
-    mine = [b for b in range(n_batches) if b % world == rank and b not in set(st["done"])]
+    done_before = set(st["done"])
+    mine = [b for b in range(n_batches) if b % world == rank and b not in done_before]
     if max_batches is not None:
         mine = mine[:max_batches]
-    bar = _progress(progress and rank == 0)
+    bar = work_progress(progress and rank == 0)
     try:
         with bar:
             task = bar.add_task("evaluating", total=len(mine) * (len(jobs) + 1))
@@ -465,11 +467,3 @@ def _row(job: Job, robust: torch.Tensor, N: int, *, in_worst: bool, worst_count:
         "robust_acc": 100.0 * int(robust.sum()) / N, "in_worst": in_worst,
         "worst_robust_acc": None if worst_count is None else 100.0 * worst_count / N, "key": job.key,
     }
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=True)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .attacks import AttackConfig, AttackTarget, build_attack, check_unit_range
 from .fileutil import atomic_path
+from .loops import evaluate_accuracy, training_progress
 from .meta import set_meta
 from .nn.layers import NRPMLayer
 from .surgery import apply_paradigm
@@ -109,14 +110,9 @@ def _adversarial(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_classe
     return x_adv
 
 
-@torch.no_grad()
-def _accuracy(target, x, y, bs=500) -> int:
-    return sum(int((target(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
-
-
 def _validate(model, target, cfg: FinetuneConfig, xv, yv, n_classes: int) -> dict:
     model.eval()
-    out = {"val_clean_acc": 100.0 * _accuracy(target, xv, yv) / max(len(xv), 1)}
+    out = {"val_clean_acc": 100.0 * evaluate_accuracy(target, xv, yv, batch_size=500)[0] / max(len(xv), 1)}
     if cfg.adversarial and len(xv):
         robust = 0
         for i in range(0, len(xv), 500):
@@ -215,7 +211,7 @@ def finetune(
     n, bs = len(xt), cfg.batch_size
     steps = math.ceil(n / bs)
     stop = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start + max_epochs_this_run)
-    bar = _progress(progress)
+    bar = training_progress(progress)
     with bar:
         for epoch in range(start, stop):
             t0 = time.time()
@@ -258,12 +254,3 @@ def finetune(
     model.eval()
     set_meta(model, training={**asdict(cfg), "best_epoch": best["epoch"], "history": history})
     return model, history
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
