@@ -355,6 +355,16 @@ def zoo_train(
                   f"after {metrics['epochs']} epochs in {metrics['seconds']:.0f} s; saved [bold]{out}[/bold]")
 
 
+def _register_extensions() -> None:
+    from . import diagnostics_cmds, reprogram_cmds
+
+    diagnostics_cmds.register(app)
+    reprogram_cmds.register(app)
+
+
+_register_extensions()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -59,8 +59,15 @@ def is_spec(text: str) -> bool:
     return isinstance(text, str) and text.startswith(_SPEC_PREFIXES)
 
 
-def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = None) -> nn.Module:
-    """Build the module named by an architecture spec; ``pretrained`` also loads its weights."""
+def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = None,
+               kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build the module named by an architecture spec; ``pretrained`` also loads its weights.
+
+    ``kwargs`` go to a ``package.module:Callable`` factory (JSON-able values only: they are
+    recorded in the manifest as ``arch_kwargs`` so :func:`load` can call the factory again).
+    """
+    if kwargs and not (isinstance(spec, str) and not spec.startswith(_SPEC_PREFIXES)):
+        raise ModelLoadError(f"architecture keyword arguments only apply to package.module:Callable specs, not {spec!r}")
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelLoadError(f"architecture spec {spec!r} not understood; use {_ARCH_HELP}")
     kind, _, name = spec.partition(":")
@@ -101,7 +108,7 @@ def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = N
             factory = getattr(module, name, None)
             if not callable(factory):
                 raise ModelLoadError(f"{kind} has no callable {name!r} (architecture spec {spec!r})")
-            model = factory()
+            model = factory(**dict(kwargs or {}))
             if not isinstance(model, nn.Module):
                 raise ModelLoadError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
     except ModelLoadError:
@@ -109,6 +116,8 @@ def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = N
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ModelLoadError(str(e.args[0]) if e.args else str(e)) from None
     set_meta(model, arch=spec)
+    if kwargs:
+        set_meta(model, arch_kwargs=dict(kwargs))
     return model
 
 
@@ -200,7 +209,8 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
     spec = arch or manifest.get("arch")
     if not spec:
         raise ModelLoadError(f"{path} records no architecture; pass one with {_ARCH_HELP}")
-    model = build_arch(spec, pretrained=False, data_root=data_root)
+    kwargs = manifest.get("arch_kwargs") if not arch else None
+    model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
     layers: dict[str, dict] = manifest.get("layers") or {}
     if layers:
         overrides = {name: {k: v for k, v in cfg.items() if k in ("norm", "K", "eps", "gamma", "delta", "lam")}
@@ -215,7 +225,7 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
     if missing or unexpected:
         raise ModelLoadError(f"{path} does not match its recorded architecture {spec}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-    set_meta(model, **{k: manifest[k] for k in ("arch", "source", "training") if manifest.get(k) is not None})
+    set_meta(model, **{k: manifest[k] for k in ("arch", "arch_kwargs", "source", "training") if manifest.get(k) is not None})
     if manifest.get("paradigm"):
         apply_paradigm(model, manifest["paradigm"])
     get_meta(model)["manifest"] = manifest
@@ -304,6 +314,7 @@ def build_manifest(model: nn.Module, **extra) -> dict:
         "package_version": _version(),
         "torch_version": torch.__version__,
         "arch": meta.get("arch"),
+        "arch_kwargs": meta.get("arch_kwargs"),
         "paradigm": meta.get("paradigm"),
         "source": meta.get("source"),
         "training": meta.get("training"),
