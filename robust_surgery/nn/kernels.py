@@ -259,8 +259,20 @@ def _chunks(R0: int, R1: int, O: int, rows: int, outs: int):
             yield r0, min(R1, r0 + rows), slice(o0, o0 + outs)
 
 
-def irls_forward(src, x, w, z0, K: int, reweight, rows: int, outs: int, keep: bool, d_first: bool):
-    """Chunked forward over a row source. Returns z_K (G,R,O) and, if keep, stacked z_1..z_K, S_0..S_{K-1}."""
+def _eager_forward(*args):
+    return _call(forward_chunk, *args)
+
+
+def _eager_backward(*args):
+    return _call(backward_chunk, *args)
+
+
+def irls_forward(src, x, w, z0, K: int, reweight, rows: int, outs: int, keep: bool, d_first: bool,
+                 fwd: Callable = _eager_forward):
+    """Chunked forward over a row source. Returns z_K (G,R,O) and, if keep, stacked z_1..z_K, S_0..S_{K-1}.
+
+    ``fwd`` runs one chunk (signature of :func:`forward_chunk`): eager, or the fused Triton kernel.
+    """
     G, O = w.shape[0], w.shape[1]
     R = z0.shape[1]
     out = torch.empty(G, R, O, dtype=z0.dtype, device=z0.device)
@@ -269,7 +281,7 @@ def irls_forward(src, x, w, z0, K: int, reweight, rows: int, outs: int, keep: bo
     for b0, b1 in src.blocks():
         xb = src.block(x, b0, b1)
         for r0, r1, o in _chunks(b0, b1, O, rows, outs):
-            z, zs, sums = _call(forward_chunk, xb[:, r0 - b0:r1 - b0], w[:, o], z0[:, r0:r1, o], K, reweight, d_first, keep)
+            z, zs, sums = fwd(xb[:, r0 - b0:r1 - b0], w[:, o], z0[:, r0:r1, o], K, reweight, d_first, keep)
             out[:, r0:r1, o] = z
             if keep:
                 for k in range(K):
@@ -284,12 +296,13 @@ class RobustPatternMatchFn(torch.autograd.Function):
     (or, for a reweighting function without a derivative, autograd on the recomputed chunk)."""
 
     @staticmethod
-    def forward(ctx, x, w, z0, src, settings, reweight, dreweight, rows, outs, d_first):
+    def forward(ctx, x, w, z0, src, settings, reweight, dreweight, rows, outs, d_first,
+                chunk_fns=(_eager_forward, _eager_backward)):
         out, zs, sums = irls_forward(src, x, w, z0, settings.K, reweight, rows, outs,
-                                     keep=dreweight is not None, d_first=d_first)
+                                     keep=dreweight is not None, d_first=d_first, fwd=chunk_fns[0])
         ctx.save_for_backward(x, w, z0, *(() if zs is None else (zs, sums)))
         ctx.src, ctx.K, ctx.reweight, ctx.dreweight = src, settings.K, reweight, dreweight
-        ctx.rows, ctx.outs, ctx.d_first = rows, outs, d_first
+        ctx.rows, ctx.outs, ctx.d_first, ctx.bwd = rows, outs, d_first, chunk_fns[1]
         return out
 
     @staticmethod
@@ -309,7 +322,7 @@ class RobustPatternMatchFn(torch.autograd.Function):
                 gc = grad_out[:, r0:r1, o]
                 if ctx.dreweight is not None:
                     zs_all, s_all = saved
-                    gxc, gwc, gzc = _call(backward_chunk, 
+                    gxc, gwc, gzc = ctx.bwd(
                         xc, wc, zc, [zs_all[k, :, r0:r1, o] for k in range(K)],
                         [s_all[k, :, r0:r1, o] for k in range(K)], gc, K, ctx.reweight, ctx.dreweight,
                         ctx.d_first, need_x, need_w)
@@ -324,7 +337,7 @@ class RobustPatternMatchFn(torch.autograd.Function):
             if need_x:
                 src.add_grad(gx, b0, b1, gxb)
             del xb, gxb
-        return gx, gw, gz0, None, None, None, None, None, None, None
+        return gx, gw, gz0, None, None, None, None, None, None, None, None
 
 
 def _autograd_chunk(x, w, z0, g, K, reweight, d_first, need_x, need_w):
@@ -334,14 +347,52 @@ def _autograd_chunk(x, w, z0, g, K, reweight, d_first, need_x, need_w):
         wc = w.detach().requires_grad_(need_w)
         zc = z0.detach().requires_grad_(True)
         out, _, _ = forward_chunk(xc, wc, zc, K, reweight, d_first, keep=False)
-        grads = torch.autograd.grad(out, [xc, wc, zc], g, allow_unused=True)
-    return grads[0] if need_x else None, grads[1] if need_w else None, grads[2]
+        wanted = [t for t in (xc, wc, zc) if t.requires_grad]  # x or w may need none (a frozen layer, the input)
+        grads = iter(torch.autograd.grad(out, wanted, g, allow_unused=True))
+    gx = next(grads) if need_x else None
+    gw = next(grads) if need_w else None
+    return gx, gw, next(grads)
+
+
+def _fused_chunk_functions(src, x, w, z0, settings, rows: int, outs: int):
+    """The fused Triton (forward, backward) chunk functions when they can run this problem, else None.
+
+    Only CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import) are considered;
+    Triton is imported on first such use. ``rows``, ``outs``: the eager chunk sizes, for a fallback.
+    """
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None
+    from . import triton_kernels as tk
+
+    if not tk.supports(settings, x, w, z0):
+        return None
+    return tk.chunk_functions(settings, _eager_backward, rows, outs)
 
 
 def run(src, x, w, z0, settings, reweight, dreweight: Optional[Callable], rows: int, outs: int) -> torch.Tensor:
-    """z_NRPM (G, R, O) from a row source; differentiable in x, w and z0 when grad mode needs it."""
+    """z_NRPM (G, R, O) from a row source; differentiable in x, w and z0 when grad mode needs it.
+
+    CUDA tensors run the fused Triton kernels (robust_surgery.nn.triton_kernels) where they
+    support the problem, one row block per launch; everything else runs the eager chunks.
+    """
     d_first = src.D < _D_FIRST_BELOW
+    fused = _fused_chunk_functions(src, x, w, z0, settings, rows, outs)
+    if fused is None:
+        return _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first)
+    try:  # nothing term-sized: whole row blocks, all outputs
+        return _run(src, x, w, z0, settings, reweight, dreweight, src.block_rows, w.shape[1], d_first, fused)
+    except Exception as err:  # noqa: BLE001 - a Triton compile/launch failure: eager from now on
+        from . import triton_kernels as tk
+
+        tk.disable(err)
+        return _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first)
+
+
+def _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first,
+         chunk_fns=(_eager_forward, _eager_backward)):
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or z0.requires_grad):
-        return RobustPatternMatchFn.apply(x, w, z0, src, settings, reweight, dreweight, rows, outs, d_first)
+        return RobustPatternMatchFn.apply(x, w, z0, src, settings, reweight, dreweight, rows, outs, d_first,
+                                          chunk_fns)
     with torch.no_grad():
-        return irls_forward(src, x, w, z0, settings.K, reweight, rows, outs, keep=False, d_first=d_first)[0]
+        return irls_forward(src, x, w, z0, settings.K, reweight, rows, outs, keep=False, d_first=d_first,
+                            fwd=chunk_fns[0])[0]
