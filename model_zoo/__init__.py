@@ -6,6 +6,7 @@ One module per family; ``checkpoints/`` holds the small embedded weights trained
 :mod:`robust_surgery.model_zoo.train`.
 """
 from . import cifar_resnet, mnist_lenet, mnist_mlp, tiny_resnet  # noqa: F401  (registration)
+from . import text_sentiment  # noqa: F401  (registration; the encoder itself needs the [text] extra)
 from .common import Normalize
 
 __all__ = ["Normalize", "cifar_resnet", "mnist_lenet", "mnist_mlp", "tiny_resnet"]

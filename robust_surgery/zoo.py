@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import DATASETS, DataNotFoundError, resolve_data_root
+from .data import DATASETS as _IMAGE_DATASETS
+from .data import DataNotFoundError, DatasetInfo, resolve_data_root
 from .fileutil import file_sha256 as sha256_file
 
 __all__ = [
@@ -35,6 +36,16 @@ __all__ = [
 ]
 
 EMBEDDED = "embedded:"
+
+# The image data sets of robust_surgery.data, plus data sets the zoo knows without an image loader.
+DATASETS: dict[str, DatasetInfo] = {
+    **_IMAGE_DATASETS,
+    "uci-sentiment": DatasetInfo(
+        "uci-sentiment", 2, (128,), ("negative", "positive"), 2392, 598,
+        "UCI Sentiment Labelled Sentences (Amazon, IMDb, Yelp): token ids, at most 128 word pieces; "
+        "test = robust_surgery.sequences.stratified_split (20 %, seed 0); loader: load_uci_sentiment",
+    ),
+}
 
 
 class ZooError(ValueError):
