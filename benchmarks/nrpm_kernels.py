@@ -7,8 +7,8 @@ Cases (forward + backward, float32, CPU):
   resnet20 cifar-resnet20 (unpretrained weights), every conv converted, K = 1, batch --resnet-batch
 
 Methods: ``plain`` (the dense layer), ``direct`` (every term materialised, tests/nrpm_reference.py;
-only where it fits, run in a child process), ``previous`` (the implementation at git HEAD:
-chunked forward + autograd-recompute backward, loaded from ``git show HEAD:...``), ``new``
+only where it fits, run in a child process), ``previous`` (the first chunked implementation:
+chunked forward + autograd-recompute backward, loaded from ``git show 92e2650:...``), ``new``
 (analytic backward, eager) and ``compiled`` (new, chunk functions through torch.compile).
 
 Timings: median of --runs runs, methods interleaved round-robin in this process, so ratios
@@ -17,6 +17,21 @@ fresh child process; reported as the growth of its resident high-water mark (VmH
 resident size after setup (inputs and model built, torch loaded).
 
     python benchmarks/nrpm_kernels.py [--runs 3] [--resnet-batch 128] [--threads 2] [--skip-direct]
+        [--cases linear,conv1,conv8,resnet20] [--methods plain,previous,new,compiled] [--json PATH]
+
+GPU section (runs when CUDA is available, after the CPU section; ``--gpu-only`` skips the CPU
+one): the same four cases on the GPU (ResNet-20 at --resnet-batch, default 128), methods
+``plain``, ``direct`` (where it fits in GPU memory), ``eager`` (the chunked kernels of
+robust_surgery/nn/kernels.py with the Triton path switched off) and ``triton`` (the fused
+kernels of robust_surgery/nn/triton_kernels.py). Time: median of --runs after a warm-up
+(Triton compiles there), CUDA-synchronised, methods interleaved; memory: peak allocated by the
+step over what was allocated before it (torch.cuda.max_memory_allocated). Roofline: the
+arithmetic NRPM needs (ops_per_term) over the time, as a fraction of the GPU's measured
+float32 FMA rate (a float32 matmul with TF32 off).
+
+    python benchmarks/nrpm_kernels.py --gpu-only --json benchmarks/results/nrpm_kernels_gpu.json
+    python benchmarks/nrpm_kernels.py --gpu-smoke   # the GPU section on CPU in Triton's interpreter,
+                                                    # tiny shapes: checks the script, measures nothing
 """
 from __future__ import annotations
 
@@ -32,6 +47,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if "--gpu-smoke" in sys.argv:  # Triton reads this when its kernels are defined (first import)
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
 from torch import nn
 
@@ -41,9 +59,12 @@ sys.path.insert(0, str(REPO / "tests"))
 import nrpm_reference as ref  # noqa: E402
 from robust_surgery.nn import NRPMConv2d, NRPMLinear, NRPMSettings, layers as nrpm_layers  # noqa: E402
 from robust_surgery.nn import functional as nrpm_functional  # noqa: E402
+from robust_surgery.fileutil import atomic_path  # noqa: E402
 from robust_surgery.nn import kernels  # noqa: E402
+from robust_surgery.nn import triton_kernels  # noqa: E402
 
 LAM = 0.5
+PREVIOUS_COMMIT = "92e2650"  # the first chunked implementation (autograd-recompute backward)
 
 
 def vm(field: str) -> int:
@@ -54,8 +75,8 @@ def vm(field: str) -> int:
 
 
 def previous_functional():
-    """The NRPM functional module as it is at git HEAD (autograd-recompute backward)."""
-    src = subprocess.run(["git", "show", "HEAD:robust_surgery/nn/functional.py"], cwd=REPO,
+    """The NRPM functional module of commit PREVIOUS_COMMIT (self-contained: chunked forward, autograd backward)."""
+    src = subprocess.run(["git", "show", f"{PREVIOUS_COMMIT}:robust_surgery/nn/functional.py"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.gettempdir()) / "nrpm_previous_functional.py"
     path.write_text(src)
@@ -67,23 +88,26 @@ def previous_functional():
 
 
 # --------------------------------------------------------------------------------------------
-# Cases: setup() -> (step(method) closure); step runs one forward + backward
+# Cases: setup(args, device) -> (step(method) closure, terms, K); step runs one forward + backward
 # --------------------------------------------------------------------------------------------
-def _use(method: str, prev):
+def _use(method: str, prev=None):
     """Point the layers at the implementation of ``method``."""
     kernels.use_compile(method == "compiled")
+    triton_kernels.use_triton(method == "triton")
     impl = prev if method == "previous" else nrpm_functional
     nrpm_layers.nrpm_linear = impl.nrpm_linear
     nrpm_layers.nrpm_conv = impl.nrpm_conv
 
 
-def setup_linear(args):
+def setup_linear(args, device="cpu", size=(256, 784, 256)):
+    batch, d_in, d_out = size
     torch.manual_seed(0)
-    dense = nn.Linear(784, 256)
+    dense = nn.Linear(d_in, d_out).to(device)
     layer = NRPMLinear.from_dense(dense, NRPMSettings("L1", 3, 1e-3), lam=LAM)
-    x = torch.rand(256, 784, requires_grad=True)
+    x = torch.rand(batch, d_in, device=device, requires_grad=True)
 
     def step(method):
+        x.grad = None
         if method == "plain":
             out = dense(x)
         elif method == "direct":
@@ -91,19 +115,20 @@ def setup_linear(args):
         else:
             out = layer(x)
         out.square().sum().backward()
-        return out.detach()
+        return out.detach(), x.grad
 
-    terms = 256 * 256 * 784
-    return step, terms, 3
+    return step, batch * d_out * d_in, 3
 
 
-def setup_conv(args, batch):
+def setup_conv(args, batch, device="cpu", size=(64, 32)):
+    channels, side = size
     torch.manual_seed(0)
-    dense = nn.Conv2d(64, 64, 3, padding=1)
+    dense = nn.Conv2d(channels, channels, 3, padding=1).to(device)
     layer = NRPMConv2d.from_dense(dense, NRPMSettings("L1", 3, 1e-3), lam=LAM)
-    x = torch.rand(batch, 64, 32, 32, requires_grad=True)
+    x = torch.rand(batch, channels, side, side, device=device, requires_grad=True)
 
     def step(method):
+        x.grad = None
         if method == "plain":
             out = dense(x)
         elif method == "direct":
@@ -111,21 +136,21 @@ def setup_conv(args, batch):
         else:
             out = layer(x)
         out.square().sum().backward()
-        return out.detach()
+        return out.detach(), x.grad
 
-    terms = batch * 64 * 576 * 1024
-    return step, terms, 3
+    return step, batch * channels * channels * 9 * side * side, 3
 
 
-def setup_resnet(args):
+def setup_resnet(args, device="cpu", batch=None):
     import robust_surgery as rs
     from robust_surgery.model_zoo.cifar_resnet import cifar_resnet20
 
+    batch = args.resnet_batch if batch is None else batch
     torch.manual_seed(0)
-    plain = cifar_resnet20().eval()
+    plain = cifar_resnet20().eval().to(device)
     model = rs.convert(plain, paradigm=1, norm="L1", K=1, eps=1e-3, lam=LAM,
                        filter_fn=lambda m, name: isinstance(m, nn.Conv2d))
-    x = torch.rand(args.resnet_batch, 3, 32, 32, requires_grad=True)
+    x = torch.rand(batch, 3, 32, 32, device=device, requires_grad=True)
     terms = 0
 
     def count(m, inp, out):
@@ -137,22 +162,29 @@ def setup_resnet(args):
         plain(x[:1])
     for h in hooks:
         h.remove()
-    terms *= args.resnet_batch
+    terms *= batch
 
     def step(method):
+        x.grad = None
         net = plain if method == "plain" else model
         out = net(x)
         out.square().sum().backward()
-        return out.detach()
+        return out.detach(), x.grad
 
     return step, terms, 1
 
 
 CASES = {
     "linear": ("Linear 784→256, batch 256, K=3", setup_linear),
-    "conv1": ("Conv 64→64 3×3, 1×64×32×32, K=3", lambda a: setup_conv(a, 1)),
-    "conv8": ("Conv 64→64 3×3, 8×64×32×32, K=3", lambda a: setup_conv(a, 8)),
+    "conv1": ("Conv 64→64 3×3, 1×64×32×32, K=3", lambda a, device="cpu": setup_conv(a, 1, device)),
+    "conv8": ("Conv 64→64 3×3, 8×64×32×32, K=3", lambda a, device="cpu": setup_conv(a, 8, device)),
     "resnet20": ("NRPM cifar-resnet20 (all convs), K=1", setup_resnet),
+}
+SMOKE_CASES = {  # --gpu-smoke: the GPU section's code on tiny shapes (Triton interpreter on CPU)
+    "linear": ("Linear 24→8, batch 6, K=3", lambda a, device: setup_linear(a, device, (6, 24, 8))),
+    "conv1": ("Conv 4→4 3×3, 1×4×6×6, K=3", lambda a, device: setup_conv(a, 1, device, (4, 6))),
+    "conv8": ("Conv 4→4 3×3, 2×4×6×6, K=3", lambda a, device: setup_conv(a, 2, device, (4, 6))),
+    "resnet20": ("NRPM cifar-resnet20 (all convs), K=1, batch 1", lambda a, device: setup_resnet(a, device, 1)),
 }
 
 
@@ -167,7 +199,7 @@ def direct_fits(case: str, args) -> bool:
 # --------------------------------------------------------------------------------------------
 def child(args):
     torch.set_num_threads(args.threads)
-    prev = previous_functional()
+    prev = previous_functional() if args.method == "previous" else None
     step, _, _ = CASES[args.case][1](args)
     _use(args.method, prev)
     if args.method != "direct":
@@ -229,30 +261,20 @@ def ops_per_term(K: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resnet-batch", type=int, default=128)
-    p.add_argument("--cases", default="linear,conv1,conv8,resnet20")
-    p.add_argument("--methods", default="plain,previous,new,compiled")
-    p.add_argument("--skip-direct", action="store_true")
-    p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--child-runs", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        return child(args)
+def _maxrel(got, want) -> float:
+    """max |got - want| / max |want| over the (output, input gradient) pairs of two steps."""
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, want))
 
+
+def cpu_section(args) -> dict:
+    """The CPU table (plain, direct, previous, new, compiled); returns its rows for --json."""
     torch.set_num_threads(args.threads)
     thr = machine_throughput(args.threads)
     print(f"# machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
           f"elementwise (addcmul, L2-resident) {thr['elementwise_per_s'] / 1e9:.2f} G/s, "
           f"matmul {thr['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-    prev = previous_functional()
     methods = args.methods.split(",")
+    prev = previous_functional() if "previous" in methods else None
     rows = []
     for case in args.cases.split(","):
         title, setup = CASES[case]
@@ -277,7 +299,7 @@ def main():
         if "new" in outs:
             for m in methods:
                 if m != "plain":
-                    results[m]["maxrel"] = float((outs[m] - outs["new"]).abs().max() / outs["new"].abs().max())
+                    results[m]["maxrel"] = _maxrel(outs[m], outs["new"])
         if direct_fits(case, args):
             d = run_child(case, "direct", args, runs=1)
             results["direct"] = d
@@ -300,20 +322,11 @@ def main():
           "| compiled vs previous | new / plain | compiled / plain | bound: unfused | bound: fused | compiled / fused bound |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
-    def cell(r):
-        if not r or "time" not in r:
-            return "—" if not r or "error" not in r else "failed"
-        mem = f", {r['peak'] / 2**20:.0f} MiB" if "peak" in r else ""
-        return f"{r['time']:.3g} s{mem}"
-
-    def ratio(a, b):
-        return f"{a['time'] / b['time']:.1f}×" if a and b and "time" in a and "time" in b else "—"
-
     for case, title, terms, K, r, lower in rows:
         g = r.get
-        print(f"| {title} | {cell(g('plain'))} | {cell(g('direct'))} | {cell(g('previous'))} | {cell(g('new'))} "
-              f"| {cell(g('compiled'))} | {ratio(g('direct'), g('new'))} | {ratio(g('previous'), g('new'))} "
-              f"| {ratio(g('previous'), g('compiled'))} | {ratio(g('new'), g('plain'))} | {ratio(g('compiled'), g('plain'))} "
+        print(f"| {title} | {_cell(g('plain'))} | {_cell(g('direct'))} | {_cell(g('previous'))} | {_cell(g('new'))} "
+              f"| {_cell(g('compiled'))} | {_ratio(g('direct'), g('new'))} | {_ratio(g('previous'), g('new'))} "
+              f"| {_ratio(g('previous'), g('compiled'))} | {_ratio(g('new'), g('plain'))} | {_ratio(g('compiled'), g('plain'))} "
               f"| {lower[0]:.3g} s | {lower[1]:.3g} s | {g('compiled', {}).get('time', math.nan) / lower[1]:.0f}× |")
     print()
     print(f"Roofline-style bounds: terms × {ops_per_term(1)} (K=1) or {ops_per_term(3)} (K=3) operations per term "
@@ -325,7 +338,180 @@ def main():
         errs = {m: v.get("maxrel") for m, v in r.items() if v.get("maxrel") is not None}
         firsts = {m: round(v["first"], 2) for m, v in r.items() if "first" in v}
         print(f"- {case}: max |Δ| / max |y| vs new: {errs}; first-call times (s, compile included): {firsts}")
+    return {"device": "cpu", "threads": args.threads, "runs": args.runs, "throughput": thr,
+            "cases": [{"case": c, "title": t, "terms": n, "K": K, "results": r,
+                       "bound_unfused_s": lo[0], "bound_fused_s": lo[1]} for c, t, n, K, r, lo in rows]}
+
+
+def _cell(r):
+    if not r or "time" not in r:
+        return "—" if not r or "error" not in r else "failed"
+    mem = f", {r['peak'] / 2**20:.0f} MiB" if r.get("peak") is not None else ""
+    return f"{r['time']:.3g} s{mem}"
+
+
+def _ratio(a, b):
+    return f"{a['time'] / b['time']:.1f}×" if a and b and "time" in a and "time" in b else "—"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU section
+# --------------------------------------------------------------------------------------------
+GPU_METHODS = ("plain", "direct", "eager", "triton")
+
+
+def gpu_throughput(device: str) -> dict:
+    """Measured float32 FMA rate (matmul, TF32 off) and elementwise rate (addcmul, HBM-resident) of the GPU."""
+    if device != "cuda":  # --gpu-smoke: nothing meaningful to measure
+        return {"matmul_flops": math.nan, "elementwise_per_s": math.nan, "name": "cpu (smoke test)"}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        n = 8192
+        a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+        a @ b
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        flops = 2 * n**3 * 10 / (time.perf_counter() - t)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    m = 1 << 27
+    x, y, z = (torch.rand(m, device=device) for _ in range(3))
+    torch.addcmul(x, y, z)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        torch.addcmul(x, y, z)
+    torch.cuda.synchronize()
+    elem = m * 20 / (time.perf_counter() - t)
+    return {"matmul_flops": flops, "elementwise_per_s": elem, "name": torch.cuda.get_device_name()}
+
+
+def _gpu_direct_fits(case: str, free_bytes: float, smoke: bool) -> bool:
+    need = {"linear": 3e9, "conv1": 3e9, "conv8": 24e9}.get(case)  # measured on CPU: 2.8, 3.0, ~15 GB
+    return need is not None and (smoke or need < 0.8 * free_bytes)
+
+
+def gpu_section(args) -> dict:
+    """Plain vs direct vs eager kernels vs fused Triton on the GPU (or, --gpu-smoke, on CPU in the interpreter)."""
+    smoke = args.gpu_smoke
+    device = "cpu" if smoke else "cuda"
+    sync = (lambda: None) if smoke else torch.cuda.synchronize
+    thr = gpu_throughput(device)
+    free = torch.cuda.mem_get_info()[0] if not smoke else math.inf
+    print(f"# GPU: {thr['name']}; float32 matmul (TF32 off) {thr['matmul_flops'] / 1e12:.1f} TFLOP/s, "
+          f"elementwise (addcmul) {thr['elementwise_per_s'] / 1e9:.0f} G/s; triton available: "
+          f"{triton_kernels.available()}", flush=True)
+    cases = SMOKE_CASES if smoke else CASES
+    rows = []
+    for case in args.cases.split(","):
+        title, setup = cases[case]
+        step, terms, K = setup(args, device)
+        methods = [m for m in GPU_METHODS if m != "direct" or _gpu_direct_fits(case, free, smoke)]
+        results = {m: {} for m in methods}
+        outs = {}
+
+        def timed(m):
+            _use(m)
+            sync()
+            t = time.perf_counter()
+            out = step(m)
+            sync()
+            return time.perf_counter() - t, out
+
+        for m in methods:  # warm-up: Triton compiles here
+            before = dict(triton_kernels.launches)
+            results[m]["first"], outs[m] = timed(m)
+            results[m]["triton_launches"] = sum(triton_kernels.launches[k] - before[k] for k in before)
+        times = {m: [] for m in methods}
+        for _ in range(args.runs):
+            for m in methods:
+                times[m].append(timed(m)[0])
+        for m in methods:
+            results[m]["time"] = statistics.median(times[m])
+            if m != "plain":
+                results[m]["maxrel_vs_eager"] = _maxrel(outs[m], outs["eager"])
+            if not smoke:
+                _use(m)
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step(m)
+                sync()
+                results[m]["peak"] = torch.cuda.max_memory_allocated() - base
+        _use("eager")
+        del outs
+        flops = terms * ops_per_term(K)
+        rate = flops / results["triton"]["time"]
+        rows.append({"case": case, "title": title, "terms": terms, "K": K, "results": results,
+                     "triton_flops_per_s": rate, "fraction_of_fp32_peak": rate / thr["matmul_flops"]})
+        print(f"## {title}: {terms / 1e9:.2f} G terms; " + ", ".join(
+            f"{m} {r['time']:.4f}s/{r.get('peak', 0) / 2**20:.0f}MiB" for m, r in results.items()), flush=True)
+        if not smoke:
+            torch.cuda.empty_cache()
+
+    print()
+    print(f"NRPM forward+backward, float32, {thr['name']}. Time: median of {args.runs} after a warm-up; memory: "
+          "peak allocated by one step over what was allocated before it.")
+    print()
+    print("| case | plain | direct | eager kernels | Triton | Triton vs direct | Triton vs eager | Triton / plain "
+          "| Triton op rate | fraction of FP32 peak | max rel. Δ Triton vs eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        g = row["results"].get
+        print(f"| {row['title']} | {_cell(g('plain'))} | {_cell(g('direct'))} | {_cell(g('eager'))} "
+              f"| {_cell(g('triton'))} | {_ratio(g('direct'), g('triton'))} | {_ratio(g('eager'), g('triton'))} "
+              f"| {_ratio(g('triton'), g('plain'))} | {row['triton_flops_per_s'] / 1e12:.2f} T op/s "
+              f"| {100 * row['fraction_of_fp32_peak']:.1f} % | {g('triton')['maxrel_vs_eager']:.1e} |")
+    print()
+    print(f"Op rate: terms × ops_per_term(K) ({ops_per_term(1)} for K=1, {ops_per_term(3)} for K=3; forward+backward) "
+          f"over the Triton time; peak: the measured float32 matmul rate, {thr['matmul_flops'] / 1e12:.1f} TFLOP/s "
+          "(each op counted as one FMA: optimistic, the reciprocals run at a quarter of that rate).")
+    launches = {r["case"]: r["results"]["triton"]["triton_launches"] for r in rows}
+    print(f"Triton launches in the warm-up step (0 would mean the fused path did not run): {launches}")
+    return {"device": thr["name"], "smoke": smoke, "runs": args.runs, "throughput": thr, "cases": rows}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resnet-batch", type=int, default=128)
+    p.add_argument("--cases", default="linear,conv1,conv8,resnet20")
+    p.add_argument("--methods", default="plain,previous,new,compiled", help="CPU section methods")
+    p.add_argument("--skip-direct", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU section")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
+    p.add_argument("--gpu-smoke", action="store_true",
+                   help="run the GPU section's code on CPU in Triton's interpreter, tiny shapes (a check, no numbers)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--child-runs", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    report = {"torch": torch.__version__}
+    if not args.gpu_only and not args.gpu_smoke:
+        report["cpu"] = cpu_section(args)
+    if args.gpu_smoke or (not args.no_gpu and torch.cuda.is_available()):
+        if args.gpu_smoke:
+            torch.set_num_threads(args.threads)
+        report["gpu"] = gpu_section(args)
+    elif args.gpu_only:
+        print("no CUDA device: the GPU section needs one (or --gpu-smoke to check the script on CPU)", file=sys.stderr)
+        return 1
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1, default=float))
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

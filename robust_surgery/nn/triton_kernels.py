@@ -267,15 +267,16 @@ def _np2(n: int) -> int:
 def tile_sizes(R: int, O: int, D: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, int]:
     """(BR, BO, BD, num_warps) for one program's tile of rows × outputs × D-block.
 
-    GPU: 32 × 32 terms per D step (32 × 64 rows in backward, halving the weight-gradient atomics),
-    BD = 4 (2 for float64) to keep the live terms in registers. Interpreter: large tiles, since
-    every tile operation costs a Python call there.
+    GPU (not yet measured; the first thing to tune on a GPU): 32 rows × 32 outputs per D step with
+    4 warps, 64 rows with 8 warps in backward (halving the weight-gradient atomics); BD = 4
+    (2 for float64): about 32 live terms per thread and temporary. Interpreter: large tiles,
+    since every tile operation costs a Python call there.
     """
     if interpreted():
         return min(64, _np2(R)), min(64, _np2(O)), min(32, _np2(D)), 4
-    br = 64 if backward else 32
+    br, warps = (64, 8) if backward else (32, 4)
     bd = 2 if dtype == torch.float64 else 4
-    return max(16, min(br, _np2(R))), max(16, min(32, _np2(O))), min(bd, _np2(D)), 4
+    return max(16, min(br, _np2(R))), max(16, min(32, _np2(O))), min(bd, _np2(D)), warps
 
 
 def _params(settings, like: torch.Tensor) -> torch.Tensor:
