@@ -20,7 +20,8 @@ def omp(signals: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.
     whose *normalised* direction correlates most with the residual (atoms need not have unit
     norm: this equals scikit-learn's ``orthogonal_mp`` on the column-normalised dictionary, with
     the coefficients rescaled), then refits all chosen coefficients by least squares (float64)
-    and updates the residual. The support always has exactly k distinct atoms.
+    and updates the residual. The support always has exactly k distinct atoms; all-zero atoms
+    (such as a padding token's row) are never chosen.
     """
     if signals.dim() != 2 or dictionary.dim() != 2 or signals.shape[1] != dictionary.shape[1]:
         raise ValueError(f"omp needs signals (T, H) and a dictionary (V, H) of the same H, got "
@@ -32,9 +33,10 @@ def omp(signals: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.
     with torch.no_grad():
         d = dictionary.detach().to(torch.float32)
         norms = d.norm(dim=1)
-        if bool((norms == 0).any()):
-            raise ValueError("the dictionary has an all-zero atom; OMP cannot normalise it")
-        d_unit = d / norms[:, None]
+        zero = norms == 0  # e.g. a [PAD] row: never selectable
+        if int((~zero).sum()) < k:
+            raise ValueError(f"the dictionary has only {int((~zero).sum())} non-zero atoms, fewer than k = {k}")
+        d_unit = d / norms.clamp_min(torch.finfo(d.dtype).tiny)[:, None]
         y = signals.detach().to(torch.float64)
         n = y.shape[0]
         rows = torch.arange(n, device=y.device)
@@ -43,6 +45,7 @@ def omp(signals: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.
         coef = torch.empty((n, 0), dtype=torch.float64, device=y.device)
         for _ in range(k):
             corr = (residual.to(torch.float32) @ d_unit.T).abs()
+            corr[:, zero] = -1.0
             corr[rows[:, None].expand_as(chosen), chosen] = -1.0  # never pick an atom twice
             chosen = torch.cat([chosen, corr.argmax(dim=1, keepdim=True)], dim=1)
             atoms = d[chosen].to(torch.float64)  # (T, i, H)

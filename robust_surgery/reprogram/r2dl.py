@@ -222,8 +222,9 @@ class R2DLConfig:
     random_encoder: bool = False
 
     def check(self) -> "R2DLConfig":
-        if self.k < 1 or self.omp_every < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_len < 1:
-            raise ValueError(f"k, omp_every, epochs, batch_size and max_len must be >= 1: {asdict(self)}")
+        for name in ("k", "omp_every", "epochs", "batch_size", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.mapping not in MAPPINGS:
