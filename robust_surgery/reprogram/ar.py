@@ -1,0 +1,125 @@
+"""AR: white-box adversarial reprogramming (Elsayed, Goodfellow, Sohl-Dickstein, ICLR 2019).
+
+Only the program W trains, with the source's true gradients: loss −log h_y(F(X̃)) + λ‖W‖²,
+Adam, learning rate × ``decay`` every ``decay_every`` epochs. The source is frozen; training
+checks that its weights are bit-identical afterwards and raises otherwise.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..attacks import check_unit_range
+from ..loops import evaluate_accuracy, training_progress
+from .losses import mapped_nll
+from .pipeline import (ReprogrammedModel, choose_mapping, freeze_source, source_canvas, source_classes,
+                       state_digest)
+from .program import CanvasSpec, Program
+
+__all__ = ["ARConfig", "train_ar", "reprogram_ar"]
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    """AR settings: ``reg`` is λ of λ‖W‖²; the learning rate is multiplied by ``decay`` every
+    ``decay_every`` epochs (the paper: 0.96 every 2)."""
+
+    epochs: int = 2
+    lr: float = 0.05
+    reg: float = 1e-6
+    batch_size: int = 128
+    decay: float = 0.96
+    decay_every: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.reg < 0 or not 0 < self.decay <= 1 \
+                or self.decay_every < 1:
+            raise ValueError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1")
+
+
+class SourceChangedError(RuntimeError):
+    """The frozen source's weights changed during reprogramming (a bug: only the program may train)."""
+
+
+def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
+             val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False) -> list[dict]:
+    """Train the program of ``model`` on target data ``x`` ``(N, c, h, w)`` in [0, 1], ``y`` ``(N,)``.
+
+    Returns one record per epoch (mean loss, train accuracy of the batches, optional validation
+    accuracy in %, lr, seconds). Raises :class:`SourceChangedError` if the source moved.
+    """
+    check_unit_range(x)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need as many labels as target inputs (got {len(x)} inputs, {len(y)} labels)")
+    if int(y.max()) >= model.mapping.n_target:
+        raise ValueError(f"labels go up to {int(y.max())} but the mapping has {model.mapping.n_target} target classes")
+    freeze_source(model.source)
+    before = state_digest(model.source)
+    w = model.program.weight
+    opt = torch.optim.Adam([w], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_every, gamma=cfg.decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dev = w.device
+    history = []
+    model.train()
+    steps = (len(x) + cfg.batch_size - 1) // cfg.batch_size
+    with training_progress(progress) as bar:
+        for epoch in range(cfg.epochs):
+            t0 = time.time()
+            task = bar.add_task(f"AR epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=float("nan"))
+            order = torch.randperm(len(x), generator=g)
+            total, correct = 0.0, 0
+            for i in range(0, len(x), cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                xb, yb = x[idx].to(dev), y[idx].to(dev)
+                h = model.mapped_probs(xb)
+                loss = mapped_nll(h, yb) + cfg.reg * w.pow(2).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                correct += int((h.argmax(1) == yb).sum())
+                bar.update(task, advance=1, loss=float(loss.detach()))
+            row = {"epoch": epoch + 1, "loss": total / len(x), "train_acc": 100.0 * correct / len(x),
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+            sched.step()
+            if val is not None:
+                c, n = evaluate_accuracy(model, val[0], val[1], batch_size=500)
+                row["val_acc"] = 100.0 * c / n
+            history.append(row)
+    model.eval()
+    if state_digest(model.source) != before:
+        raise SourceChangedError("the source model's weights changed while reprogramming; only W may train")
+    return history
+
+
+def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
+                 n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 28,
+                 low_dim: int | None = None, mapping: str = "one-to-one", m: int = 1,
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False
+                 ) -> tuple[ReprogrammedModel, dict]:
+    """Build the AR pipeline around a frozen ``source`` and train it on ``(x, y)``.
+
+    ``canvas``: the source's input shape (default: the zoo entry's); ``data_size``: the side of
+    the embedded target input; ``mapping``: ``one-to-one``, ``random`` or ``frequency`` with ``m``
+    source labels per class. Returns the model and a report (settings, history, seconds).
+    """
+    t0 = time.time()
+    canvas = tuple(canvas) if canvas else source_canvas(source)
+    n_target = n_target or int(y.max()) + 1
+    freeze_source(source)
+    n_source = source_classes(source, canvas)
+    program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim)
+    probs = lambda z: torch.softmax(source(z), dim=-1)  # noqa: E731  (white-box: the source itself)
+    table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=probs, program=program, x=x)
+    model = ReprogrammedModel(source, program.to(next(source.parameters()).device), table)
+    history = train_ar(model, x, y, cfg, val=val, progress=progress)
+    report = {"method": "ar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
+              "low_dim": low_dim, "d": program.d, "n_train": len(x), "history": history,
+              "seconds": round(time.time() - t0, 2)}
+    return model, report

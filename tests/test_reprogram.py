@@ -1,0 +1,221 @@
+"""Reprogramming (AR, BAR): program geometry, label mappings, the zeroth-order estimator, the
+query oracle, training on real MNIST, saving and `surgery evaluate` on the result."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import robust_surgery as rs
+from robust_surgery.cli.app import app
+from robust_surgery.reprogram.ar import ARConfig, reprogram_ar, train_ar
+from robust_surgery.reprogram.bar import BARConfig, reprogram_bar, train_bar
+from robust_surgery.reprogram.losses import class_balance_weights, focal_loss, mapped_nll
+from robust_surgery.reprogram.mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
+from robust_surgery.reprogram.pipeline import (ReprogrammedModel, build_reprogrammed, load_target,
+                                               save_reprogrammed, state_digest, target_accuracy)
+from robust_surgery.reprogram.program import CanvasSpec, Program, centre_embed, data_mask
+from robust_surgery.reprogram.query import QueryBudgetExceeded, QueryOracle
+from robust_surgery.reprogram.zo import unit_sphere, zo_gradient
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------ program geometry
+def test_mask_leaves_the_data_region_untouched():
+    spec = CanvasSpec((3, 32, 32), data_size=28, data_channels=1)
+    prog = Program(spec)
+    with torch.no_grad():
+        prog.weight.normal_(0, 3.0)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        out = prog(x)
+    assert out.shape == (4, 3, 32, 32)
+    top, left = spec.offset
+    assert (top, left) == (2, 2)
+    for c in range(3):  # grey copied to every channel, bit for bit
+        assert torch.equal(out[:, c, 2:30, 2:30], x[:, 0])
+    m = data_mask(spec)[0]
+    assert m.sum() == 32 * 32 - 28 * 28 and m[2:30, 2:30].sum() == 0
+    outside = out[:, :, m.bool()]
+    expected = ((torch.tanh(prog.weight) + 1) / 2)[:, m.bool()]
+    assert torch.allclose(outside, expected.expand_as(outside))
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_resize_option_and_low_dimensional_program():
+    spec = CanvasSpec((3, 32, 32), data_size=16)
+    x = torch.rand(2, 1, 28, 28)
+    emb = centre_embed(x, spec)
+    assert emb.shape == (2, 3, 32, 32) and spec.offset == (8, 8)
+    assert torch.allclose(emb[:, 0, 8:24, 8:24], torch.nn.functional.interpolate(
+        x, size=(16, 16), mode="bilinear", antialias=True)[:, 0].clamp(0, 1))
+    assert emb[:, :, :8].abs().sum() == 0
+    prog = Program(spec, low_dim=4)
+    assert prog.d == 3 * 4 * 4 and prog.full_weight().shape == (3, 32, 32)
+    with torch.no_grad():
+        prog.weight.copy_(torch.arange(48.0).view(3, 4, 4) / 48)
+    assert torch.equal(prog.full_weight()[0, :8, :8], torch.full((8, 8), 0.0))
+    assert torch.equal(prog.full_weight()[0, 24:, 24:], torch.full((8, 8), 15 / 48))
+    ws = torch.randn(5, 3, 4, 4)
+    many = prog.batched(x, ws)
+    assert many.shape == (5, 2, 3, 32, 32)
+    assert torch.allclose(many[3], prog(x, ws[3]))
+    with pytest.raises(ValueError, match="data_size"):
+        CanvasSpec((3, 32, 32), data_size=40)
+    with pytest.raises(ValueError, match="channels"):
+        CanvasSpec((3, 32, 32), data_channels=2)
+
+
+# ------------------------------------------------------------------ label mappings and losses
+def test_frequency_mapping_on_a_crafted_histogram():
+    # counts[source, target]; greedy: (s2,t0)=9, then (s0,t1)=8 (s2 taken), then (s4,t2)=6 ...
+    counts = torch.tensor([[0, 8, 1],
+                           [5, 7, 0],
+                           [9, 9, 0],
+                           [2, 0, 3],
+                           [0, 1, 6]])
+    pred, target = [], []
+    for s in range(5):
+        for t in range(3):
+            pred += [s] * int(counts[s, t])
+            target += [t] * int(counts[s, t])
+    perm = torch.randperm(len(pred), generator=torch.Generator().manual_seed(0))
+    pred, target = torch.tensor(pred)[perm], torch.tensor(target)[perm]
+    mp = frequency_mapping(pred, target, n_target=3, n_source=5, m=1)
+    assert mp.assignment.tolist() == [[2], [0], [4]]
+    # m = 2 of 6 source labels (s5 never predicted): t0 <- s2 (9, the tie with (s2, t1) goes to the smaller
+    # target), t1 <- s0 (8), t1 <- s1 (7; t1 full), t2 <- s4 (6), t2 <- s3 (3; t2 full), t0 <- s5 (0)
+    mp2 = frequency_mapping(pred, target, n_target=3, n_source=6, m=2)
+    assert mp2.assignment.tolist() == [[2, 5], [0, 1], [4, 3]]
+    probs = torch.zeros(2, 6)
+    probs[0, 4] = 0.6
+    probs[0, 3] = 0.2
+    assert torch.allclose(mp2(probs)[0], torch.tensor([0.0, 0.0, 0.4]))
+
+
+def test_one_to_one_random_mappings_and_errors():
+    assert one_to_one(3, 10).assignment.flatten().tolist() == [0, 1, 2]
+    r = random_mapping(4, 1000, m=5, seed=1)
+    assert r.assignment.shape == (4, 5) and r.assignment.unique().numel() == 20
+    assert torch.equal(r.assignment, random_mapping(4, 1000, m=5, seed=1).assignment)
+    with pytest.raises(ValueError, match="lower m"):
+        random_mapping(10, 10, m=2)
+    with pytest.raises(ValueError, match="two target classes"):
+        LabelMapping(torch.tensor([[0, 1], [1, 2]]), 5)
+
+
+def test_focal_loss_reduces_to_cross_entropy_and_weights_balance_classes():
+    h = torch.softmax(torch.randn(6, 4), dim=1)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    assert torch.allclose(focal_loss(h, y, gamma=0.0), mapped_nll(h, y))
+    hy = h[torch.arange(6), y]
+    assert torch.allclose(focal_loss(h, y, gamma=2.0), (-(1 - hy) ** 2 * hy.log()).mean())
+    w = class_balance_weights(torch.tensor([0, 0, 0, 1]), 3)
+    assert torch.allclose(w, torch.tensor([4 / 6, 4 / 2, 0.0]))
+    stacked = focal_loss(torch.stack([h, h]), y, 2.0, w.new_ones(4))
+    assert stacked.shape == (2,) and torch.allclose(stacked, focal_loss(h, y, 2.0).expand(2))
+
+
+# ------------------------------------------------------------------ zeroth-order estimator and query oracle
+def test_zo_estimate_aligns_with_the_true_gradient_more_as_q_grows():
+    torch.manual_seed(0)
+    d = 64
+    A = torch.randn(d, d) / math.sqrt(d)
+    c = torch.randn(d)
+    f = lambda ws: ((ws @ A.T - c) ** 2).sum(-1)  # noqa: E731
+    w = torch.randn(d)
+    true = 2 * A.T @ (A @ w - c)
+    g = torch.Generator().manual_seed(1)
+    cos = {}
+    for q in (1, 10, 100):
+        vals = [torch.nn.functional.cosine_similarity(zo_gradient(f, w, q, 1e-3, g)[0], true, dim=0) for _ in range(30)]
+        cos[q] = float(torch.stack(vals).mean())
+    assert cos[1] < cos[10] < cos[100]
+    # E[cos] of a random-direction estimate ≈ sqrt(q / d) while q << d, then saturates
+    assert 0.05 < cos[1] < 0.25 and 0.3 < cos[10] < 0.5 and cos[100] > 0.7
+    u = unit_sphere(7, (3, 4), g)
+    assert torch.allclose(u.flatten(1).norm(dim=1), torch.ones(7))
+
+
+class _Spy(nn.Module):
+    """A small CIFAR-shaped source that records forward calls with gradients on and any backward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 10))
+        self.grad_forwards = 0
+        self.backwards = 0
+        self.net.register_full_backward_hook(self._on_backward)
+
+    def _on_backward(self, *_):
+        self.backwards += 1
+
+    def forward(self, x):
+        self.grad_forwards += int(torch.is_grad_enabled())
+        return self.net(x)
+
+
+def test_bar_never_differentiates_through_the_source_and_counts_queries():
+    spy = _Spy()
+    x, y = load_target("mnist", "train", n=64)
+    cfg = BARConfig(steps=3, q=4, batch_size=16)
+    before = state_digest(spy)
+    model, report = reprogram_bar(spy, x, y, cfg, canvas=(3, 32, 32), data_size=16, low_dim=4, mapping="frequency")
+    assert spy.grad_forwards == 0 and spy.backwards == 0
+    assert all(p.grad is None and not p.requires_grad for p in spy.parameters())
+    assert state_digest(spy) == before
+    # setup: one query for the class count, 64 for the frequency mapping; then batch × (q + 1) per step
+    assert report["mapping_queries"] == 1 + 64
+    assert report["queries"] - report["mapping_queries"] == 3 * 16 * (4 + 1)
+    assert [h["queries"] for h in report["history"]] == [65 + k * 80 for k in (1, 2, 3)]
+    assert report["cost"] == pytest.approx(report["queries"] / 1000)
+    assert not torch.equal(model.program.weight, torch.zeros_like(model.program.weight))
+
+
+def test_query_oracle_returns_detached_probabilities_and_enforces_its_budget():
+    spy = _Spy()
+    oracle = QueryOracle(spy, budget=10, price_per_1000=2.5)
+    x = torch.rand(6, 3, 32, 32, requires_grad=True)
+    p = oracle(x)
+    assert p.shape == (6, 10) and not p.requires_grad and p.grad_fn is None
+    assert torch.allclose(p.sum(1), torch.ones(6))
+    assert oracle.queries == 6 and oracle.remaining() == 4 and oracle.cost() == pytest.approx(0.015)
+    with pytest.raises(QueryBudgetExceeded, match="budget of 10"):
+        oracle(x)
+    assert oracle.queries == 6 and spy.grad_forwards == 0
+
+
+def test_bar_stops_at_its_query_budget():
+    spy = _Spy()
+    x, y = load_target("mnist", "train", n=32)
+    cfg = BARConfig(steps=50, q=3, batch_size=8, budget=33 + 5 * 32 + 10)
+    _, report = reprogram_bar(spy, x, y, cfg, canvas=(3, 32, 32), data_size=16, low_dim=4)
+    assert report["steps"] == 5 and report["queries"] == 33 + 5 * 32
+
+
+# ------------------------------------------------------------------ AR on real data
+@pytest.fixture(scope="module")
+def mnist_small():
+    return load_target("mnist", "train", n=2000), load_target("mnist", "test", n=500)
+
+
+def test_ar_on_mnist_beats_an_untrained_source_and_leaves_the_source_untouched(mnist_small):
+    (x, y), (xt, yt) = mnist_small
+    cfg = ARConfig(epochs=1, lr=0.1, batch_size=32)
+    accs = {}
+    for pretrained in (True, False):
+        torch.manual_seed(0)
+        src = rs.build_arch("zoo:cifar-resnet20", pretrained=pretrained)
+        before = state_digest(src)
+        model, report = reprogram_ar(src, x, y, cfg, data_size=16)
+        assert state_digest(model.source) == before
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["program.weight"]
+        accs[pretrained] = target_accuracy(model, xt, yt)["clean_acc"]
+    # measured: 46.4 % vs 14.4 % (one epoch on 2000 digits, 500 test digits)
+    assert accs[True] > 35.0 and accs[True] > accs[False] + 20.0, accs
