@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["SPAN", "FromPixels", "BinaryLogits", "SparseCodingTask", "parse_synthetic_spec", "sparse_coding_mlp"]
+__all__ = ["SPAN", "FromPixels", "BinaryLogits", "SparseCodingTask", "oracle_mlp", "parse_synthetic_spec",
+           "sparse_coding_mlp"]
 
 SPAN = 4.0
 
@@ -156,6 +157,27 @@ def sparse_coding_mlp(d: int = 64, hidden: int = 256, span: float = SPAN) -> nn.
         ("input", FromPixels(span)), ("fc1", nn.Linear(d, hidden)), ("relu", nn.ReLU()),
         ("fc2", nn.Linear(hidden, 1)), ("logits", BinaryLogits()),
     ))
+
+
+@torch.no_grad()
+def oracle_mlp(task: SparseCodingTask, mix: float = 0.0, threshold: float = 0.4, hidden: int | None = None,
+               seed: int = 0) -> nn.Module:
+    """A :func:`sparse_coding_mlp` whose ``fc1`` is built, not trained: unit j reads atom j mod d
+    with sign ± (alternating every d units), plus ``mix`` times a Gaussian vector of norm about 1
+    (0: pure units, PR 1; larger: denser mixtures), rows scaled to unit norm, bias −``threshold``
+    (feature units). ``fc2`` is zero: the probe puts its own head on ``relu``. hidden: default 4·d.
+    """
+    hidden = hidden or 4 * task.d
+    model = sparse_coding_mlp(task.d, hidden, task.span)
+    g = torch.Generator().manual_seed(seed)
+    j = torch.arange(hidden)
+    sign = 1.0 - 2.0 * ((j // task.d) % 2).float()
+    w = sign[:, None] * task.dictionary.T[j % task.d] + mix * torch.randn(hidden, task.d, generator=g) / task.d ** 0.5
+    model.fc1.weight.copy_(w / w.norm(dim=1, keepdim=True))
+    model.fc1.bias.fill_(-threshold)
+    model.fc2.weight.zero_()
+    model.fc2.bias.zero_()
+    return model.eval()
 
 
 def _named(*items):
