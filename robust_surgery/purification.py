@@ -385,13 +385,14 @@ def _save(plt, fig, path):
     return Path(path)
 
 
-def plot_purity_histograms(groups: Mapping[str, PurityScores | PurificationReport], path, score: str = "pr",
+def plot_purity_histograms(groups: Mapping[str, PurityScores | Sequence[PurityScores] | PurificationReport], path, score: str = "pr",
                            title: str | None = None):
     """Histograms of a per-unit score (``pr``, ``top1``, ``hoyer``...): one panel per basis, one
-    colour per model. groups: model label -> a report (all its bases) or one PurityScores."""
+    colour per model. groups: model label -> a report (all its bases), one PurityScores or a list of them."""
     per_basis: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for label, item in groups.items():
-        for s in (item.scores if isinstance(item, PurificationReport) else [item]):
+        items = item.scores if isinstance(item, PurificationReport) else item if isinstance(item, (list, tuple)) else [item]
+        for s in items:
             per_basis.setdefault(s.basis, []).append((label, getattr(s, score).float()))
     if not per_basis:
         raise ValueError("nothing to plot: give at least one report or set of scores")
