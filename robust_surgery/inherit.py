@@ -172,7 +172,11 @@ def _downstream(data, downstream, n_train: int, n_test: int, data_root):
     xt, yt, task = load_images(data, n_train, "train", data_root)
     xs, ys, _ = load_images(data, n_test, "test", data_root)
     if task is not None:
-        seed = 1 if downstream in (None, "", "relabel") else int(downstream)
+        try:
+            seed = 1 if downstream in (None, "") else int(downstream)
+        except ValueError:
+            raise ValueError(f"on synthetic data the downstream task is the seed of another label vector (an integer), "
+                             f"got {downstream!r}") from None
         new = task.with_labels(seed)
         _, _, yt = new.features("train")
         _, _, ys = new.features("test")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import THREATS, AttackTarget
-from .finetune import _adversarial, _lr_at, load_train_val
+from .finetune import FinetuneConfig, _adversarial, _lr_at, load_train_val
 from .loops import evaluate_accuracy, training_progress
 from .meta import set_meta
 from .synthetic import SparseCodingTask, parse_synthetic_spec
@@ -62,12 +62,9 @@ class PretrainConfig:
             raise ValueError(f"adversarial must be none, fgsm, pgd or noise, got {self.adversarial!r}")
         if self.threat not in THREATS:
             raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine", "step"):
-            raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.eps < 0 or self.val_n < 0:
-            raise ValueError("epochs and batch_size must be >= 1, lr > 0, eps >= 0, val_n >= 0")
+        # the optimiser, schedule and size checks are fine-tuning's (same fields, same messages)
+        FinetuneConfig(paradigm=3, adversarial=None, eps=self.eps, epochs=self.epochs, lr=self.lr,
+                       optimizer=self.optimizer, schedule=self.schedule, batch_size=self.batch_size, val_n=self.val_n)
         if not 0 <= self.ramp < 1:
             raise ValueError(f"ramp is the fraction of training over which ε grows, in [0, 1); got {self.ramp}")
         if self.adversarial and self.eps == 0:
