@@ -14,6 +14,19 @@ SOURCE_HELP = "The frozen source: a spec (zoo:cifar-resnet20) or a model file, e
 _IMAGE = "Program and mapping"
 _EVAL = "Evaluation"
 
+# options both commands take (Typer reads these defaults; one definition each)
+TARGET = typer.Option("mnist", "--target", help="Target task: mnist or an image data path (ImageFolder, .pt).")
+OUT = typer.Option(..., "--out", "-o", help="Output .safetensors (the whole pipeline; surgery evaluate accepts it).")
+N_TRAIN = typer.Option(8000, "--n-train", help="Train on the first N target training points.")
+N_TEST = typer.Option(1000, "--n-test", help="Report accuracy on the first N target test points.")
+DECAY = typer.Option(0.96, "--decay", help="Learning-rate decay factor.")
+DATA_SIZE = typer.Option(16, "--data-size", help="Side in pixels of the target input inside the canvas (resized).", rich_help_panel=_IMAGE)
+CANVAS = typer.Option(None, "--canvas", help="Source input C,H,W (zoo sources know theirs).", rich_help_panel=_IMAGE)
+M_LABELS = typer.Option(1, "--m", help="Source labels per target class.", rich_help_panel=_IMAGE)
+PGD_STEPS = typer.Option(20, "--steps", help="PGD steps.", rich_help_panel=_EVAL)
+DATA_ROOT = typer.Option(None, "--data-root", help="Where data and checkpoints live (else $ROBUST_SURGERY_DATA).")
+AS_JSON = typer.Option(False, "--json", help="Print the report as JSON on stdout.")
+
 
 def register(app: typer.Typer) -> None:
     """Add ``surgery reprogram`` and its subcommands to the ``surgery`` app."""
@@ -78,27 +91,27 @@ def _finish(model, report, test, attack, eps, steps, out, as_json, extra_rows):
 @guard
 def ar(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    target: str = typer.Option("mnist", "--target", help="Target task: mnist or an image data path (ImageFolder, .pt)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors (the whole pipeline; surgery evaluate accepts it)."),
-    n_train: Optional[int] = typer.Option(8000, "--n-train", help="Train on the first N target training points."),
-    n_test: Optional[int] = typer.Option(1000, "--n-test", help="Report accuracy on the first N target test points."),
+    target: str = TARGET,
+    out: Path = OUT,
+    n_train: Optional[int] = N_TRAIN,
+    n_test: Optional[int] = N_TEST,
     epochs: int = typer.Option(2, "--epochs", help="Epochs."),
     lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (× --decay every --decay-every epochs)."),
-    decay: float = typer.Option(0.96, "--decay", help="Learning-rate decay factor."),
+    decay: float = DECAY,
     decay_every: int = typer.Option(2, "--decay-every", help="Epochs between decays."),
     reg: float = typer.Option(1e-6, "--reg", help="λ of the λ‖W‖² penalty."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size."),
     seed: int = typer.Option(0, "--seed", help="Seed (shuffling, random mapping)."),
-    data_size: int = typer.Option(16, "--data-size", help="Side in pixels of the target input inside the canvas (resized).", rich_help_panel=_IMAGE),
-    canvas: Optional[str] = typer.Option(None, "--canvas", help="Source input C,H,W (zoo sources know theirs).", rich_help_panel=_IMAGE),
+    data_size: int = DATA_SIZE,
+    canvas: Optional[str] = CANVAS,
     low_dim: Optional[int] = typer.Option(None, "--low-dim", help="Coarse program side r (W is C×r×r, upsampled).", rich_help_panel=_IMAGE),
     mapping: str = typer.Option("one-to-one", "--mapping", help="one-to-one, random or frequency.", rich_help_panel=_IMAGE),
-    m: int = typer.Option(1, "--m", help="Source labels per target class.", rich_help_panel=_IMAGE),
+    m: int = M_LABELS,
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points: fgsm,pgd,...", rich_help_panel=_EVAL),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack (L∞ on the [0, 1] target inputs): 0.05,0.1.", rich_help_panel=_EVAL),
-    steps: int = typer.Option(20, "--steps", help="PGD steps.", rich_help_panel=_EVAL),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and checkpoints live (else $ROBUST_SURGERY_DATA)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    steps: int = PGD_STEPS,
+    data_root: Optional[Path] = DATA_ROOT,
+    as_json: bool = AS_JSON,
 ):
     """AR: white-box adversarial reprogramming; trains only the program W with the source's gradients.
 
@@ -121,15 +134,15 @@ def ar(
 @guard
 def bar(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    target: str = typer.Option("mnist", "--target", help="Target task: mnist or an image data path (ImageFolder, .pt)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors (the whole pipeline; surgery evaluate accepts it)."),
-    n_train: Optional[int] = typer.Option(8000, "--n-train", help="Train on the first N target training points."),
-    n_test: Optional[int] = typer.Option(1000, "--n-test", help="Report accuracy on the first N target test points."),
+    target: str = TARGET,
+    out: Path = OUT,
+    n_train: Optional[int] = N_TRAIN,
+    n_test: Optional[int] = N_TEST,
     steps_train: int = typer.Option(200, "--train-steps", help="Zeroth-order steps."),
     q: int = typer.Option(20, "--q", help="Random directions per gradient estimate."),
     beta: float = typer.Option(0.05, "--beta", help="Smoothing radius β of the estimate."),
     lr: float = typer.Option(0.05, "--lr", help="Adam learning rate on the estimate (× --decay every --decay-every steps)."),
-    decay: float = typer.Option(0.96, "--decay", help="Learning-rate decay factor."),
+    decay: float = DECAY,
     decay_every: int = typer.Option(50, "--decay-every", help="Steps between decays."),
     batch_size: int = typer.Option(32, "--batch-size", help="Target points per step (a step costs batch × (q + 1) queries)."),
     gamma: float = typer.Option(2.0, "--gamma", help="Focal loss γ (0 with --no-class-balance: cross-entropy)."),
@@ -137,16 +150,16 @@ def bar(
     budget: Optional[int] = typer.Option(None, "--budget", help="Most queries to spend (mapping included)."),
     price: float = typer.Option(1.0, "--price", help="Price of 1000 queries, for the cost report."),
     seed: int = typer.Option(0, "--seed", help="Seed (batches, directions, random mapping)."),
-    data_size: int = typer.Option(16, "--data-size", help="Side in pixels of the target input inside the canvas (resized).", rich_help_panel=_IMAGE),
-    canvas: Optional[str] = typer.Option(None, "--canvas", help="Source input C,H,W (zoo sources know theirs).", rich_help_panel=_IMAGE),
+    data_size: int = DATA_SIZE,
+    canvas: Optional[str] = CANVAS,
     low_dim: Optional[int] = typer.Option(8, "--low-dim", help="Coarse program side r (W is C×r×r, upsampled); 0 for a full-size W.", rich_help_panel=_IMAGE),
     mapping: str = typer.Option("frequency", "--mapping", help="frequency, random or one-to-one.", rich_help_panel=_IMAGE),
-    m: int = typer.Option(1, "--m", help="Source labels per target class.", rich_help_panel=_IMAGE),
+    m: int = M_LABELS,
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points (white-box, for the robustness study): fgsm,pgd,...", rich_help_panel=_EVAL),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack: 0.05,0.1.", rich_help_panel=_EVAL),
-    steps: int = typer.Option(20, "--steps", help="PGD steps.", rich_help_panel=_EVAL),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and checkpoints live (else $ROBUST_SURGERY_DATA)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    steps: int = PGD_STEPS,
+    data_root: Optional[Path] = DATA_ROOT,
+    as_json: bool = AS_JSON,
 ):
     """BAR: black-box reprogramming; the source is only queried for probabilities, gradients are estimated.
 

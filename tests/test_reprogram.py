@@ -219,3 +219,69 @@ def test_ar_on_mnist_beats_an_untrained_source_and_leaves_the_source_untouched(m
         accs[pretrained] = target_accuracy(model, xt, yt)["clean_acc"]
     # measured: 46.4 % vs 14.4 % (one epoch on 2000 digits, 500 test digits)
     assert accs[True] > 35.0 and accs[True] > accs[False] + 20.0, accs
+
+
+# ------------------------------------------------------------------ saving, loading, evaluating
+def test_pipeline_with_an_nrpm_source_saves_and_reloads_from_the_file_alone(tmp_path):
+    x, y = load_target("mnist", "train", n=64)
+    src = rs.convert(rs.load_model("zoo:cifar-resnet20"), norm="L1", K=1, lam=0.5, include=["linear"])
+    model, report = reprogram_ar(src, x, y, ARConfig(epochs=1, batch_size=32), mapping="frequency")
+    path = tmp_path / "ar.safetensors"
+    manifest = save_reprogrammed(model, path, reprogram=report)
+    assert manifest["arch"] == "robust_surgery.reprogram.pipeline:build_reprogrammed"
+    assert manifest["arch_kwargs"]["source_arch"] == "zoo:cifar-resnet20"
+    assert manifest["arch_kwargs"]["mapping"]["assignment"] == model.mapping.assignment.tolist()
+    assert set(manifest["layers"]) == {"source.linear"} and manifest["reprogram"]["method"] == "ar"
+    back = rs.load(path)
+    assert isinstance(back, ReprogrammedModel) and isinstance(back.source.linear, rs.NRPMLinear)
+    assert back.source.linear.lam_value == pytest.approx(0.5)
+    with torch.no_grad():
+        assert torch.equal(back(x[:8]), model(x[:8]))
+        assert torch.allclose(back(x[:8]).exp(), back.mapped_probs(x[:8]))
+    with pytest.raises(TypeError, match="ReprogrammedModel"):
+        save_reprogrammed(src, tmp_path / "no.safetensors")
+    bare = ReprogrammedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)),
+                             Program(CanvasSpec((3, 32, 32), 16)), one_to_one(10, 10))
+    with pytest.raises(ValueError, match="no architecture"):
+        save_reprogrammed(bare, tmp_path / "bare.safetensors")
+    assert not (tmp_path / "bare.safetensors").exists()
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_ar_and_bar_write_pipelines_that_surgery_evaluate_attacks(tmp_path):
+    out = tmp_path / "ar.safetensors"
+    res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--n-train", 128, "--n-test", 32, "--epochs", 1,
+               "--attack", "fgsm", "--eps", "0.1", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["output"] == str(out) and data["report"]["method"] == "ar" and data["report"]["n_train"] == 128
+    test = data["report"]["test"]
+    assert test["n_examples"] == 32 and test["robust_acc"]["fgsm"]["0.1"] <= test["clean_acc"]
+    res = _cli("evaluate", out, "--data", "mnist", "--n", 32, "--attack", "fgsm", "--eps", "0.1", "--json", "-")
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.stdout)
+    assert ev["clean_acc"] == pytest.approx(test["clean_acc"])
+    assert ev["robust_acc"] == pytest.approx(test["robust_acc"]["fgsm"]["0.1"])
+
+    out_bar = tmp_path / "bar.safetensors"
+    res = _cli("reprogram", "bar", "zoo:cifar-resnet20", "--n-train", 64, "--n-test", 32, "--train-steps", 2,
+               "--q", 3, "--batch-size", 8, "--price", 2.0, "-o", out_bar)
+    assert res.exit_code == 0, res.output
+    assert "queries" in res.stdout and "saved" in res.stdout
+    manifest = rs.read_manifest(out_bar)
+    rep = manifest["reprogram"]
+    assert rep["queries"] == 1 + 64 + 2 * 8 * 4 and rep["cost"] == pytest.approx(rep["queries"] * 2.0 / 1000)
+    assert manifest["arch_kwargs"]["program"]["low_dim"] == 8
+
+
+def test_cli_reprogram_errors_are_one_line(tmp_path):
+    res = _cli("reprogram", "bar", "zoo:cifar-resnet20", "--budget", 10, "-o", tmp_path / "b.safetensors")
+    assert res.exit_code == 1 and "does not cover one step" in res.stderr and "Traceback" not in res.output
+    res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--data-size", 40, "--n-train", 16, "-o", tmp_path / "a.safetensors")
+    assert res.exit_code == 1 and "data_size" in res.stderr
+    res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--mapping", "best", "--n-train", 16, "-o", tmp_path / "a.safetensors")
+    assert res.exit_code == 1 and "unknown mapping" in res.stderr
+    assert not list(tmp_path.iterdir())

@@ -99,7 +99,7 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
 
 
 def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
-                 n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 28,
+                 n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
                  low_dim: int | None = None, mapping: str = "one-to-one", m: int = 1,
                  val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False
                  ) -> tuple[ReprogrammedModel, dict]:

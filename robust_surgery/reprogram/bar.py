@@ -111,7 +111,7 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
 
 
 def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARConfig = BARConfig(), *,
-                  n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 28,
+                  n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
                   low_dim: int | None = 8, mapping: str = "frequency", m: int = 1, progress: bool = False
                   ) -> tuple[ReprogrammedModel, dict]:
     """BAR around ``source``: the source is wrapped in a :class:`QueryOracle` for all of training.
