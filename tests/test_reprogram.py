@@ -238,6 +238,13 @@ def test_pipeline_with_an_nrpm_source_saves_and_reloads_from_the_file_alone(tmp_
     with torch.no_grad():
         assert torch.equal(back(x[:8]), model(x[:8]))
         assert torch.allclose(back(x[:8]).exp(), back.mapped_probs(x[:8]))
+    # the evaluation of a converted model, report card included, runs on the pipeline
+    xt, yt = load_target("mnist", "test", n=4)
+    report = rs.evaluate(back, (xt, yt), attacks=("fgsm",), eps=(0.1,), steps=3, queries=50)
+    assert report.variants == ["nrpm"] and report.complete
+    assert {"transfer", "bpda", "square"} <= {r["check"] for r in report.to_dict()["results"]}
+    assert len(report.checks) == 9 and all(c.passed is not None for c in report.checks)
+    assert report.to_dict()["clean_acc"] == target_accuracy(back, xt, yt)["clean_acc"]
     with pytest.raises(TypeError, match="ReprogrammedModel"):
         save_reprogrammed(src, tmp_path / "no.safetensors")
     bare = ReprogrammedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)),

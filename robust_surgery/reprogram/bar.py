@@ -73,7 +73,7 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
     opt = torch.optim.Adam([w], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_every, gamma=cfg.decay)
     g = torch.Generator().manual_seed(cfg.seed)
-    per_step = cfg.batch_size * (cfg.q + 1)
+    per_step = min(cfg.batch_size, len(x)) * (cfg.q + 1)
     log_every = max(1, cfg.steps // 10)
     history, losses, hits, seen = [], [], 0, 0
     done = 0
@@ -89,7 +89,7 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
     with torch.no_grad(), training_progress(progress) as bar:
         task = bar.add_task("BAR steps", total=cfg.steps, loss=float("nan"))
         for step in range(cfg.steps):
-            if oracle.remaining() is not None and oracle.remaining() < min(per_step, len(x) * (cfg.q + 1)):
+            if oracle.remaining() is not None and oracle.remaining() < per_step:
                 break
             idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=g)
             xb, yb = x[idx], y[idx]
