@@ -292,3 +292,9 @@ def test_cli_reprogram_errors_are_one_line(tmp_path):
     res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--mapping", "best", "--n-train", 16, "-o", tmp_path / "a.safetensors")
     assert res.exit_code == 1 and "unknown mapping" in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cmd", ["ar", "bar"])
+def test_reprogram_help_has_an_example(cmd):
+    res = _cli("reprogram", cmd, "--help")
+    assert res.exit_code == 0 and "Example:" in res.stdout and f"surgery reprogram {cmd}" in res.stdout
