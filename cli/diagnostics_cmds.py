@@ -94,7 +94,7 @@ def pretrain(
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors."),
     scratch: bool = typer.Option(False, "--scratch", help="Re-initialise the model's weights first (train from scratch)."),
     adversarial: str = typer.Option("none", "--adversarial", help="none, fgsm, pgd or noise (random noise of norm ε: the control)."),
-    eps: float = typer.Option(0.0, "--eps", help="Budget in input units ([0, 1] pixels); on synthetic data in feature units."),
+    eps: str = typer.Option("0", "--eps", help="Budget in input units ([0, 1] pixels; fractions like 8/255 allowed); on synthetic data in feature units."),
     threat: str = typer.Option("Linf", "--threat", help="Linf or L2."),
     pgd_steps: int = typer.Option(5, "--pgd-steps", help="PGD steps (step 2.5·ε/steps, random start)."),
     ramp: float = typer.Option(0.0, "--ramp", help="Fraction of training over which ε grows linearly from 0."),
@@ -134,7 +134,10 @@ def pretrain(
         net = _load(model, arch, data_root)
         if scratch:
             net = random_encoder(net, seed)
-    train_eps = _input_eps(data, [eps])[0]
+    values = _floats(eps, "--eps")
+    if len(values) != 1:
+        fail(f"--eps takes one budget for training, got {eps!r}", code=2)
+    train_eps = _input_eps(data, values)[0]
     net, history = run_pretrain(net, task or data, adversarial=adversarial, eps=train_eps, threat=threat,
                                 pgd_steps=pgd_steps, ramp=ramp, epochs=epochs, lr=lr, optimizer=optimizer,
                                 schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,

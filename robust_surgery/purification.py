@@ -276,9 +276,9 @@ class PurificationReport:
         from rich.table import Table
 
         t = Table(title=f"Purity of {self.model} / {self.layer} ({self.units} units, fan-in {self.fan_in}) "
-                        f"on {self.dataset}, n = {self.n}")
-        for c in ("basis", "atoms", "mean PR", "median PR", "weighted PR", "Gaussian PR", "top-1", "Hoyer",
-                  "Gini", "entropy"):
+                        f"on {self.dataset}, n = {self.n}", caption="PR: mean participation ratio; med: median; "
+                        "wtd: weighted by the next layer's weight norms; gauss: a Gaussian vector's (n + 2) / 3")
+        for c in ("basis", "atoms", "PR", "PR med", "PR wtd", "PR gauss", "top-1", "Hoyer", "Gini", "H-count"):
             t.add_column(c, justify="left" if c == "basis" else "right")
         for s in self.scores:
             m = s.summary()

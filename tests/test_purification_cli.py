@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -38,7 +39,7 @@ def test_pretrain_then_purification_and_inherit_on_synthetic_data(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["history"]) == 2
     res = run("pretrain", "mlp", "--data", SYN, "--hidden", 16, "--epochs", 2, "--adversarial", "pgd", "--threat", "L2",
-              "--eps", 0.25, "--ramp", 0.5, "--pgd-steps", 2, "-o", adv)
+              "--eps", "1/4", "--ramp", 0.5, "--pgd-steps", 2, "-o", adv)
     assert res.exit_code == 0, res.output and "saved" in res.stdout
     model = rs.load(adv)  # rebuilds from the file alone
     assert rs.read_manifest(adv)["training"]["eps"] == 0.25 / 4  # feature units -> pixels
@@ -62,3 +63,9 @@ def test_pretrain_then_purification_and_inherit_on_synthetic_data(tmp_path):
     assert res.exit_code == 2 and "synthetic" in res.stderr
     res = run("inherit", "random", "--data", SYN, "--layer", "relu")
     assert res.exit_code == 2 and "first encoder" in res.stderr
+
+
+@pytest.mark.parametrize("cmd", ["purification", "pretrain", "inherit"])
+def test_help_has_an_example(cmd):
+    res = run(cmd, "--help")
+    assert res.exit_code == 0 and "Example:" in res.stdout
