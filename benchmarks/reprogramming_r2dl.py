@@ -66,7 +66,7 @@ def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: 
                   f"{s['seconds']:.0f}s", file=sys.stderr, flush=True)
     for r in rows:  # the column names of benchmarks/reprogramming.py's table (percent)
         r.update(target=r["task"], source="zoo:minilm-sentiment" if r["method"] == "R2DL" else "-",
-                 clean_acc=100.0 * r["accuracy"], auc_pct=100.0 * r["auc"])
+                 clean_acc=100.0 * r["accuracy"], auc_pct=None if r["auc"] is None else 100.0 * r["auc"])
     return rows
 
 
