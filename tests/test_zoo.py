@@ -32,7 +32,7 @@ def test_registry_lists_all_models():
             "mnist-lenet-rs"} <= set(entries)
     for e in entries.values():
         assert len(e.sha256) == 64 and e.reference_acc is not None and e.description
-        assert e.num_classes == 10
+        assert e.num_classes == (2 if e.dataset == "uci-sentiment" else 10)
     assert entries["cifar-resnet20"].input_shape == (3, 32, 32)
     assert entries["mnist-mlp"].input_shape == (1, 28, 28) and entries["mnist-mlp"].eval_n == 1000
 
