@@ -103,8 +103,9 @@ def run_image(args, add) -> None:
 
     common = {"part": "image", "source": SOURCE, "target": "mnist"}
     sources = _sources(args)
-    for variant, source, info in sources:
+    for variant, source, info in sources:  # AR rows first: on a busy machine they are the headline
         ar(variant, source, {**common, **info})
+    for variant, source, info in sources:
         bar(variant, source, {**common, **info})
     original = sources[0][1]
     bar("original", original, {**common, **sources[0][2]}, mapping="random")
