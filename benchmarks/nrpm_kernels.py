@@ -6,7 +6,8 @@ Cases (forward + backward, float32, CPU):
   conv1    the same conv on one image
   resnet20 cifar-resnet20 (unpretrained weights), every conv converted, K = 1, batch --resnet-batch
 
-Methods: ``plain`` (the dense layer), ``direct`` (every term materialised, tests/nrpm_reference.py;
+Methods: ``plain`` (the dense layer), ``before`` (today's functional.py over kernels.py of
+--before-commit, default cc9511b: the eager path before its workspace buffers), ``direct`` (every term materialised, tests/nrpm_reference.py;
 only where it fits, run in a child process), ``previous`` (the first chunked implementation:
 chunked forward + autograd-recompute backward, loaded from ``git show 92e2650:...``), ``new``
 (analytic backward, eager) and ``compiled`` (new, chunk functions through torch.compile).
@@ -65,6 +66,7 @@ from robust_surgery.nn import triton_kernels  # noqa: E402
 
 LAM = 0.5
 PREVIOUS_COMMIT = "92e2650"  # the first chunked implementation (autograd-recompute backward)
+BEFORE_COMMIT = "cc9511b"  # kernels.py before the workspace buffers (the eager path of the README's first table)
 
 
 def vm(field: str) -> int:
@@ -87,16 +89,37 @@ def previous_functional():
     return mod
 
 
+def before_kernels(commit: str):
+    """robust_surgery/nn/kernels.py as of ``commit``, as a module of the package (for method ``before``)."""
+    src = subprocess.run(["git", "show", f"{commit}:robust_surgery/nn/kernels.py"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.gettempdir()) / f"nrpm_kernels_{commit}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"robust_surgery.nn._kernels_{commit}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_IMPLS: dict = {}
+
+
 # --------------------------------------------------------------------------------------------
 # Cases: setup(args, device) -> (step(method) closure, terms, K); step runs one forward + backward
 # --------------------------------------------------------------------------------------------
 def _use(method: str, prev=None):
-    """Point the layers at the implementation of ``method``."""
+    """Point the layers at the implementation of ``method``.
+
+    previous: functional.py of PREVIOUS_COMMIT; before: today's functional.py over kernels.py of
+    --before-commit (loaded by main into _IMPLS); new / compiled / eager / triton: the working tree.
+    """
     kernels.use_compile(method == "compiled")
     triton_kernels.use_triton(method == "triton")
     impl = prev if method == "previous" else nrpm_functional
     nrpm_layers.nrpm_linear = impl.nrpm_linear
     nrpm_layers.nrpm_conv = impl.nrpm_conv
+    nrpm_functional._kernels = _IMPLS["before"] if method == "before" else kernels
 
 
 def setup_linear(args, device="cpu", size=(256, 784, 256)):
@@ -200,6 +223,8 @@ def direct_fits(case: str, args) -> bool:
 def child(args):
     torch.set_num_threads(args.threads)
     prev = previous_functional() if args.method == "previous" else None
+    if args.method == "before":
+        _IMPLS["before"] = before_kernels(args.before_commit)
     step, _, _ = CASES[args.case][1](args)
     _use(args.method, prev)
     if args.method != "direct":
@@ -220,7 +245,7 @@ def child(args):
 
 def run_child(case, method, args, runs=1):
     cmd = [sys.executable, __file__, "--child", "--case", case, "--method", method, "--threads", str(args.threads),
-           "--resnet-batch", str(args.resnet_batch), "--child-runs", str(runs)]
+           "--resnet-batch", str(args.resnet_batch), "--child-runs", str(runs), "--before-commit", args.before_commit]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
@@ -275,6 +300,8 @@ def cpu_section(args) -> dict:
           f"matmul {thr['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
     methods = args.methods.split(",")
     prev = previous_functional() if "previous" in methods else None
+    if "before" in methods:
+        _IMPLS["before"] = before_kernels(args.before_commit)
     rows = []
     for case in args.cases.split(","):
         title, setup = CASES[case]
@@ -287,15 +314,18 @@ def cpu_section(args) -> dict:
             outs[m] = step(m)
             results[m]["first"] = time.perf_counter() - t
         times = {m: [] for m in methods}
+        cpu = {m: [] for m in methods}
         for _ in range(args.runs):
             for m in methods:
                 _use(m, prev)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step(m)
                 times[m].append(time.perf_counter() - t)
+                cpu[m].append(time.process_time() - c)
         _use("new", prev)
         for m in methods:
             results[m]["time"] = statistics.median(times[m])
+            results[m]["cpu_time"] = statistics.median(cpu[m])
         if "new" in outs:
             for m in methods:
                 if m != "plain":
@@ -311,8 +341,13 @@ def cpu_section(args) -> dict:
         lower = (terms * ops_per_term(K) / thr["elementwise_per_s"], terms * ops_per_term(K) / thr["matmul_flops"])
         rows.append((case, title, terms, K, results, lower))
         print(f"## {title}: {terms / 1e9:.2f} G terms; " + ", ".join(
-            f"{m} {r.get('time', float('nan')):.3f}s/{r.get('peak', 0) / 2**20:.0f}MiB" for m, r in results.items()),
-            flush=True)
+            f"{m} {r.get('time', float('nan')):.3f}s (CPU {r.get('cpu_time', float('nan')):.3f}s)/"
+            f"{r.get('peak', 0) / 2**20:.0f}MiB" for m, r in results.items()), flush=True)
+        base = results.get("plain", {})
+        if "time" in base:
+            print("   ratio to plain (wall, CPU time): " + ", ".join(
+                f"{m} {r['time'] / base['time']:.1f}×, {r['cpu_time'] / base['cpu_time']:.1f}×"
+                for m, r in results.items() if m != "plain" and "cpu_time" in r), flush=True)
 
     print()
     print(f"NRPM forward+backward, float32, CPU ({os.cpu_count()} cores, {args.threads} threads, shared and noisy: "
@@ -481,7 +516,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resnet-batch", type=int, default=128)
     p.add_argument("--cases", default="linear,conv1,conv8,resnet20")
-    p.add_argument("--methods", default="plain,previous,new,compiled", help="CPU section methods")
+    p.add_argument("--methods", default="plain,previous,new,compiled",
+                   help="CPU section methods (also: before = kernels.py of --before-commit)")
+    p.add_argument("--before-commit", default=BEFORE_COMMIT)
     p.add_argument("--skip-direct", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--gpu-only", action="store_true", help="skip the CPU section")

@@ -110,22 +110,6 @@ if triton is not None:
     _S_MIN = tl.constexpr(S_MIN)
 
     @triton.jit
-    def _phi(dist, eps, gamma, delta, NORM: tl.constexpr):
-        """φ(dist) of functional.REWEIGHTS[norm] (elementwise)."""
-        if NORM == 0:  # L2
-            wt = dist * 0.0 + 1.0
-        elif NORM == 1:  # L1
-            wt = 1.0 / (dist + eps)
-        elif NORM == 2:  # MCP
-            wt = tl.maximum(1.0 / (dist + eps) - 1.0 / gamma, eps)
-        elif NORM == 3:  # Huber
-            wt = tl.minimum(delta / (dist + eps), 1.0)
-        else:  # HM
-            v = delta / (gamma - delta) * (gamma / (dist + eps) - 1.0)
-            wt = tl.minimum(tl.maximum(v, eps), 1.0)
-        return wt
-
-    @triton.jit
     def _phi_and_derivative(dist, eps, gamma, delta, NORM: tl.constexpr):
         """(φ, φ') of functional.REWEIGHTS / REWEIGHT_DERIVATIVES[norm]; φ' = 0 where a clamp is active or tied."""
         if NORM == 0:  # L2
@@ -153,24 +137,36 @@ if triton is not None:
         return wt, dw
 
     @triton.jit
+    def _tile(R, O, BR: tl.constexpr, BO: tl.constexpr):
+        """This program's group, rows, outputs, their masks and the offsets of its (BR × BO) tile in (G, R, O)."""
+        g = tl.program_id(2).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        outs = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
+        rmask = rows < R
+        omask = outs < O
+        zmask = rmask[:, None] & omask[None, :]
+        return g, rows, outs, rmask, omask, zmask, g * R * O + rows[:, None] * O + outs[None, :]
+
+    @triton.jit
+    def _load_terms(xrow, wrow, d0, D, rmask, omask, sxd, swd, BD: tl.constexpr):
+        """The D block d0:d0+BD: indices, masks, x (BR, BD), weights (BO, BD) and terms (BR, BO, BD)."""
+        ds = d0 + tl.arange(0, BD)
+        dmask = ds < D
+        xmask = rmask[:, None] & dmask[None, :]
+        amask = omask[:, None] & dmask[None, :]
+        xt = tl.load(xrow + ds[None, :] * sxd, mask=xmask, other=0.0)
+        at = tl.load(wrow + ds[None, :] * swd, mask=amask, other=0.0)
+        return ds, dmask, xmask, amask, xt, at, xt[:, None, :] * at[None, :, :]
+
+    @triton.jit
     def _irls_fwd_kernel(x_ptr, w_ptr, z0_ptr, p_ptr, out_ptr, zs_ptr, s_ptr,
                          plane, R, O, D, K,
                          sxg, sxr, sxd, swg, swo, swd,
                          NORM: tl.constexpr, KEEP: tl.constexpr,
                          BR: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr):
         """K IRLS steps for one (BR × BO) tile of group program_id(2). z tensors: contiguous (G, R, O)."""
-        pid_r = tl.program_id(0)
-        pid_o = tl.program_id(1)
-        g = tl.program_id(2).to(tl.int64)
-        rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
-        outs = pid_o.to(tl.int64) * BO + tl.arange(0, BO)
-        rmask = rows < R
-        omask = outs < O
-        zmask = rmask[:, None] & omask[None, :]
-        zoff = g * R * O + rows[:, None] * O + outs[None, :]
-        eps = tl.load(p_ptr)
-        gamma = tl.load(p_ptr + 1)
-        delta = tl.load(p_ptr + 2)
+        g, rows, outs, rmask, omask, zmask, zoff = _tile(R, O, BR, BO)
+        eps, gamma, delta = tl.load(p_ptr), tl.load(p_ptr + 1), tl.load(p_ptr + 2)
         z = tl.load(z0_ptr + zoff, mask=zmask, other=0.0)
         xrow = x_ptr + g * sxg + rows[:, None] * sxr
         wrow = w_ptr + g * swg + outs[:, None] * swo
@@ -179,12 +175,8 @@ if triton is not None:
             num = tl.zeros((BR, BO), dtype=z.dtype)
             den = tl.zeros((BR, BO), dtype=z.dtype)
             for d0 in range(0, D, BD):
-                ds = d0 + tl.arange(0, BD)
-                dmask = ds < D
-                xt = tl.load(xrow + ds[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
-                at = tl.load(wrow + ds[None, :] * swd, mask=omask[:, None] & dmask[None, :], other=0.0)
-                u = xt[:, None, :] * at[None, :, :]
-                wt = _phi(tl.abs(u - c[:, :, None]), eps, gamma, delta, NORM)
+                _, dmask, _, _, _, _, u = _load_terms(xrow, wrow, d0, D, rmask, omask, sxd, swd, BD)
+                wt, _ = _phi_and_derivative(tl.abs(u - c[:, :, None]), eps, gamma, delta, NORM)  # φ' unused: compiled away
                 wt = tl.where(dmask[None, None, :], wt, 0.0)
                 den += tl.sum(wt, axis=2)
                 num += tl.sum(wt * u, axis=2)
@@ -202,18 +194,8 @@ if triton is not None:
                          BR: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr):
         """Analytic VJP of the K steps for one tile. zs: (K+1, G, R, O) = z_0..z_K, s: (K, G, R, O),
         g: (G, R, O) = dL/dz_K; adds into gx (G, R, D) and gw (G, O, D) (contiguous), writes gz0 (G, R, O)."""
-        pid_r = tl.program_id(0)
-        pid_o = tl.program_id(1)
-        g = tl.program_id(2).to(tl.int64)
-        rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
-        outs = pid_o.to(tl.int64) * BO + tl.arange(0, BO)
-        rmask = rows < R
-        omask = outs < O
-        zmask = rmask[:, None] & omask[None, :]
-        zoff = g * R * O + rows[:, None] * O + outs[None, :]
-        eps = tl.load(p_ptr)
-        gamma = tl.load(p_ptr + 1)
-        delta = tl.load(p_ptr + 2)
+        g, rows, outs, rmask, omask, zmask, zoff = _tile(R, O, BR, BO)
+        eps, gamma, delta = tl.load(p_ptr), tl.load(p_ptr + 1), tl.load(p_ptr + 2)
         grad = tl.load(g_ptr + zoff, mask=zmask, other=0.0)
         xrow = x_ptr + g * sxg + rows[:, None] * sxr
         wrow = w_ptr + g * swg + outs[:, None] * swo
@@ -230,13 +212,7 @@ if triton is not None:
             gs = grad * D / Sc
             asum = tl.zeros((BR, BO), dtype=grad.dtype)
             for d0 in range(0, D, BD):
-                ds = d0 + tl.arange(0, BD)
-                dmask = ds < D
-                xmask = rmask[:, None] & dmask[None, :]
-                amask = omask[:, None] & dmask[None, :]
-                xt = tl.load(xrow + ds[None, :] * sxd, mask=xmask, other=0.0)
-                at = tl.load(wrow + ds[None, :] * swd, mask=amask, other=0.0)
-                u = xt[:, None, :] * at[None, :, :]
+                ds, dmask, xmask, amask, xt, at, u = _load_terms(xrow, wrow, d0, D, rmask, omask, sxd, swd, BD)
                 r = u - c[:, :, None]
                 sgn = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
                 wt, dw = _phi_and_derivative(tl.abs(r), eps, gamma, delta, NORM)
