@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_surgery.presets import register_preset
 from robust_surgery.zoo import Weights, register_model
 
 from .mnist_mlp import NRPM_SOURCE
@@ -76,3 +77,9 @@ def mnist_lenet() -> nn.Module:
 def mnist_lenet_rs() -> nn.Module:
     """LeNet, to be filled with our embedded weights."""
     return LeNet()
+
+
+# The release's LeNet script runs K = 1 with ε = 1e-3; λ = 0.6 as for the MLP.
+for _name in ("mnist-lenet", "mnist-lenet-rs"):
+    register_preset(_name, norm="L1", K=1, eps=1e-3, lam=0.6,
+                    note="the NRPM release's LeNet settings (L1, K=1, ε=1e-3) with λ=0.6")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_surgery.presets import register_preset
 from robust_surgery.zoo import Weights, register_model
 
 NRPM_SOURCE = ("NRPM public release (Hou, Torkamani, Krim, Liu, 'Robustness Reprogramming for "
@@ -67,3 +68,10 @@ def mnist_mlp() -> nn.Module:
 def mnist_mlp_rs() -> nn.Module:
     """The linear MLP, to be filled with our embedded weights."""
     return LinearMLP()
+
+
+# The release's MLP script: L1, K = 1, ε = 5e-5, λ = 0.6 (nrpm.md). Our retrained copy has the same
+# architecture and input scale, so the same settings fit it.
+for _name in ("mnist-mlp", "mnist-mlp-rs"):
+    register_preset(_name, norm="L1", K=1, eps=5e-5, lam=0.6,
+                    note="the NRPM release's MLP settings (L1, K=1, ε=5e-5, λ=0.6)")

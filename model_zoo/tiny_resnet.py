@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_surgery.presets import register_preset
 from robust_surgery.zoo import Weights, register_model
 
 from .common import resnet_stages
@@ -83,3 +84,9 @@ class TinyResNet18(nn.Module):
 def cifar_tiny_resnet18() -> nn.Module:
     """The narrow ResNet-18 with plain convs."""
     return TinyResNet18()
+
+
+# In the release only the 16 block convs were robust (stem, shortcuts and the final Linear stayed
+# linear); its ResNet test scripts use K = 1, ε = 5e-4.
+register_preset("cifar-tiny-resnet18", norm="L1", K=1, eps=5e-4, include="re:layer\\d\\.\\d\\.conv\\d",
+                note="the NRPM release's ResNet settings: the 16 block convs only, L1, K=1, ε=5e-4")

@@ -193,3 +193,25 @@ def test_conversion_report_counts_costs():
     console = Console(record=True, width=200)
     console.print(rep)
     assert "NRPM conversion" in console.export_text()
+
+
+def test_cli_convert_uses_the_zoo_preset_unless_a_flag_overrides(tmp_path):
+    from typer.testing import CliRunner
+
+    from robust_surgery.cli.app import app
+
+    runner = CliRunner()
+    out = tmp_path / "m.safetensors"
+    res = runner.invoke(app, ["convert", "zoo:mnist-mlp-rs", "--K", "2", "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    fc1 = rs.read_manifest(out)["layers"]["fc1"]
+    assert (fc1["norm"], fc1["K"], fc1["eps"], round(fc1["lam"], 6)) == ("L1", 2, 5e-5, 0.6)  # K from the flag
+    assert "preset" in res.stderr and "eps=5e-05" in res.stderr
+    assert rs.preset_for(rs.load_model("zoo:mnist-mlp-rs")) == {"norm": "L1", "K": 1, "eps": 5e-5, "lam": 0.6}
+    assert rs.preset_for(nn.Linear(3, 3)) == {}  # not a zoo model: no preset
+
+
+def test_tiny_resnet_preset_converts_only_the_block_convs():
+    model = rs.convert(rs.build_arch("zoo:cifar-tiny-resnet18"), **rs.preset_for(rs.build_arch("zoo:cifar-tiny-resnet18")))
+    names = [n for n, _ in rs.nrpm_layers(model)]
+    assert len(names) == 16 and all(n.startswith("layer") and ".conv" in n for n in names)
