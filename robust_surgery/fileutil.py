@@ -37,6 +37,10 @@ def atomic_path(path: str | os.PathLike, *, make_parents: bool = False) -> Itera
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp creates the file 0600; give the result the mode a plain open() would (0666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -164,3 +164,16 @@ def test_not_a_model_file(tmp_path):
     bad_pt.write_text("hello")
     with pytest.raises(rs.ModelLoadError, match="not a readable PyTorch file"):
         rs.load_model(bad_pt)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+        assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(umask)
