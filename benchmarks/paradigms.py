@@ -60,12 +60,13 @@ def run_model(key: str, args) -> list[dict]:
     p1_model = rs.convert(base, 1, **p1)
     add("paradigm 1", p1_model, 0.0, {"lam": p1["lam"]})
     ft = dict(adversarial="fgsm", eps=train_eps, epochs=args.epochs, n_train=args.n_train, val_n=args.val_n,
-              batch_size=64, progress=True)
+              batch_size=64, progress=True, adv_weight=args.adv_weight)
     for paradigm, lr, opt in ((2, args.lr_lambda, "adam"), (3, args.lr_all, "adam")):
         t = time.process_time()
         tuned, hist = rs.finetune(rs.convert(base, 1, **p1), data, paradigm, lr=lr, optimizer=opt, **ft)
         lams = {n: round(m.lam_value, 3) for n, m in rs.nrpm_layers(tuned)}
-        add(f"paradigm {paradigm}", tuned, time.process_time() - t, {"lam": lams})
+        kept = rs.meta.get_meta(tuned)["training"]["kept_epoch"]
+        add(f"paradigm {paradigm}", tuned, time.process_time() - t, {"lam": lams, "kept_epoch": kept})
     t = time.process_time()
     adv, _ = rs.finetune(rs.convert(base, 1, lam=1.0), data, 3, lr=args.lr_all, optimizer="adam", **ft)
     add("adversarial training (original network)", adv, time.process_time() - t)
@@ -82,9 +83,11 @@ def main() -> None:
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--lr-lambda", type=float, default=0.05, help="Adam lr for paradigm 2 (λ logits)")
     ap.add_argument("--lr-all", type=float, default=1e-3, help="Adam lr for paradigm 3 and adversarial training")
+    ap.add_argument("--adv-weight", type=float, default=0.5, help="adversarial share of the fine-tuning loss")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paradigms.json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for key in args.models.split(","):
         rows += run_model(key.strip(), args)

@@ -51,11 +51,11 @@ def convert(
     model: str = typer.Argument(..., help=MODEL_HELP),
     paradigm: int = typer.Option(1, "--paradigm", "-p", help="1: no fine-tuning; 2: fine-tune λ only; 3: fine-tune everything."),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
-    norm: str = typer.Option("L1", "--norm", help="Reweighting: L2, L1, MCP, Huber, HM."),
-    K: int = typer.Option(3, "--K", "-K", help="IRLS steps."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Reweighting: L2, L1, MCP, Huber, HM (default: the zoo model's preset, else L1)."),
+    K: Optional[int] = typer.Option(None, "--K", "-K", help="IRLS steps (default: the zoo model's preset, else 3)."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Paradigm 1: ε in the reweighting (default 1e-3). Paradigms 2-3: the adversarial training budget (as --train-eps)."),
-    nrpm_eps: Optional[float] = typer.Option(None, "--nrpm-eps", help="ε in the reweighting, in any paradigm (default 1e-3)."),
-    lam: float = typer.Option(0.5, "--lam", help="λ: 1 = original layer, 0 = pure NRPM."),
+    nrpm_eps: Optional[float] = typer.Option(None, "--nrpm-eps", help="ε in the reweighting, in any paradigm (default: the zoo model's preset, else 1e-3)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="λ: 1 = original layer, 0 = pure NRPM (default: the zoo model's preset, else 0.5)."),
     gamma: float = typer.Option(4.0, "--gamma", help="γ of MCP/HM."),
     delta: float = typer.Option(3.0, "--delta", help="δ of Huber/HM."),
     include: Optional[str] = typer.Option(None, "--include", help="Layers to convert: comma-separated names, globs ('layer1.*') or 're:<regex>'."),
@@ -80,6 +80,8 @@ def convert(
     val_n: int = typer.Option(1000, "--val-n", help="Held-out points (end of the training split) for picking the best epoch.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Checkpoint after every epoch here; rerun to resume.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     log: Optional[Path] = typer.Option(None, "--log", help="Write the per-epoch JSON log here.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    keep: str = typer.Option("best", "--keep", help="best: the best validated epoch (the model before fine-tuning counts as epoch 0); last: the last epoch.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    adv_weight: float = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the loss (1-w)·CE(clean) + w·CE(adv); 1 = adversarial batches only.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
 ):
     """Replace a model's Linear/Conv layers by NRPM layers (and, for paradigms 2-3, fine-tune), then save it.
 
@@ -101,7 +103,6 @@ def convert(
         if eps is not None and train_eps is not None:
             fail("in paradigms 2-3 --eps is the training budget; give it once (--eps or --train-eps)", code=2)
         train_eps = eps if eps is not None else train_eps
-    nrpm_eps = 1e-3 if nrpm_eps is None else nrpm_eps
     train_eps = 0.2 if train_eps is None else train_eps
     overrides = None
     if override:
@@ -113,12 +114,17 @@ def convert(
         net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, strict=not non_strict,
                             data_root=str(data_root) if data_root else None)
     shape = _input_shape(input_shape, net)
+    given = {"norm": norm, "K": K, "eps": nrpm_eps, "lam": lam, "include": include}
+    settings, used = _nrpm_settings(net, given)
+    if used:
+        err.print(f"NRPM settings from the {model} preset ({rs.preset_note(net)}): "
+                  + ", ".join(f"{k}={settings[k]}" for k in used) + "; flags override")
     with err.status("converting"):
-        converted = rs.convert(net, paradigm, norm=norm, K=K, eps=nrpm_eps, lam=lam, gamma=gamma, delta=delta,
-                               include=include, exclude=exclude, overrides=overrides)
+        converted = rs.convert(net, paradigm, gamma=gamma, delta=delta, exclude=exclude, overrides=overrides,
+                               **settings)
     if paradigm in (2, 3):
         converted, _ = _run_finetune(converted, data, paradigm, adversarial, train_eps, epochs, lr, optimizer,
-                                     schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root)
+                                     schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
     report = rs.conversion_report(converted, shape)
     out = out or _default_out(model)
     manifest = rs.save(converted, out)
@@ -131,20 +137,52 @@ def convert(
         err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
 
 
+_GLOBAL_DEFAULTS = {"norm": "L1", "K": 3, "eps": 1e-3, "lam": 0.5, "include": None}
+
+
+def _nrpm_settings(net, given: dict) -> tuple[dict, list[str]]:
+    """Resolve convert's knobs: a flag wins, then the zoo model's preset, then the global default.
+
+    Returns the settings and the names of those taken from the preset."""
+    import robust_surgery as rs
+
+    preset = rs.preset_for(net)
+    settings, used = {}, []
+    for key, value in given.items():
+        if value is not None:
+            settings[key] = value
+        elif key in preset:
+            settings[key], _ = preset[key], used.append(key)
+        else:
+            settings[key] = _GLOBAL_DEFAULTS[key]
+    return settings, used
+
+
 def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
-                  n_train, val_n, checkpoint_dir, log, data_root):
+                  n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight):
     import robust_surgery as rs
 
     adv = None if adversarial.lower() in ("none", "clean", "") else adversarial.lower()
     model, history = rs.finetune(
         model, data, paradigm, adversarial=adv, eps=train_eps, epochs=epochs, lr=lr, optimizer=optimizer,
-        schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n,
+        schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n, keep=keep, adv_weight=adv_weight,
         checkpoint_dir=checkpoint_dir, log=log, data_root=str(data_root) if data_root else None, progress=True,
     )
-    for row in history:
+    from robust_surgery.meta import get_meta
+
+    training = get_meta(model).get("training") or {}
+
+    def val_text(row):
         robust = f", val robust {row['val_robust_acc']:.1f} %" if "val_robust_acc" in row else ""
-        err.print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val clean {row['val_clean_acc']:.1f} %{robust} "
-                  f"({row['seconds']:.0f} s)")
+        return f"val clean {row['val_clean_acc']:.1f} %{robust}"
+
+    if training.get("start"):
+        err.print(f"start (epoch 0): {val_text(training['start'])}")
+    for row in history:
+        err.print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {val_text(row)} ({row['seconds']:.0f} s)")
+    if training.get("kept_epoch") == 0:
+        err.print("[yellow]note:[/yellow] no epoch beat the starting model on the validation split; it is kept unchanged "
+                  "(try another --lr, more --epochs or --optimizer adam)")
     return model, history
 
 
@@ -166,6 +204,8 @@ def finetune(
     val_n: int = typer.Option(1000, "--val-n", help="Held-out points for picking the best epoch."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Checkpoint after every epoch; rerun to resume."),
     log: Optional[Path] = typer.Option(None, "--log", help="Write the per-epoch JSON log here."),
+    keep: str = typer.Option("best", "--keep", help="best: the best validated epoch (the starting model counts as epoch 0); last: the last epoch."),
+    adv_weight: float = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the loss (1-w)·CE(clean) + w·CE(adv); 1 = adversarial batches only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.p{paradigm}.safetensors)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live."),
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
@@ -178,14 +218,14 @@ def finetune(
 
     net = rs.load(model)
     net, history = _run_finetune(net, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule,
-                                 batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root)
+                                 batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
     out = out or Path(f"{Path(model).stem}.p{paradigm}.safetensors")
     rs.save(net, out)
     if as_json:
         print_json({"output": str(out), "history": history})
     else:
-        console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, best epoch "
-                      f"{rs.read_manifest(out)['training']['best_epoch']})")
+        console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, kept epoch "
+                      f"{rs.read_manifest(out)['training']['kept_epoch']})")
 
 
 @app.command()

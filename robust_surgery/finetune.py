@@ -36,9 +36,12 @@ class FinetuneConfig:
     """Training settings (recorded in the saved model's manifest).
 
     ``adversarial``: None (clean batches), ``"fgsm"`` or ``"pgd"`` (``pgd_steps``, step
-    2.5·ε/steps, random start), with budget ``eps`` under ``threat``. ``optimizer``: ``sgd``
+    2.5·ε/steps, random start), with budget ``eps`` under ``threat``; the loss is
+    ``(1 − adv_weight)·CE(clean) + adv_weight·CE(adversarial)`` (0.5: Goodfellow et al. 2015's FGSM
+    training; 1: adversarial batches alone, as the NRPM release). ``optimizer``: ``sgd``
     (``momentum``) or ``adam``; ``schedule``: ``constant``, ``cosine`` or ``step`` (×0.1 at half
-    the epochs). ``val_n``: held-out points (the end of the training split).
+    the epochs). ``val_n``: held-out points (the end of the training split). ``keep``: return the
+    ``best`` validated epoch (the starting model counts as epoch 0) or the ``last`` one.
     """
 
     paradigm: int = 2
@@ -56,6 +59,8 @@ class FinetuneConfig:
     seed: int = 0
     val_n: int = 1000
     n_train: int | None = None
+    keep: str = "best"
+    adv_weight: float = 0.5
 
     def __post_init__(self):
         if self.paradigm not in (2, 3):
@@ -64,6 +69,10 @@ class FinetuneConfig:
             raise ValueError(f"adversarial must be None, 'fgsm' or 'pgd', got {self.adversarial!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not 0.0 <= self.adv_weight <= 1.0:
+            raise ValueError(f"adv_weight is the adversarial share of the loss, in [0, 1]; got {self.adv_weight!r}")
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' (best validated epoch, the start included) or 'last', got {self.keep!r}")
         if self.schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.eps < 0 or self.val_n < 0:
@@ -108,6 +117,17 @@ def _adversarial(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_classe
     x_adv = attack(xb, yb).detach()
     model.train(was)
     return x_adv
+
+
+def _training_loss(target, cfg: FinetuneConfig, x_clean, x_adv, y) -> torch.Tensor:
+    """α·CE(clean) + (1 − α)·CE(adversarial), α = 1 − adv_weight (Goodfellow et al. 2015); CE alone when clean."""
+    w = cfg.adv_weight if x_adv is not x_clean else 0.0
+    if w == 0.0:
+        return F.cross_entropy(target(x_clean), y)
+    if w == 1.0:
+        return F.cross_entropy(target(x_adv), y)
+    logits = target(torch.cat([x_clean, x_adv]))
+    return (1 - w) * F.cross_entropy(logits[: len(y)], y) + w * F.cross_entropy(logits[len(y):], y)
 
 
 def _validate(model, target, cfg: FinetuneConfig, xv, yv, n_classes: int) -> dict:
@@ -160,6 +180,8 @@ def finetune(
     pgd_steps: int = 7,
     val_n: int = 1000,
     n_train: int | None = None,
+    keep: str = "best",
+    adv_weight: float = 0.5,
     checkpoint_dir: str | Path | None = None,
     log: str | Path | None = None,
     max_epochs_this_run: int | None = None,
@@ -172,14 +194,17 @@ def finetune(
     data: ``"mnist"``, ``"cifar10"``, a path, or an ``(images, labels)`` pair (the training
     split; its last ``val_n`` points are held out). Returns ``(model, history)``: the model
     holds the best epoch's weights (by validation robust accuracy when adversarial, else
-    clean), history one dict per epoch (loss, lr, seconds, validation accuracies). With
+    clean; the starting model counts as epoch 0, so when no epoch beats it the model comes back
+    unchanged and ``training["best_epoch"]`` is 0; ``keep="last"`` returns the last epoch instead),
+    history one dict per epoch (loss, lr, seconds, validation accuracies). With
     ``checkpoint_dir`` a checkpoint is written after every epoch and a rerun resumes from it;
     ``log`` receives the history as JSON after every epoch. ``max_epochs_this_run`` stops early
     (the checkpoint lets the next call continue).
     """
     cfg = FinetuneConfig(paradigm=paradigm, adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps,
                          epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
-                         schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train)
+                         schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
+                         keep=keep, adv_weight=adv_weight)
     if not any(isinstance(m, NRPMLayer) for m in model.modules()):
         raise ValueError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
@@ -197,7 +222,7 @@ def finetune(
     ckpt = Path(checkpoint_dir) / "finetune-last.pt" if checkpoint_dir else None
     fp = _fingerprint(model, cfg, len(xt))
     history: list[dict] = []
-    best = {"score": -1.0, "state": None, "epoch": None}
+    best = {"score": -1.0, "state": None, "epoch": None, "start": None}
     start = 0
     if ckpt and ckpt.exists():
         saved = torch.load(ckpt, weights_only=True)
@@ -207,6 +232,12 @@ def finetune(
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         history, best, start = saved["history"], saved["best"], saved["epoch"]
+    else:
+        # the starting model is a candidate too ("epoch 0"): fine-tuning never returns a model that
+        # validates worse than the one it was given
+        start_val = _validate(model, target, cfg, xv.to(dev), yv.to(dev), n_classes)
+        best = {"score": start_val.get("val_robust_acc", start_val["val_clean_acc"]), "epoch": 0, "start": start_val,
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
     n, bs = len(xt), cfg.batch_size
     steps = math.ceil(n / bs)
@@ -223,11 +254,11 @@ def finetune(
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
                 xb, yb = xt[idx].to(dev), yt[idx].to(dev)
-                xb = _adversarial(model, target, cfg, xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
+                x_adv = _adversarial(model, target, cfg, xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
                 model.train()
                 if cfg.paradigm == 2:
                     _freeze_batchnorm(model)
-                loss = F.cross_entropy(target(xb), yb)
+                loss = _training_loss(target, cfg, xb, x_adv, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -240,7 +271,7 @@ def finetune(
             history.append(row)
             score = row.get("val_robust_acc", row["val_clean_acc"])
             if score > best["score"]:
-                best = {"score": score, "epoch": epoch + 1,
+                best = {**best, "score": score, "epoch": epoch + 1,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             if ckpt:
                 with atomic_path(ckpt, make_parents=True) as tmp:
@@ -249,8 +280,10 @@ def finetune(
             if log:
                 with atomic_path(log, make_parents=True) as tmp:
                     tmp.write_text(json.dumps(history, indent=2))
-    if len(history) == cfg.epochs and best["state"] is not None:
+    if cfg.keep == "best" and len(history) == cfg.epochs and best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
-    set_meta(model, training={**asdict(cfg), "best_epoch": best["epoch"], "history": history})
+    kept = best["epoch"] if cfg.keep == "best" else len(history)
+    set_meta(model, training={**asdict(cfg), "best_epoch": best["epoch"], "kept_epoch": kept, "start": best.get("start"),
+                              "history": history})
     return model, history

@@ -103,7 +103,9 @@ def test_zoo_train_quick(tmp_path):
     assert isinstance(model.fc1, torch.nn.Linear)
 
 
-@pytest.mark.parametrize("cmd", [["convert"], ["inspect"], ["evaluate"], ["finetune"], ["zoo", "list"], ["zoo", "train"]])
+@pytest.mark.parametrize("cmd", [["convert"], ["inspect"], ["evaluate"], ["finetune"], ["zoo", "list"], ["zoo", "train"],
+                                 ["purification"], ["pretrain"], ["inherit"], ["reprogram", "ar"], ["reprogram", "bar"],
+                                 ["reprogram", "r2dl"]])
 def test_every_command_help_has_an_example(cmd):
     res = run(*cmd, "--help")
     assert res.exit_code == 0 and "Example:" in res.stdout

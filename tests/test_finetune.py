@@ -41,7 +41,7 @@ def test_paradigm_2_changes_only_lambda(mnist_train):
     model = rs.convert(ConvBN(), K=1, lam=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model, history = rs.finetune(model, mnist_train, 2, adversarial="fgsm", eps=0.1, epochs=1, lr=0.05,
-                                 n_train=300, val_n=100, batch_size=50)
+                                 n_train=300, val_n=100, batch_size=50, keep="last")
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"conv.lam_logit", "fc.lam_logit"}  # weights, biases and BatchNorm statistics untouched
@@ -54,7 +54,7 @@ def test_paradigm_3_changes_weights(mnist_train):
     model = rs.convert(ConvBN(), K=1, lam=0.5)
     w = model.conv.weight.detach().clone()
     model, _ = rs.finetune(model, mnist_train, 3, adversarial=None, epochs=1, lr=1e-2, n_train=300, val_n=100,
-                           batch_size=50)
+                           batch_size=50, keep="last")
     assert not torch.equal(w, model.conv.weight)
 
 
@@ -104,7 +104,8 @@ def test_cli_convert_paradigm_2_and_finetune(tmp_path):
     assert res.exit_code == 0, res.output
     manifest = rs.read_manifest(out)
     assert manifest["paradigm"] == 2 and manifest["training"]["eps"] == 0.2
-    assert manifest["layers"]["fc1"]["eps"] == 1e-3  # --eps is the training budget in paradigms 2-3
+    # --eps is the training budget in paradigms 2-3; the reweighting ε comes from the zoo preset
+    assert manifest["layers"]["fc1"]["eps"] == 5e-5 and "preset" in res.stderr
     assert len(manifest["training"]["history"]) == 1
     res = runner.invoke(app, ["finetune", str(out), "--paradigm", "3", "--data", "mnist", "--adversarial", "none",
                               "--epochs", "1", "--n-train", "256", "--val-n", "128", "-o", str(tmp_path / "p3.safetensors"),
@@ -113,3 +114,18 @@ def test_cli_convert_paradigm_2_and_finetune(tmp_path):
     assert rs.read_manifest(tmp_path / "p3.safetensors")["paradigm"] == 3
     res = runner.invoke(app, ["convert", "zoo:mnist-mlp-rs", "--paradigm", "2", "-o", str(tmp_path / "x.safetensors")])
     assert res.exit_code == 2 and "--data" in res.stderr
+
+
+def test_a_harmful_run_keeps_the_starting_model(mnist_train):
+    """The starting model is epoch 0 of best-epoch selection: a run that only makes it worse returns it unchanged."""
+    start = rs.convert(rs.load_model("zoo:mnist-mlp-rs"), K=1, eps=5e-5, lam=0.6)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    tuned, history = rs.finetune(start, mnist_train, 3, adversarial=None, epochs=1, lr=50.0, n_train=256, val_n=200,
+                                 batch_size=64)
+    training = rs.meta.get_meta(tuned)["training"]
+    assert history[0]["val_clean_acc"] < training["start"]["val_clean_acc"]  # the epoch did harm...
+    assert training["best_epoch"] == 0  # ...so the start was kept, bit for bit
+    assert all(torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+    last, _ = rs.finetune(rs.convert(rs.load_model("zoo:mnist-mlp-rs"), K=1, eps=5e-5, lam=0.6), mnist_train, 3,
+                          adversarial=None, epochs=1, lr=50.0, n_train=256, val_n=200, batch_size=64, keep="last")
+    assert not torch.equal(last.fc1.weight, before["fc1.weight"])  # keep="last" returns the harmed epoch
