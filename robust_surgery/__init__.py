@@ -7,6 +7,10 @@ Python API (one function per CLI command)::
     nrpm = rs.convert(model, paradigm=1, norm="L1", K=3, lam=0.5)
     rs.save(nrpm, "mlp.nrpm.safetensors")              # surgery convert ... -o
     same = rs.load("mlp.nrpm.safetensors")
+    rs.evaluate(nrpm, "mnist", attacks=("fgsm", "pgd"), eps=(0.1,))   # surgery evaluate
+    rs.finetune(nrpm, "mnist", paradigm=2)                             # surgery finetune
+    rs.purification_report(model, "mnist", "fc1", basis="ica")         # surgery purification
+    rs.reprogram_ar(source, x, y)                                      # surgery reprogram ar
 """
 __version__ = "0.1.0"
 
@@ -26,6 +30,7 @@ from .nn import (
     straight_through_mode,
     reweight_names,
 )
+from .presets import preset_for, preset_note, register_preset
 from .report import ConversionReport, conversion_report, inspect_model
 from .surgery import (
     PARADIGMS,
@@ -39,11 +44,32 @@ from .surgery import (
     unconvert,
 )
 
+# Purification diagnostics and reprogramming load on first use (they pull in scikit-learn).
+_LAZY = {
+    "pretrain": ".pretrain", "purification_report": ".purification", "purity_scores": ".purity",
+    "compare_encoders": ".inherit", "SparseCodingTask": ".synthetic",
+    "reprogram_ar": ".reprogram", "reprogram_bar": ".reprogram", "run_r2dl": ".reprogram.r2dl",
+    "load_peptide_task": ".sequences",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "convert", "unconvert", "set_lam", "nrpm_layers", "register_converter", "convertible_types",
     "register_reweight", "register_reweight_derivative", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "ModelLoadError",
+    "preset_for", "preset_note", "register_preset",
     "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "finetune",
+    *_LAZY,
 ]
