@@ -10,6 +10,7 @@ on 2 cores, so its point count and attack strength are kept small here (see the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,9 @@ def main(argv: list[str]) -> None:
     out_dir = Path(argv[0]) if argv and not argv[0].startswith("--") else Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in argv
-    torch.set_num_threads(2)
+    # one thread: the NRPM kernels issue many short parallel operations, and on a busy machine
+    # two OpenMP threads waiting on each other are many times slower than one (README, speed)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if "--resnet20-autoattack" in argv:
         return resnet20_autoattack(out_dir, quick)
 
