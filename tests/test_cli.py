@@ -23,7 +23,8 @@ def test_convert_zoo_model_and_load_it_back(tmp_path):
     assert res.exit_code == 0, res.output
     assert "NRPM conversion" in res.stdout and "saved" in res.stdout
     model = rs.load(out)
-    reference = rs.convert(rs.load_model("zoo:mnist-mlp"), paradigm=1)
+    plain = rs.load_model("zoo:mnist-mlp")
+    reference = rs.convert(plain, paradigm=1, **rs.preset_for(plain))  # the CLI follows the zoo preset
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
