@@ -152,7 +152,8 @@ def _nrpm_settings(net, given: dict) -> tuple[dict, list[str]]:
         if value is not None:
             settings[key] = value
         elif key in preset:
-            settings[key], _ = preset[key], used.append(key)
+            settings[key] = preset[key]
+            used.append(key)
         else:
             settings[key] = _GLOBAL_DEFAULTS[key]
     return settings, used
