@@ -10,7 +10,8 @@ Methods: ``plain`` (the dense layer), ``before`` (today's functional.py over ker
 --before-commit, default cc9511b: the eager path before its workspace buffers), ``direct`` (every term materialised, tests/nrpm_reference.py;
 only where it fits, run in a child process), ``previous`` (the first chunked implementation:
 chunked forward + autograd-recompute backward, loaded from ``git show 92e2650:...``), ``new``
-(analytic backward, eager) and ``compiled`` (new, chunk functions through torch.compile).
+(analytic backward, eager chunks), ``compiled`` (new, chunk functions through torch.compile) and
+``fused`` (the fused C kernels of robust_surgery/nn/cpu_kernels.py, the CPU default).
 
 Timings: median of --runs runs, methods interleaved round-robin in this process, so ratios
 are comparable even on a noisy shared machine. Peak memory: each (case, method) once more in a
@@ -18,7 +19,7 @@ fresh child process; reported as the growth of its resident high-water mark (VmH
 resident size after setup (inputs and model built, torch loaded).
 
     python benchmarks/nrpm_kernels.py [--runs 3] [--resnet-batch 128] [--threads 2] [--skip-direct]
-        [--cases linear,conv1,conv8,resnet20] [--methods plain,previous,new,compiled] [--json PATH]
+        [--cases linear,conv1,conv8,resnet20] [--methods plain,new,fused] [--json PATH]
 
 GPU section (runs when CUDA is available, after the CPU section; ``--gpu-only`` skips the CPU
 one): the same four cases on the GPU (ResNet-20 at --resnet-batch, default 128), methods
@@ -63,6 +64,7 @@ from robust_surgery.nn import functional as nrpm_functional  # noqa: E402
 from robust_surgery.fileutil import atomic_path  # noqa: E402
 from robust_surgery.nn import kernels  # noqa: E402
 from robust_surgery.nn import triton_kernels  # noqa: E402
+from robust_surgery.nn import cpu_kernels  # noqa: E402
 
 LAM = 0.5
 PREVIOUS_COMMIT = "92e2650"  # the first chunked implementation (autograd-recompute backward)
@@ -112,10 +114,12 @@ def _use(method: str, prev=None):
     """Point the layers at the implementation of ``method``.
 
     previous: functional.py of PREVIOUS_COMMIT; before: today's functional.py over kernels.py of
-    --before-commit (loaded by main into _IMPLS); new / compiled / eager / triton: the working tree.
+    --before-commit (loaded by main into _IMPLS); new / compiled / eager / triton / fused: the
+    working tree (fused: the C kernels of cpu_kernels.py; new and eager: the eager chunks).
     """
     kernels.use_compile(method == "compiled")
     triton_kernels.use_triton(method == "triton")
+    cpu_kernels.use_cpu_kernel(method == "fused")
     impl = prev if method == "previous" else nrpm_functional
     nrpm_layers.nrpm_linear = impl.nrpm_linear
     nrpm_layers.nrpm_conv = impl.nrpm_conv
@@ -322,14 +326,15 @@ def cpu_section(args) -> dict:
                 step(m)
                 times[m].append(time.perf_counter() - t)
                 cpu[m].append(time.process_time() - c)
-        _use("new", prev)
+        _use("fused", prev)
         for m in methods:
             results[m]["time"] = statistics.median(times[m])
             results[m]["cpu_time"] = statistics.median(cpu[m])
-        if "new" in outs:
+        ref_m = "new" if "new" in outs else None
+        if ref_m:
             for m in methods:
                 if m != "plain":
-                    results[m]["maxrel"] = _maxrel(outs[m], outs["new"])
+                    results[m]["maxrel"] = _maxrel(outs[m], outs[ref_m])
         if direct_fits(case, args):
             d = run_child(case, "direct", args, runs=1)
             results["direct"] = d
@@ -353,16 +358,19 @@ def cpu_section(args) -> dict:
     print(f"NRPM forward+backward, float32, CPU ({os.cpu_count()} cores, {args.threads} threads, shared and noisy: "
           f"compare ratios). Time: median of {args.runs}; memory: peak resident growth of a fresh process.")
     print()
-    print("| case | plain | direct | previous | new (eager) | new (compiled) | new vs direct | new vs previous "
-          "| compiled vs previous | new / plain | compiled / plain | bound: unfused | bound: fused | compiled / fused bound |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-
+    names = {"plain": "plain", "direct": "direct", "before": "before", "previous": "previous", "new": "eager",
+             "compiled": "compiled", "fused": "fused (C)"}
+    shown = [m for m in ("plain", "direct", "before", "previous", "new", "compiled", "fused")
+             if any(m in r for *_, r, _ in rows)]
+    best = "fused" if "fused" in shown else "new"
+    print("| case | " + " | ".join(names[m] for m in shown) + f" | {names[best]} vs direct | {names[best]} vs eager "
+          f"| {names[best]} / plain | bound: unfused | bound: fused | {names[best]} / fused bound |")
+    print("|" + " --- |" * (len(shown) + 7))
     for case, title, terms, K, r, lower in rows:
         g = r.get
-        print(f"| {title} | {_cell(g('plain'))} | {_cell(g('direct'))} | {_cell(g('previous'))} | {_cell(g('new'))} "
-              f"| {_cell(g('compiled'))} | {_ratio(g('direct'), g('new'))} | {_ratio(g('previous'), g('new'))} "
-              f"| {_ratio(g('previous'), g('compiled'))} | {_ratio(g('new'), g('plain'))} | {_ratio(g('compiled'), g('plain'))} "
-              f"| {lower[0]:.3g} s | {lower[1]:.3g} s | {g('compiled', {}).get('time', math.nan) / lower[1]:.0f}× |")
+        print(f"| {title} | " + " | ".join(_cell(g(m)) for m in shown)
+              + f" | {_ratio(g('direct'), g(best))} | {_ratio(g('new'), g(best))} | {_ratio(g(best), g('plain'))} "
+              f"| {lower[0]:.3g} s | {lower[1]:.3g} s | {g(best, {}).get('time', math.nan) / lower[1]:.0f}× |")
     print()
     print(f"Roofline-style bounds: terms × {ops_per_term(1)} (K=1) or {ops_per_term(3)} (K=3) operations per term "
           f"(forward+backward, see ops_per_term) over (unfused) the measured L2-resident elementwise rate, "
@@ -372,7 +380,7 @@ def cpu_section(args) -> dict:
     for case, title, terms, K, r, lower in rows:
         errs = {m: v.get("maxrel") for m, v in r.items() if v.get("maxrel") is not None}
         firsts = {m: round(v["first"], 2) for m, v in r.items() if "first" in v}
-        print(f"- {case}: max |Δ| / max |y| vs new: {errs}; first-call times (s, compile included): {firsts}")
+        print(f"- {case}: max |Δ| / max |y| vs eager: {errs}; first-call times (s, compile included): {firsts}")
     return {"device": "cpu", "threads": args.threads, "runs": args.runs, "throughput": thr,
             "cases": [{"case": c, "title": t, "terms": n, "K": K, "results": r,
                        "bound_unfused_s": lo[0], "bound_fused_s": lo[1]} for c, t, n, K, r, lo in rows]}
@@ -516,7 +524,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resnet-batch", type=int, default=128)
     p.add_argument("--cases", default="linear,conv1,conv8,resnet20")
-    p.add_argument("--methods", default="plain,previous,new,compiled",
+    p.add_argument("--methods", default="plain,new,fused",
                    help="CPU section methods (also: before = kernels.py of --before-commit)")
     p.add_argument("--before-commit", default=BEFORE_COMMIT)
     p.add_argument("--skip-direct", action="store_true")

@@ -1,7 +1,8 @@
 """Fast NRPM (issue 5): analytic chunked backward, conv row blocks, layouts, memory, fallbacks.
 
 Everything is compared with the direct reference (tests/nrpm_reference.py): float64 to 1e-6
-relative, float32 to 1e-4.
+relative, float32 to 1e-4. The correctness tests run twice (fixture ``path``): through the fused
+C kernels (robust_surgery/nn/cpu_kernels.py, the CPU default) and through the eager chunks.
 """
 from __future__ import annotations
 
@@ -16,10 +17,29 @@ from torch import nn
 import nrpm_reference as ref
 from robust_surgery.nn import NRPMConv1d, NRPMConv2d, NRPMConv3d, NRPMLinear, NRPMSettings
 from robust_surgery.nn import functional as Fn
-from robust_surgery.nn import kernels
+from robust_surgery.nn import cpu_kernels, kernels
 
 KIB = 1024
 NORMS = ["L1", "MCP", "Huber", "HM", "L2"]
+
+
+@pytest.fixture(params=["fused", "eager"])
+def path(request, monkeypatch):
+    """Run the test through the fused C kernels or the eager chunks (and check the right one ran)."""
+    fused = request.param == "fused"
+    monkeypatch.setattr(cpu_kernels.switch, "value", fused)
+    if fused:
+        assert cpu_kernels.library() is not None, f"the C kernel did not build: {cpu_kernels._build_error}"
+    before = dict(cpu_kernels.calls)
+    yield request.param
+    if not fused:  # (that the fused path dispatches is checked in test_nrpm_cpu_kernel.py)
+        assert cpu_kernels.calls == before
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """The eager chunked path only (tests of its chunking, compile option and memory budget)."""
+    monkeypatch.setattr(cpu_kernels.switch, "value", False)
 
 
 def _settings(norm, K):
@@ -42,7 +62,7 @@ def _grads(out, params):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("lam", [0.0, 0.3])
-def test_linear_forward_and_gradients_match_direct(norm, K, lam):
+def test_linear_forward_and_gradients_match_direct(norm, K, lam, path):
     torch.manual_seed(0)
     dense = nn.Linear(37, 11).double()
     layer = NRPMLinear.from_dense(dense, _settings(norm, K), lam=lam, memory_budget=8 * KIB)  # many chunks
@@ -91,7 +111,7 @@ def _conv_pair(case, norm, K, lam, dtype=torch.float64, budget=6 * KIB):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}d-c{c[1]}-g{c[7]}-s{c[4]}-d{c[6]}-{c[8]}")
-def test_conv_forward_and_gradients_match_direct(case):
+def test_conv_forward_and_gradients_match_direct(case, path):
     torch.manual_seed(1)
     for norm, K, lam in (("L1", 3, 0.3), ("HM", 1, 0.0), ("MCP", 1, 0.3), ("Huber", 3, 0.0)):
         dense, layer = _conv_pair(case, norm, K, lam)
@@ -103,7 +123,7 @@ def test_conv_forward_and_gradients_match_direct(case):
         _close(ours, theirs)
 
 
-def test_conv_row_blocks_and_chunks_agree_with_one_chunk():
+def test_conv_row_blocks_and_chunks_agree_with_one_chunk(path):
     """Tiny budget: one batch item unfolded at a time, many row and output chunks; huge budget: one."""
     torch.manual_seed(2)
     case = CONV_CASES[0]
@@ -114,7 +134,7 @@ def test_conv_row_blocks_and_chunks_agree_with_one_chunk():
     _close(_grads(small(x), params), _grads(big(x), params), rtol=1e-12)
 
 
-def test_float32_agrees_with_float64_direct():
+def test_float32_agrees_with_float64_direct(path):
     torch.manual_seed(3)
     dense, layer = _conv_pair(CONV_CASES[0], "L1", 3, 0.3, dtype=torch.float32, budget=64 * KIB)
     x = torch.randn(2, 8, 6, 7, requires_grad=True)
@@ -193,7 +213,7 @@ def test_register_reweight_with_derivative_argument():
         Fn.REWEIGHT_DERIVATIVES.pop("sq-fast-test", None)
 
 
-def test_saves_only_inputs_and_small_iterates():
+def test_saves_only_inputs_and_small_iterates(path):
     """Autograd keeps x, w, z0 and the K per-output iterates and sums (2K x output size); nothing per term."""
     torch.manual_seed(0)
     x = torch.randn(1, 64, 50, requires_grad=True)
@@ -223,7 +243,7 @@ def test_skips_work_that_cannot_matter():
     assert Fn.mix(torch.tensor(0.0), torch.randn(2, 2), z) is z
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+def test_compile_failure_falls_back_to_eager(monkeypatch, eager):
     torch.manual_seed(0)
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
@@ -243,11 +263,11 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         _close(got, want, rtol=1e-12)
         assert not kernels.compile_enabled()
     finally:
-        kernels._compile = None
+        kernels.switch.set(None)
 
 
 @pytest.mark.slow
-def test_compiled_path_matches_eager():
+def test_compiled_path_matches_eager(eager):
     """torch.compile (inductor C++) of the chunk functions: same numbers. Slow (compilation)."""
     torch.manual_seed(0)
     conv = NRPMConv2d(8, 8, 3, padding=1, settings=NRPMSettings("L1", 3), lam=0.3)
@@ -257,20 +277,23 @@ def test_compiled_path_matches_eager():
     try:
         got = _grads(conv(x), (x, conv.weight, conv.bias))
     finally:
-        kernels._compile = None
+        kernels.switch.set(None)
     _close(got, want, rtol=1e-4)
 
 
-def test_peak_memory_stays_under_budget():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_peak_memory_stays_under_budget(fused):
     """A 64→64 3×3 conv (2×16×16, K=3) under a 16 MiB budget: the process grows by about the budget.
 
+    Eager: the chunks' term tensors; fused: only the unfolded input block and the gradients.
     Fresh process; growth of its resident high-water mark (VmHWM) over the resident size after
     setup, against the budget plus what must exist anyway (inputs, outputs, gradients, iterates).
     """
     code = textwrap.dedent(
         """
         import torch
-        from robust_surgery.nn import NRPMConv2d, NRPMSettings
+        from robust_surgery.nn import NRPMConv2d, NRPMSettings, cpu_kernels
+        cpu_kernels.use_cpu_kernel(FUSED)
         def vm(f):
             return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(f + ":")][0]
         torch.manual_seed(0)
@@ -284,6 +307,7 @@ def test_peak_memory_stays_under_budget():
         print(vm("VmHWM") - base, budget)
         """
     )
+    code = code.replace("FUSED", str(fused))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     growth, budget = map(int, out.stdout.split()[-2:])

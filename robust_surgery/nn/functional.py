@@ -156,6 +156,28 @@ def _dreweight_hm(dist, *, eps, gamma, delta):
     return torch.where((v > eps) & (v < 1.0), -(c * gamma) * t * t, torch.zeros_like(t))
 
 
+NORM_CODES = {"L2": 0, "L1": 1, "MCP": 2, "Huber": 3, "HM": 4}  # the fused kernels' numbering
+_BUILTIN = {
+    "L2": (_reweight_l2, _dreweight_l2),
+    "L1": (_reweight_l1, _dreweight_l1),
+    "MCP": (_reweight_mcp, _dreweight_mcp),
+    "Huber": (_reweight_huber, _dreweight_huber),
+    "HM": (_reweight_hm, _dreweight_hm),
+}
+
+
+def builtin_norm_code(norm: str) -> int | None:
+    """The fused kernels' code of ``norm`` while it is registered with its built-in φ and φ', else None.
+
+    The fused kernels (C on CPU, Triton on GPU) hard-code the built-in functions; a norm
+    re-registered by the user runs the eager path.
+    """
+    builtin = _BUILTIN.get(norm)
+    if builtin is None or (REWEIGHTS.get(norm), REWEIGHT_DERIVATIVES.get(norm)) != builtin:
+        return None
+    return NORM_CODES[norm]
+
+
 # --------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------

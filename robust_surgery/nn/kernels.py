@@ -44,21 +44,38 @@ _D_FIRST_BELOW = 32  # use the D-first layout for D below this
 # elementwise work and the reductions, so the term tensors are mostly never written). Off by
 # default: compiling costs ~10-30 s per configuration on first use (cached on disk afterwards).
 # Turn on with ROBUST_SURGERY_NRPM_COMPILE=1 or use_compile(True); any failure falls back to eager.
-_compile: Optional[bool] = None
+class Switch:
+    """An on/off setting of an NRPM execution path: set from code with :meth:`set`, else read from
+    the environment variable ``env`` (``0``/``false``/``no``/``off`` mean off), else ``default``.
+    ``set(None)`` hands the say back to the environment."""
+
+    def __init__(self, env: str, default: bool):
+        self.env, self.default, self.value = env, default, None
+
+    def set(self, enabled: Optional[bool]) -> None:
+        self.value = None if enabled is None else bool(enabled)
+
+    def __call__(self) -> bool:
+        if self.value is not None:
+            return self.value
+        raw = os.environ.get(self.env)
+        if raw is None:
+            return self.default
+        return raw.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+switch = Switch("ROBUST_SURGERY_NRPM_COMPILE", default=False)
 _compiled: dict = {}
 
 
 def use_compile(enabled: bool = True) -> None:
     """Run the chunk functions through ``torch.compile`` (True) or eagerly (False)."""
-    global _compile
-    _compile = bool(enabled)
+    switch.set(enabled)
 
 
 def compile_enabled() -> bool:
     """Whether the compiled chunk functions are used (``use_compile`` or ROBUST_SURGERY_NRPM_COMPILE)."""
-    if _compile is not None:
-        return _compile
-    return os.environ.get("ROBUST_SURGERY_NRPM_COMPILE", "0").lower() in ("1", "true", "yes", "on")
+    return switch()
 
 
 def _call(fn, *args):
@@ -354,37 +371,38 @@ def _autograd_chunk(x, w, z0, g, K, reweight, d_first, need_x, need_w):
     return gx, gw, next(grads)
 
 
-def _fused_chunk_functions(src, x, w, z0, settings, rows: int, outs: int):
-    """The fused Triton (forward, backward) chunk functions when they can run this problem, else None.
+def _fused_kernels(x, w, z0, settings):
+    """The module of fused kernels that can run this problem (cpu_kernels or triton_kernels), else None.
 
-    Only CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import) are considered;
-    Triton is imported on first such use. ``rows``, ``outs``: the eager chunk sizes, for a fallback.
+    CPU tensors run the C kernels; CUDA tensors the Triton ones. With TRITON_INTERPRET=1 set
+    before import, CPU tensors run the Triton kernels in Triton's interpreter instead (tests).
+    Triton is imported on first such use.
     """
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        from . import cpu_kernels as fused
+    elif x.device.type in ("cpu", "cuda"):
+        from . import triton_kernels as fused
+    else:
         return None
-    from . import triton_kernels as tk
-
-    if not tk.supports(settings, x, w, z0):
-        return None
-    return tk.chunk_functions(settings, _eager_backward, rows, outs)
+    return fused if fused.supports(settings, x, w, z0) else None
 
 
 def run(src, x, w, z0, settings, reweight, dreweight: Optional[Callable], rows: int, outs: int) -> torch.Tensor:
     """z_NRPM (G, R, O) from a row source; differentiable in x, w and z0 when grad mode needs it.
 
-    CUDA tensors run the fused Triton kernels (robust_surgery.nn.triton_kernels) where they
-    support the problem, one row block per launch; everything else runs the eager chunks.
+    Where fused kernels support the problem (C on CPU, robust_surgery.nn.cpu_kernels; Triton on
+    CUDA, robust_surgery.nn.triton_kernels) they run one whole row block per call, with nothing
+    term-sized in memory; everything else runs the eager chunks.
     """
     d_first = src.D < _D_FIRST_BELOW
-    fused = _fused_chunk_functions(src, x, w, z0, settings, rows, outs)
+    fused = _fused_kernels(x, w, z0, settings)
     if fused is None:
         return _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first)
-    try:  # nothing term-sized: whole row blocks, all outputs
-        return _run(src, x, w, z0, settings, reweight, dreweight, src.block_rows, w.shape[1], d_first, fused)
-    except Exception as err:  # noqa: BLE001 - a Triton compile/launch failure: eager from now on
-        from . import triton_kernels as tk
-
-        tk.disable(err)
+    fns = fused.chunk_functions(settings, _eager_backward, rows, outs)
+    try:
+        return _run(src, x, w, z0, settings, reweight, dreweight, src.block_rows, w.shape[1], d_first, fns)
+    except Exception as err:  # noqa: BLE001 - a compile/launch failure: eager from now on
+        fused.disable(err)
         return _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first)
 
 

@@ -28,9 +28,8 @@ the eager path.
 """
 from __future__ import annotations
 
-import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -41,25 +40,22 @@ except Exception:  # noqa: BLE001 - any import failure (missing, broken toolchai
     triton = None
     tl = None
 
-from .kernels import S_MIN  # the release's max(Σ w, 1e-12)
-NORM_CODES = {"L2": 0, "L1": 1, "MCP": 2, "Huber": 3, "HM": 4}
+from .functional import NORM_CODES, builtin_norm_code
+from .kernels import S_MIN, Switch  # S_MIN: the release's max(Σ w, 1e-12)
 DTYPES = (torch.float32, torch.float64)
 
-_enabled: Optional[bool] = None
+switch = Switch("ROBUST_SURGERY_NRPM_TRITON", default=True)
 launches = {"forward": 0, "backward": 0}  # kernel launches in this process (tests check dispatch)
 
 
 def use_triton(enabled: bool = True) -> None:
     """Use the fused Triton kernels where supported (True) or always the eager path (False)."""
-    global _enabled
-    _enabled = bool(enabled)
+    switch.set(enabled)
 
 
 def triton_enabled() -> bool:
     """Whether the Triton path may be used (``use_triton`` or env ROBUST_SURGERY_NRPM_TRITON, default on)."""
-    if _enabled is not None:
-        return _enabled
-    return os.environ.get("ROBUST_SURGERY_NRPM_TRITON", "1").lower() not in ("0", "false", "no", "off")
+    return switch()
 
 
 def available() -> bool:
@@ -70,20 +66,6 @@ def available() -> bool:
 def interpreted() -> bool:
     """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import): CPU tensors work."""
     return triton is not None and type(_irls_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _builtin_norm(norm: str) -> bool:
-    """The norm is built in and still registered with its built-in φ and φ' (the kernels hard-code them)."""
-    from . import functional as Fn
-
-    builtin = {
-        "L2": (Fn._reweight_l2, Fn._dreweight_l2),
-        "L1": (Fn._reweight_l1, Fn._dreweight_l1),
-        "MCP": (Fn._reweight_mcp, Fn._dreweight_mcp),
-        "Huber": (Fn._reweight_huber, Fn._dreweight_huber),
-        "HM": (Fn._reweight_hm, Fn._dreweight_hm),
-    }.get(norm)
-    return builtin is not None and (Fn.REWEIGHTS.get(norm), Fn.REWEIGHT_DERIVATIVES.get(norm)) == builtin
 
 
 def supports(settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> bool:
@@ -100,7 +82,7 @@ def supports(settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> bo
         return False
     if x.numel() == 0 or w.numel() == 0 or settings.K < 1:
         return False
-    return _builtin_norm(settings.norm)
+    return builtin_norm_code(settings.norm) is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+/* Fused CPU kernels for the NRPM IRLS: forward and analytic backward, float32 and float64.
+ *
+ * The math is stated in robust_surgery/nn/functional.py (the reweighting functions phi and
+ * their derivatives) and its vector-Jacobian product in robust_surgery/nn/kernels.py; this file
+ * computes exactly that, one (row, output) pair at a time, streaming over the D product terms
+ * u_d = x_d a_d without storing any of them. Built and loaded by cpu_kernels.py (ctypes), which
+ * documents the layouts:
+ *   x (G, R, D), w (G, O, D), z tensors (G, R, O), all contiguous;
+ *   zs, ss: (K, G, R, O) = z_1..z_K and the weight sums S_0..S_{K-1} (kept for backward).
+ * Rows (g, r) are shared out over OpenMP threads; in backward each thread adds its weight
+ * gradient into its own slice of gw_scratch (threads, G, O, D), summed by the caller.
+ *
+ * The file includes itself once per dtype (REAL = float, double).
+ */
+#ifndef NRPM_BODY
+#define NRPM_BODY
+#include <stdint.h>
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define NRPM_ABS(v) ((v) < 0 ? -(v) : (v))
+#define NRPM_SIGN(v) ((REAL)(((v) > 0) - ((v) < 0)))
+
+/* norm codes: 0 L2, 1 L1, 2 MCP, 3 Huber, 4 HM (functional.NORM_CODES) */
+#define NRPM_DISPATCH(norm, CALL) \
+    switch (norm) {               \
+    case 0: CALL(0); break;       \
+    case 1: CALL(1); break;       \
+    case 2: CALL(2); break;       \
+    case 3: CALL(3); break;       \
+    default: CALL(4); break;      \
+    }
+
+#define REAL float
+#define NAME(n) n##_f32
+#include __FILE__
+#undef REAL
+#undef NAME
+
+#define REAL double
+#define NAME(n) n##_f64
+#include __FILE__
+#undef REAL
+#undef NAME
+
+#else /* NRPM_BODY: the kernels for one REAL type */
+
+/* phi(dist) and phi'(dist); phi' = 0 where a clamp is active or tied (torch's subgradient). */
+static inline __attribute__((always_inline)) REAL NAME(phi)(REAL dist, const int norm, REAL eps, REAL gamma,
+                                                            REAL delta, REAL *dw)
+{
+    REAL t, v, c;
+    switch (norm) {
+    case 0: /* L2 */
+        *dw = 0;
+        return 1;
+    case 1: /* L1 */
+        t = 1 / (dist + eps);
+        *dw = -t * t;
+        return t;
+    case 2: /* MCP */
+        t = 1 / (dist + eps);
+        v = t - 1 / gamma;
+        *dw = v > eps ? -t * t : 0;
+        return v > eps ? v : eps;
+    case 3: /* Huber */
+        t = delta / (dist + eps);
+        *dw = t < 1 ? -t * t / delta : 0;
+        return t < 1 ? t : 1;
+    default: /* HM */
+        t = 1 / (dist + eps);
+        c = delta / (gamma - delta);
+        v = c * (gamma * t - 1);
+        *dw = (v > eps && v < 1) ? -(c * gamma) * t * t : 0;
+        return v < eps ? eps : (v > 1 ? 1 : v);
+    }
+}
+
+/* K IRLS steps for every output of one row. */
+static inline __attribute__((always_inline)) void NAME(fwd_row)(
+    const REAL *restrict xr, const REAL *restrict wg, const REAL *restrict z0r, REAL *restrict outr,
+    REAL *restrict zsr, REAL *restrict ssr, int64_t O, int64_t D, int K, int64_t plane, int keep,
+    const int norm, REAL eps, REAL gamma, REAL delta)
+{
+    const REAL Dr = (REAL)D;
+    const REAL smin = (REAL)1e-12;
+    for (int64_t o = 0; o < O; o++) {
+        const REAL *restrict a = wg + o * D;
+        REAL z = z0r[o];
+        for (int k = 0; k < K; k++) {
+            const REAL c = z / Dr;
+            REAL num = 0, den = 0;
+#pragma omp simd reduction(+ : num, den)
+            for (int64_t d = 0; d < D; d++) {
+                const REAL u = xr[d] * a[d];
+                const REAL r = u - c;
+                REAL dw;
+                const REAL wt = NAME(phi)(NRPM_ABS(r), norm, eps, gamma, delta, &dw);
+                den += wt;
+                num += wt * u;
+            }
+            z = Dr * num / (den > smin ? den : smin);
+            if (keep) {
+                zsr[k * plane + o] = z;
+                ssr[k * plane + o] = den;
+            }
+        }
+        outr[o] = z;
+    }
+}
+
+void NAME(nrpm_forward)(const REAL *x, const REAL *w, const REAL *z0, REAL *out, REAL *zs, REAL *ss,
+                        int64_t G, int64_t R, int64_t O, int64_t D, int K, int norm, double eps,
+                        double gamma, double delta, int keep, int threads)
+{
+    const int64_t plane = G * R * O, rows = G * R;
+    const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t gr = 0; gr < rows; gr++) {
+        const int64_t g = gr / R;
+        const REAL *xr = x + gr * D;
+        const REAL *wg = w + g * O * D;
+#define NRPM_FWD(N) \
+    NAME(fwd_row)(xr, wg, z0 + gr * O, out + gr * O, zs + gr * O, ss + gr * O, O, D, K, plane, keep, N, e, ga, de)
+        NRPM_DISPATCH(norm, NRPM_FWD)
+#undef NRPM_FWD
+    }
+}
+
+/* Analytic VJP of the K steps for every output of one row: adds into gxr (D) and gwg (O, D). */
+static inline __attribute__((always_inline)) void NAME(bwd_row)(
+    const REAL *restrict xr, const REAL *restrict wg, const REAL *restrict z0r, const REAL *restrict zsr,
+    const REAL *restrict ssr, const REAL *restrict gr_in, REAL *restrict gxr, REAL *restrict gwg,
+    REAL *restrict gz0r, int64_t O, int64_t D, int K, int64_t plane, int need_x, int need_w, const int norm,
+    REAL eps, REAL gamma, REAL delta)
+{
+    const REAL Dr = (REAL)D;
+    const REAL smin = (REAL)1e-12;
+    for (int64_t o = 0; o < O; o++) {
+        const REAL *restrict a = wg + o * D;
+        REAL *restrict gwo = gwg + o * D;
+        REAL grad = gr_in[o];
+        for (int k = K - 1; k >= 0; k--) {
+            const REAL zk = k == 0 ? z0r[o] : zsr[(k - 1) * plane + o];
+            const REAL zk1 = zsr[k * plane + o];
+            const REAL S = ssr[k * plane + o];
+            const REAL Sc = S > smin ? S : smin;
+            const REAL zn = S > smin ? zk1 / Dr : 0; /* clamp active: the z_{k+1} term drops */
+            const REAL c = zk / Dr;
+            const REAL gs = grad * Dr / Sc;
+            REAL asum = 0;
+#pragma omp simd reduction(+ : asum)
+            for (int64_t d = 0; d < D; d++) {
+                const REAL u = xr[d] * a[d];
+                const REAL r = u - c;
+                REAL dw;
+                const REAL wt = NAME(phi)(NRPM_ABS(r), norm, eps, gamma, delta, &dw);
+                const REAL av = dw * NRPM_SIGN(r) * (u - zn);
+                asum += av;
+                const REAL gu = (wt + av) * gs;
+                if (need_x)
+                    gxr[d] += gu * a[d];
+                if (need_w)
+                    gwo[d] += gu * xr[d];
+            }
+            grad = -(grad / Sc) * asum;
+        }
+        gz0r[o] = grad;
+    }
+}
+
+void NAME(nrpm_backward)(const REAL *x, const REAL *w, const REAL *z0, const REAL *zs, const REAL *ss,
+                         const REAL *grad, REAL *gx, REAL *gw_scratch, REAL *gz0, int64_t G, int64_t R,
+                         int64_t O, int64_t D, int K, int norm, double eps, double gamma, double delta,
+                         int need_x, int need_w, int threads)
+{
+    const int64_t plane = G * R * O, rows = G * R;
+    const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num();
+#else
+        const int64_t tid = 0;
+#endif
+        REAL *gwt = gw_scratch + tid * G * O * D;
+#pragma omp for schedule(static)
+        for (int64_t gr = 0; gr < rows; gr++) {
+            const int64_t g = gr / R;
+            REAL *gxr = need_x ? gx + gr * D : NULL;
+#define NRPM_BWD(N)                                                                                       \
+    NAME(bwd_row)(x + gr * D, w + g * O * D, z0 + gr * O, zs + gr * O, ss + gr * O, grad + gr * O, gxr,  \
+                  gwt + g * O * D, gz0 + gr * O, O, D, K, plane, need_x, need_w, N, e, ga, de)
+            NRPM_DISPATCH(norm, NRPM_BWD)
+#undef NRPM_BWD
+        }
+    }
+}
+
+#endif /* NRPM_BODY */

@@ -1,0 +1,239 @@
+"""Fused C kernels for the NRPM IRLS on CPU (forward and analytic backward).
+
+The eager chunked path (:mod:`robust_surgery.nn.kernels`) materialises every chunk's product
+terms and spends most of its time writing and reading them; these kernels compute the same
+numbers (same φ, φ', IRLS step and vector-Jacobian product) one (row, output) pair at a time,
+with the terms only ever in vector registers, in ``_nrpm_cpu.c``:
+
+* forward: per row and output, K passes over the D terms, each accumulating ``Σ w`` and
+  ``Σ w u``; writes z_K and, when backward will follow, z_1..z_K and S_0..S_{K-1}.
+* backward: per row and output, k = K−1 … 0, one pass recomputing the terms, adding the term
+  gradient's two reductions into g_x (the row's own slice) and g_w (a per-thread copy, summed
+  afterwards), and carrying dL/dz_k back to z_0.
+
+Rows are shared out over ``torch.get_num_threads()`` OpenMP threads.
+
+Build: on first use the C file is compiled with the system C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``, falling back to fewer flags) into a cache
+folder (``$ROBUST_SURGERY_CACHE/kernels``, default ``~/.cache/robust_surgery/kernels``), keyed by the source, flags and CPU model, and loaded with ctypes;
+it takes about a second and happens once per machine. Without a working compiler, a warning
+says so once and the eager path runs (same numbers, slower).
+
+Supported: the built-in norms while their registered functions are the built-in ones, K ≥ 1,
+float32 and float64 CPU tensors. ``ROBUST_SURGERY_NRPM_CPU_KERNEL=0`` or :func:`use_cpu_kernel`
+(False) turns the path off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..fileutil import atomic_path
+from .functional import builtin_norm_code
+from .kernels import Switch
+
+SOURCE = Path(__file__).with_name("_nrpm_cpu.c")
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-fopenmp-simd"],
+    ["-O2"],
+)
+
+switch = Switch("ROBUST_SURGERY_NRPM_CPU_KERNEL", default=True)
+_lib: Optional[ctypes.CDLL] = None
+_build_error: Optional[str] = None
+calls = {"forward": 0, "backward": 0}  # kernel calls in this process (tests check dispatch)
+
+
+def use_cpu_kernel(enabled: bool = True) -> None:
+    """Use the fused C kernels for CPU tensors where supported (True) or always the eager path (False)."""
+    switch.set(enabled)
+
+
+def cpu_kernel_enabled() -> bool:
+    """Whether the C path may be used (``use_cpu_kernel`` or env ROBUST_SURGERY_NRPM_CPU_KERNEL, default on)."""
+    return switch()
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernel library is kept: the library's cache folder (robust_surgery.data) / kernels."""
+    from ..data import cache_dir as data_cache_dir
+
+    return data_cache_dir() / "kernels"
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_model() -> str:
+    """The CPU model (part of the cache key: -march=native code must not move to another CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _CompileError(Exception):
+    pass
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernel library; RuntimeError saying why on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
+    src = SOURCE.read_bytes()
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RuntimeError(f"cannot create the kernel cache folder {folder} ({err}); set ROBUST_SURGERY_CACHE") from err
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_model().encode(),
+                                         platform.platform().encode()])).hexdigest()[:16]
+        lib = folder / f"nrpm_cpu_{key}.so"
+        if not lib.exists():
+            try:
+                with atomic_path(lib) as tmp:  # a concurrent build finds a whole library or none
+                    cmd = [cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", str(tmp), str(SOURCE), "-lm"]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise _CompileError(f"{' '.join(flags)}: {proc.stderr.strip()[-300:] or f'exit status {proc.returncode}'}")
+            except _CompileError as err:
+                errors.append(str(err))
+                continue
+        try:
+            return _declare(ctypes.CDLL(str(lib)))
+        except OSError as err:
+            errors.append(f"{' '.join(flags)}: loading {lib} failed: {err}")
+    raise RuntimeError("compiling the NRPM CPU kernel failed: " + " | ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suffix in DTYPES.values():
+        fwd = getattr(lib, f"nrpm_forward_{suffix}")
+        fwd.argtypes = [p] * 6 + [i64] * 4 + [i, i, f, f, f, i, i]
+        fwd.restype = None
+        bwd = getattr(lib, f"nrpm_backward_{suffix}")
+        bwd.argtypes = [p] * 9 + [i64] * 4 + [i, i, f, f, f, i, i, i]
+        bwd.restype = None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, building it on first call; None (after one warning) when it cannot be built."""
+    global _lib, _build_error
+    if _lib is None and _build_error is None:
+        try:
+            _lib = _build()
+        except RuntimeError as err:
+            _build_error = str(err)
+            warnings.warn(f"NRPM: {err}; using the slower eager path", RuntimeWarning)
+    return _lib
+
+
+def supports(settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> bool:
+    """Whether the C kernels can run this problem: x (G, R, D), w (G, O, D), z0 (G, R, O).
+
+    Needs the path enabled, CPU float32/float64 tensors of one dtype, a non-empty problem,
+    K ≥ 1, a built-in norm and a library that builds.
+    """
+    if not cpu_kernel_enabled() or x.device.type != "cpu":
+        return False
+    if x.dtype not in DTYPES or w.dtype != x.dtype or z0.dtype != x.dtype:
+        return False
+    if x.numel() == 0 or w.numel() == 0 or settings.K < 1 or builtin_norm_code(settings.norm) is None:
+        return False
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _scalars(settings) -> tuple:
+    return builtin_norm_code(settings.norm), settings.eps, settings.gamma, settings.delta
+
+
+def forward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, settings, keep: bool):
+    """K IRLS steps fused. x (G, R, D), w (G, O, D), z0 (G, R, O) -> z_K (G, R, O), [z_1..z_K], [S_0..S_{K-1}].
+
+    The lists are empty unless ``keep`` (what backward needs; each entry (G, R, O)).
+    """
+    G, R, D = x.shape
+    O, K = w.shape[1], settings.K
+    x, w, z0 = x.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
+    out = torch.empty_like(z0)
+    zs = torch.empty((K, G, R, O), dtype=z0.dtype) if keep else out
+    sums = torch.empty((K, G, R, O), dtype=z0.dtype) if keep else out
+    fn = getattr(library(), f"nrpm_forward_{DTYPES[x.dtype]}")
+    fn(_ptr(x), _ptr(w), _ptr(z0), _ptr(out), _ptr(zs), _ptr(sums), G, R, O, D, K, *_scalars(settings),
+       int(keep), torch.get_num_threads())
+    calls["forward"] += 1
+    return out, (list(zs.unbind(0)) if keep else []), (list(sums.unbind(0)) if keep else [])
+
+
+def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad: torch.Tensor, settings,
+             need_x: bool, need_w: bool):
+    """Fused VJP of :func:`forward`. zs, sums: the K iterates/sums it kept; grad (G, R, O) = dL/dz_K.
+
+    Returns (g_x (G, R, D) or None, g_w (G, O, D) or None, g_z0 (G, R, O)).
+    """
+    G, R, D = x.shape
+    O, K = w.shape[1], settings.K
+    threads = torch.get_num_threads()
+    x, w, z0 = x.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
+    zstack = torch.stack(list(zs)).contiguous()
+    sstack = torch.stack(list(sums)).contiguous()
+    grad = grad.detach().contiguous()
+    gx = torch.zeros((G, R, D), dtype=x.dtype) if need_x else grad
+    gw_parts = torch.zeros((threads, G, O, D), dtype=w.dtype) if need_w else grad
+    gz0 = torch.empty_like(grad)
+    fn = getattr(library(), f"nrpm_backward_{DTYPES[x.dtype]}")
+    fn(_ptr(x), _ptr(w), _ptr(z0), _ptr(zstack), _ptr(sstack), _ptr(grad), _ptr(gx), _ptr(gw_parts), _ptr(gz0),
+       G, R, O, D, K, *_scalars(settings), int(need_x), int(need_w), threads)
+    calls["backward"] += 1
+    return (gx if need_x else None), (gw_parts.sum(0) if need_w else None), gz0
+
+
+def chunk_functions(settings, eager_backward=None, rows: int = 0, outs: int = 0):
+    """(forward_chunk, backward_chunk) with the signatures of the eager ones in kernels.py, fused.
+
+    The other arguments match triton_kernels.chunk_functions and are unused: a library that
+    built and loaded does not fail later.
+    """
+
+    def fwd(x, w, z0, K, reweight, d_first, keep):
+        return forward(x, w, z0, settings, keep)
+
+    def bwd(x, w, z0, zs, sums, g, K, reweight, dreweight, d_first, need_x, need_w):
+        return backward(x, w, z0, zs, sums, g, settings, need_x, need_w)
+
+    return fwd, bwd
+
+
+def disable(err: Exception) -> None:
+    """Warn that a kernel failed and switch the C path off for this process."""
+    warnings.warn(f"NRPM: the CPU kernel failed ({type(err).__name__}: {err}); using the eager path",
+                  RuntimeWarning)
+    use_cpu_kernel(False)
