@@ -82,6 +82,12 @@ class MiniLMSentiment(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         return self.head(self.sentence_embedding(input_ids, attention_mask, inputs_embeds))
 
+    def example_input(self, batch: int = 1, length: int = 128) -> torch.Tensor:
+        """Random token ids (batch, length), int64: a probe input for shape and cost reports."""
+        vocab = self.bert.embeddings.word_embeddings.num_embeddings
+        device = self.bert.embeddings.word_embeddings.weight.device
+        return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+
 
 @register_model(
     "minilm-sentiment",

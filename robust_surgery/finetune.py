@@ -107,7 +107,13 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def _adversarial(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_classes: int):
+def adversarial_batch(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_classes: int):
+    """Adversarial copies of the batch xb (B, ...) in [0, 1] for labels yb (B,), made against ``target``.
+
+    The attack is ``cfg.adversarial`` (FGSM/PGD) at ``cfg.eps`` under ``cfg.threat``, seeded; the
+    model is attacked in eval mode and put back in the mode it was in. Returns xb itself when
+    training is clean (no attack or ε = 0).
+    """
     if cfg.adversarial is None or cfg.eps == 0:
         return xb
     was = model.training
@@ -137,7 +143,7 @@ def _validate(model, target, cfg: FinetuneConfig, xv, yv, n_classes: int) -> dic
         robust = 0
         for i in range(0, len(xv), 500):
             xb, yb = xv[i:i + 500], yv[i:i + 500]
-            x_adv = _adversarial(model, target, cfg, xb, yb, cfg.seed + 7919 + i, n_classes)
+            x_adv = adversarial_batch(model, target, cfg, xb, yb, cfg.seed + 7919 + i, n_classes)
             with torch.no_grad():
                 ok = (target(xb).argmax(1) == yb) & (target(x_adv).argmax(1) == yb)
             robust += int(ok.sum())
@@ -145,7 +151,8 @@ def _validate(model, target, cfg: FinetuneConfig, xv, yv, n_classes: int) -> dic
     return out
 
 
-def _lr_at(cfg: FinetuneConfig, epoch: int) -> float:
+def lr_at_epoch(cfg: FinetuneConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under ``cfg.schedule``: constant, cosine or step (÷10 halfway)."""
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     if cfg.schedule == "step":
@@ -247,14 +254,14 @@ def finetune(
         for epoch in range(start, stop):
             t0 = time.time()
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, epoch)
+                group["lr"] = lr_at_epoch(cfg, epoch)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=float("nan"))
             total = 0.0
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
                 xb, yb = xt[idx].to(dev), yt[idx].to(dev)
-                x_adv = _adversarial(model, target, cfg, xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
+                x_adv = adversarial_batch(model, target, cfg, xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
                 model.train()
                 if cfg.paradigm == 2:
                     _freeze_batchnorm(model)
@@ -264,7 +271,7 @@ def finetune(
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 bar.update(task, advance=1, loss=float(loss.detach()))
-            row = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch), "train_loss": total / n,
+            row = {"epoch": epoch + 1, "lr": lr_at_epoch(cfg, epoch), "train_loss": total / n,
                    **_validate(model, target, cfg, xv.to(dev), yv.to(dev), n_classes),
                    "lam": {name: m.lam_value for name, m in model.named_modules() if isinstance(m, NRPMLayer)}}
             row["seconds"] = time.time() - t0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import THREATS, AttackTarget
-from .finetune import FinetuneConfig, _adversarial, _lr_at, load_train_val
+from .finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
 from .loops import evaluate_accuracy, training_progress
 from .meta import set_meta
 from .synthetic import SparseCodingTask, parse_synthetic_spec
@@ -156,7 +156,7 @@ def pretrain(
     with training_progress(progress) as bar:
         for epoch in range(cfg.epochs):
             t0 = time.time()
-            lr_now = _lr_at(cfg, epoch)  # finetune's schedules (reads lr, epochs, schedule)
+            lr_now = lr_at_epoch(cfg, epoch)  # finetune's schedules (reads lr, epochs, schedule)
             for group in opt.param_groups:
                 group["lr"] = lr_now
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
@@ -170,7 +170,7 @@ def pretrain(
                     xb = noise_batch(xb, eps_now, cfg.threat, noise_gen)
                 elif cfg.adversarial:
                     # finetune's attack step reads adversarial, eps, threat and pgd_steps
-                    xb = _adversarial(model, target, dataclasses.replace(cfg, eps=eps_now), xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
+                    xb = adversarial_batch(model, target, dataclasses.replace(cfg, eps=eps_now), xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
                 model.train()
                 loss = F.cross_entropy(target(xb), yb)
                 opt.zero_grad(set_to_none=True)

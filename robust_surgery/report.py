@@ -120,8 +120,12 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
     for n in names:
         hooks.append(mods[n].register_forward_hook(lambda mod, i, o, n=n: found.__setitem__(n, o.numel())))
     p = next(model.parameters(), None)
-    x = torch.rand(1, *input_shape, device=p.device if p is not None else None,
-                   dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    probe = getattr(model, "example_input", None)  # models whose input is not a float tensor (token ids)
+    if callable(probe):
+        x = probe(1)
+    else:
+        x = torch.rand(1, *input_shape, device=p.device if p is not None else None,
+                       dtype=p.dtype if p is not None and p.is_floating_point() else None)
     was = model.training
     try:
         model.eval()

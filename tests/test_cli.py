@@ -86,6 +86,17 @@ def test_inspect_plain_and_converted(tmp_path):
     assert res.exit_code == 0 and "NRPM conversion" in res.stdout
 
 
+def test_inspect_token_model_probes_with_token_ids():
+    """The text model takes int64 token ids: inspect probes it with its example_input, not float pixels."""
+    res = run("inspect", "zoo:minilm-sentiment", "--K", "1", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["totals"]["layers"] == 37  # 6 blocks × 6 Linear + the head
+    query = data["layers"][0]
+    assert query["name"] == "bert.encoder.layer.0.attention.self.query"
+    assert query["linear_flops"] == 2 * 128 * 384 * 384  # 128 tokens × a 384→384 matmul
+
+
 def test_zoo_list(tmp_path):
     res = run("zoo", "list", "--json")
     names = {e["name"] for e in json.loads(res.stdout)}
