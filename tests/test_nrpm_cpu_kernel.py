@@ -128,3 +128,58 @@ def test_switch_off_by_environment(monkeypatch):
     assert not cpu_kernels.cpu_kernel_enabled()
     monkeypatch.setenv("ROBUST_SURGERY_NRPM_CPU_KERNEL", "1")
     assert cpu_kernels.cpu_kernel_enabled()
+
+
+CONVS = [  # (layer, input shape): rows gathered from the padded input inside the kernel
+    (lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, padding_mode="reflect"), (3, 4, 9, 8)),
+    (lambda: torch.nn.Conv1d(3, 5, 4, stride=1, padding="same", dilation=2), (2, 3, 13)),
+    (lambda: torch.nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=1, groups=2), (2, 2, 4, 6, 3)),
+    (lambda: torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), (1, 6, 7, 7)),  # depthwise, one item
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONVS)))
+@pytest.mark.parametrize("need", [(True, True), (False, True), (True, False)], ids=["all", "frozen-input", "frozen-weights"])
+def test_conv_gathered_rows_equal_eager(case, need, monkeypatch):
+    from robust_surgery.nn import NRPMConv1d, NRPMConv2d, NRPMConv3d
+
+    make, shape = CONVS[case]
+    torch.manual_seed(case)
+    dense = make().double()
+    cls = {1: NRPMConv1d, 2: NRPMConv2d, 3: NRPMConv3d}[dense.weight.dim() - 2]
+    layer = cls.from_dense(dense, NRPMSettings("L1", 2), lam=0.3)
+    layer.weight.requires_grad_(need[1])
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_kernels.switch, "value", fused)
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_(need[0])
+        layer.zero_grad()
+        before = cpu_kernels.calls["backward"]
+        y = layer(x)
+        y.backward(torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+        assert (cpu_kernels.calls["backward"] > before) == fused
+        results.append([y.detach(), x.grad, layer.weight.grad, layer.lam_logit.grad])
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert _rel(a, b) <= 1e-12
+
+
+def test_conv_threads_agree():
+    from robust_surgery.nn import NRPMConv2d
+
+    torch.manual_seed(0)
+    layer = NRPMConv2d.from_dense(torch.nn.Conv2d(8, 8, 3, padding=1).double(), NRPMSettings("L1", 1), lam=0.5)
+    out = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = torch.randn(5, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+            out.append((x.grad, layer.weight.grad))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*out):
+        assert _rel(a, b) <= 1e-13

@@ -16,8 +16,12 @@
 #define NRPM_BODY
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
+#define NRPM_THREAD_ID() ((int64_t)omp_get_thread_num())
+#else
+#define NRPM_THREAD_ID() ((int64_t)0)
 #endif
 
 #define NRPM_ABS(v) ((v) < 0 ? -(v) : (v))
@@ -35,13 +39,13 @@
 
 #define REAL float
 #define NAME(n) n##_f32
-#include __FILE__
+#include "_nrpm_cpu.c"
 #undef REAL
 #undef NAME
 
 #define REAL double
 #define NAME(n) n##_f64
-#include __FILE__
+#include "_nrpm_cpu.c"
 #undef REAL
 #undef NAME
 
@@ -180,11 +184,7 @@ void NAME(nrpm_backward)(const REAL *x, const REAL *w, const REAL *z0, const REA
     const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#ifdef _OPENMP
-        const int64_t tid = omp_get_thread_num();
-#else
-        const int64_t tid = 0;
-#endif
+        const int64_t tid = NRPM_THREAD_ID();
         REAL *gwt = gw_scratch + tid * G * O * D;
 #pragma omp for schedule(static)
         for (int64_t gr = 0; gr < rows; gr++) {
@@ -196,6 +196,83 @@ void NAME(nrpm_backward)(const REAL *x, const REAL *w, const REAL *z0, const REA
             NRPM_DISPATCH(norm, NRPM_BWD)
 #undef NRPM_BWD
         }
+    }
+}
+
+/* ---- Convolutions without an unfolded input: rows gathered from the padded input xp ----
+ * Row (g, b, l) holds the D patch values xp[b*item_stride + g*group_stride + loff[l] + koff[d]]
+ * (koff: offsets of the D = C/G * prod(kernel) taps inside one item's group block, loff: offset of
+ * each output position's window). Each row is gathered into a small per-thread buffer, then runs
+ * the row kernels above; backward scatters the row's input gradient back the same way. Backward
+ * shares out whole (group, item) blocks over threads, so no two threads add into the same place. */
+static inline __attribute__((always_inline)) void NAME(gather)(REAL *restrict buf, const REAL *restrict base,
+                                                               const int64_t *restrict koff, int64_t D)
+{
+    for (int64_t d = 0; d < D; d++)
+        buf[d] = base[koff[d]];
+}
+
+void NAME(nrpm_conv_forward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
+                             const REAL *z0, REAL *out, REAL *zs, REAL *ss, int64_t G, int64_t B, int64_t Lp,
+                             int64_t O, int64_t D, int64_t item_stride, int64_t group_stride, int K, int norm,
+                             double eps, double gamma, double delta, int keep, int threads)
+{
+    const int64_t R = B * Lp, plane = G * R * O, rows = G * R;
+    const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        REAL *buf = (REAL *)malloc((size_t)D * sizeof(REAL));
+#pragma omp for schedule(static)
+        for (int64_t gr = 0; gr < rows; gr++) {
+            const int64_t g = gr / R, r = gr % R, b = r / Lp, l = r % Lp;
+            NAME(gather)(buf, xp + b * item_stride + g * group_stride + loff[l], koff, D);
+            const REAL *wg = w + g * O * D;
+#define NRPM_FWD(N) \
+    NAME(fwd_row)(buf, wg, z0 + gr * O, out + gr * O, zs + gr * O, ss + gr * O, O, D, K, plane, keep, N, e, ga, de)
+            NRPM_DISPATCH(norm, NRPM_FWD)
+#undef NRPM_FWD
+        }
+        free(buf);
+    }
+}
+
+void NAME(nrpm_conv_backward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
+                              const REAL *z0, const REAL *zs, const REAL *ss, const REAL *grad, REAL *gxp,
+                              REAL *gw_scratch, REAL *gz0, int64_t G, int64_t B, int64_t Lp, int64_t O, int64_t D,
+                              int64_t item_stride, int64_t group_stride, int K, int norm, double eps, double gamma,
+                              double delta, int need_x, int need_w, int threads)
+{
+    const int64_t R = B * Lp, plane = G * R * O, blocks = G * B;
+    const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int64_t tid = NRPM_THREAD_ID();
+        REAL *buf = (REAL *)malloc(2 * (size_t)D * sizeof(REAL));
+        REAL *gbuf = buf + D;
+        REAL *gwt = gw_scratch + tid * G * O * D;
+#pragma omp for schedule(static)
+        for (int64_t gb = 0; gb < blocks; gb++) {
+            const int64_t g = gb / B, b = gb % B;
+            for (int64_t l = 0; l < Lp; l++) {
+                const int64_t gr = g * R + b * Lp + l;
+                const int64_t at = b * item_stride + g * group_stride + loff[l];
+                NAME(gather)(buf, xp + at, koff, D);
+                if (need_x)
+                    for (int64_t d = 0; d < D; d++)
+                        gbuf[d] = 0;
+#define NRPM_BWD(N)                                                                                         \
+    NAME(bwd_row)(buf, w + g * O * D, z0 + gr * O, zs + gr * O, ss + gr * O, grad + gr * O, need_x ? gbuf : NULL, \
+                  gwt + g * O * D, gz0 + gr * O, O, D, K, plane, need_x, need_w, N, e, ga, de)
+                NRPM_DISPATCH(norm, NRPM_BWD)
+#undef NRPM_BWD
+                if (need_x) {
+                    REAL *gbase = gxp + at;
+                    for (int64_t d = 0; d < D; d++)
+                        gbase[koff[d]] += gbuf[d];
+                }
+            }
+        }
+        free(buf);
     }
 }
 

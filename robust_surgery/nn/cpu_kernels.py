@@ -11,7 +11,11 @@ with the terms only ever in vector registers, in ``_nrpm_cpu.c``:
   gradient's two reductions into g_x (the row's own slice) and g_w (a per-thread copy, summed
   afterwards), and carrying dL/dz_k back to z_0.
 
-Rows are shared out over ``torch.get_num_threads()`` OpenMP threads.
+Convolutions never unfold their input: the kernel gathers each row's D patch values from the
+padded input into a small per-thread buffer (offsets from :func:`conv_geometry`) and backward
+scatters the row's input gradient back the same way, so neither the unfolded input nor its
+gradient exists. Rows are shared out over ``torch.get_num_threads()`` OpenMP threads (conv
+backward: whole (group, item) blocks, so that no two threads add into the same input place).
 
 Build: on first use the C file is compiled with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``, falling back to fewer flags) into a cache
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -130,13 +135,17 @@ def _build() -> ctypes.CDLL:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    signatures = {
+        "nrpm_forward": [p] * 6 + [i64] * 4 + [i, i, f, f, f, i, i],
+        "nrpm_backward": [p] * 9 + [i64] * 4 + [i, i, f, f, f, i, i, i],
+        "nrpm_conv_forward": [p] * 8 + [i64] * 7 + [i, i, f, f, f, i, i],
+        "nrpm_conv_backward": [p] * 11 + [i64] * 7 + [i, i, f, f, f, i, i, i],
+    }
     for suffix in DTYPES.values():
-        fwd = getattr(lib, f"nrpm_forward_{suffix}")
-        fwd.argtypes = [p] * 6 + [i64] * 4 + [i, i, f, f, f, i, i]
-        fwd.restype = None
-        bwd = getattr(lib, f"nrpm_backward_{suffix}")
-        bwd.argtypes = [p] * 9 + [i64] * 4 + [i, i, f, f, f, i, i, i]
-        bwd.restype = None
+        for name, args in signatures.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = None
     return lib
 
 
@@ -214,6 +223,92 @@ def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad:
        G, R, O, D, K, *_scalars(settings), int(need_x), int(need_w), threads)
     calls["backward"] += 1
     return (gx if need_x else None), (gw_parts.sum(0) if need_w else None), gz0
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutions: rows gathered from the padded input inside the kernel (no unfolded copy)
+# --------------------------------------------------------------------------------------------
+def conv_geometry(src) -> dict:
+    """Offsets that address a conv row source's patches in its padded input xp (B, C, *S), contiguous.
+
+    ``koff`` (D,): offset of each patch tap inside one item's group block, in the order of
+    ``weight[o].flatten()`` (channel, then kernel positions); ``loff`` (L,): offset of each output
+    position's window; ``item``/``group``: the strides of one batch item and one channel group.
+    """
+    xp = src.xp
+    S = xp.shape[2:]
+    n = len(S)
+    sstride = [math.prod(S[j + 1:]) for j in range(n)]
+    plane = math.prod(S)
+    koff = (torch.arange(src.C // src.G) * plane).view(-1, *([1] * n))
+    loff = torch.zeros((1,) * n, dtype=torch.int64)
+    for j in range(n):
+        shape = [1] * n
+        shape[j] = -1
+        koff = koff + (torch.arange(src.kernel[j]) * src.dilation[j] * sstride[j]).view(1, *shape)
+        loff = loff + (torch.arange(src.L[j]) * src.stride[j] * sstride[j]).view(shape)
+    return {"koff": koff.reshape(-1).contiguous(), "loff": loff.reshape(-1).contiguous(),
+            "item": src.C * plane, "group": src.C // src.G * plane, "B": src.B, "Lp": src.Lp}
+
+
+def conv_forward(xp, w, z0, geo: dict, settings, keep: bool):
+    """K IRLS steps for every conv row. xp (B, C, *S) padded input, w (G, O, D), z0 (G, B·L, O).
+
+    Returns z_K (G, B·L, O) and, if ``keep``, z_1..z_K and S_0..S_{K-1} stacked (K, G, B·L, O).
+    """
+    G, O, D = w.shape
+    K = settings.K
+    xp, w, z0 = xp.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
+    out = torch.empty_like(z0)
+    zs = torch.empty((K, *z0.shape), dtype=z0.dtype) if keep else out
+    sums = torch.empty((K, *z0.shape), dtype=z0.dtype) if keep else out
+    fn = getattr(library(), f"nrpm_conv_forward_{DTYPES[xp.dtype]}")
+    fn(_ptr(xp), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(out), _ptr(zs), _ptr(sums),
+       G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"], K, *_scalars(settings), int(keep),
+       torch.get_num_threads())
+    calls["forward"] += 1
+    return out, (zs if keep else None), (sums if keep else None)
+
+
+def conv_backward(xp, w, z0, zs, sums, grad, geo: dict, settings, need_x: bool, need_w: bool):
+    """Fused VJP of :func:`conv_forward`: (g_xp (B, C, *S) or None, g_w (G, O, D) or None, g_z0)."""
+    G, O, D = w.shape
+    threads = torch.get_num_threads()
+    xp, w, z0, grad = (t.detach().contiguous() for t in (xp, w, z0, grad))
+    gxp = torch.zeros_like(xp) if need_x else grad
+    gw_parts = torch.zeros((threads, G, O, D), dtype=w.dtype) if need_w else grad
+    gz0 = torch.empty_like(grad)
+    fn = getattr(library(), f"nrpm_conv_backward_{DTYPES[xp.dtype]}")
+    fn(_ptr(xp), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(zs), _ptr(sums), _ptr(grad),
+       _ptr(gxp), _ptr(gw_parts), _ptr(gz0), G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"], settings.K,
+       *_scalars(settings), int(need_x), int(need_w), threads)
+    calls["backward"] += 1
+    return (gxp if need_x else None), (gw_parts.sum(0) if need_w else None), gz0
+
+
+class ConvPatternMatchFn(torch.autograd.Function):
+    """z_NRPM of a convolution from its padded input; saves xp, w, z0 and the small iterates."""
+
+    @staticmethod
+    def forward(ctx, xp, w, z0, geo, settings):
+        out, zs, sums = conv_forward(xp, w, z0, geo, settings, keep=True)
+        ctx.save_for_backward(xp, w, z0, zs, sums)
+        ctx.geo, ctx.settings = geo, settings
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp, w, z0, zs, sums = ctx.saved_tensors
+        gxp, gw, gz0 = conv_backward(xp, w, z0, zs, sums, grad, ctx.geo, ctx.settings, *ctx.needs_input_grad[:2])
+        return gxp, gw, gz0, None, None
+
+
+def run_conv(src, xp, w, z0, settings) -> torch.Tensor:
+    """z_NRPM (G, B·L, O) of a conv row source (kernels.ConvRows), differentiable in xp, w and z0."""
+    geo = conv_geometry(src)
+    if torch.is_grad_enabled() and (xp.requires_grad or w.requires_grad or z0.requires_grad):
+        return ConvPatternMatchFn.apply(xp, w, z0, geo, settings)
+    return conv_forward(xp, w, z0, geo, settings, keep=False)[0]
 
 
 def chunk_functions(settings, eager_backward=None, rows: int = 0, outs: int = 0):

@@ -391,15 +391,18 @@ def run(src, x, w, z0, settings, reweight, dreweight: Optional[Callable], rows: 
     """z_NRPM (G, R, O) from a row source; differentiable in x, w and z0 when grad mode needs it.
 
     Where fused kernels support the problem (C on CPU, robust_surgery.nn.cpu_kernels; Triton on
-    CUDA, robust_surgery.nn.triton_kernels) they run one whole row block per call, with nothing
-    term-sized in memory; everything else runs the eager chunks.
+    CUDA, robust_surgery.nn.triton_kernels) they run with nothing term-sized in memory: the C
+    kernels take a whole conv at once, gathering its rows from the padded input themselves, the
+    Triton kernels one unfolded row block per launch. Everything else runs the eager chunks.
     """
     d_first = src.D < _D_FIRST_BELOW
     fused = _fused_kernels(x, w, z0, settings)
     if fused is None:
         return _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first)
-    fns = fused.chunk_functions(settings, _eager_backward, rows, outs)
     try:
+        if isinstance(src, ConvRows) and hasattr(fused, "run_conv"):  # C: rows gathered in the kernel
+            return fused.run_conv(src, x, w, z0, settings)
+        fns = fused.chunk_functions(settings, _eager_backward, rows, outs)
         return _run(src, x, w, z0, settings, reweight, dreweight, src.block_rows, w.shape[1], d_first, fns)
     except Exception as err:  # noqa: BLE001 - a compile/launch failure: eager from now on
         fused.disable(err)
