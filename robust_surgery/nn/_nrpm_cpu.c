@@ -82,7 +82,18 @@ static inline __attribute__((always_inline)) REAL NAME(phi)(REAL dist, const int
     }
 }
 
-/* K IRLS steps for every output of one row. */
+/* One IRLS step's sums for output j of a block: the term u = x_d a_jd, its weight, Σ w and Σ w u. */
+#define NRPM_FWD_TERM(j)                                                          \
+    {                                                                             \
+        const REAL u = xd * a##j[d];                                              \
+        REAL dw;                                                                  \
+        const REAL wt = NAME(phi)(NRPM_ABS(u - c##j), norm, eps, gamma, delta, &dw); \
+        den##j += wt;                                                             \
+        num##j += wt * u;                                                         \
+    }
+
+/* K IRLS steps for every output of one row. Outputs go four at a time: one load of x_d serves
+ * them all and their eight sums are independent chains; the rest one at a time. */
 static inline __attribute__((always_inline)) void NAME(fwd_row)(
     const REAL *restrict xr, const REAL *restrict wg, const REAL *restrict z0r, REAL *restrict outr,
     REAL *restrict zsr, REAL *restrict ssr, int64_t O, int64_t D, int K, int64_t plane, int keep,
@@ -90,25 +101,48 @@ static inline __attribute__((always_inline)) void NAME(fwd_row)(
 {
     const REAL Dr = (REAL)D;
     const REAL smin = (REAL)1e-12;
-    for (int64_t o = 0; o < O; o++) {
-        const REAL *restrict a = wg + o * D;
+    int64_t o = 0;
+    for (; o + 4 <= O; o += 4) {
+        const REAL *restrict a0 = wg + o * D, *restrict a1 = a0 + D, *restrict a2 = a1 + D, *restrict a3 = a2 + D;
+        REAL z[4] = {z0r[o], z0r[o + 1], z0r[o + 2], z0r[o + 3]};
+        for (int k = 0; k < K; k++) {
+            const REAL c0 = z[0] / Dr, c1 = z[1] / Dr, c2 = z[2] / Dr, c3 = z[3] / Dr;
+            REAL num0 = 0, num1 = 0, num2 = 0, num3 = 0, den0 = 0, den1 = 0, den2 = 0, den3 = 0;
+#pragma omp simd reduction(+ : num0, num1, num2, num3, den0, den1, den2, den3)
+            for (int64_t d = 0; d < D; d++) {
+                const REAL xd = xr[d];
+                NRPM_FWD_TERM(0)
+                NRPM_FWD_TERM(1)
+                NRPM_FWD_TERM(2)
+                NRPM_FWD_TERM(3)
+            }
+            const REAL nums[4] = {num0, num1, num2, num3}, dens[4] = {den0, den1, den2, den3};
+            for (int j = 0; j < 4; j++) {
+                z[j] = Dr * nums[j] / (dens[j] > smin ? dens[j] : smin);
+                if (keep) {
+                    zsr[k * plane + o + j] = z[j];
+                    ssr[k * plane + o + j] = dens[j];
+                }
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            outr[o + j] = z[j];
+    }
+    for (; o < O; o++) {
+        const REAL *restrict a0 = wg + o * D;
         REAL z = z0r[o];
         for (int k = 0; k < K; k++) {
-            const REAL c = z / Dr;
-            REAL num = 0, den = 0;
-#pragma omp simd reduction(+ : num, den)
+            const REAL c0 = z / Dr;
+            REAL num0 = 0, den0 = 0;
+#pragma omp simd reduction(+ : num0, den0)
             for (int64_t d = 0; d < D; d++) {
-                const REAL u = xr[d] * a[d];
-                const REAL r = u - c;
-                REAL dw;
-                const REAL wt = NAME(phi)(NRPM_ABS(r), norm, eps, gamma, delta, &dw);
-                den += wt;
-                num += wt * u;
+                const REAL xd = xr[d];
+                NRPM_FWD_TERM(0)
             }
-            z = Dr * num / (den > smin ? den : smin);
+            z = Dr * num0 / (den0 > smin ? den0 : smin);
             if (keep) {
                 zsr[k * plane + o] = z;
-                ssr[k * plane + o] = den;
+                ssr[k * plane + o] = den0;
             }
         }
         outr[o] = z;
@@ -133,7 +167,32 @@ void NAME(nrpm_forward)(const REAL *x, const REAL *w, const REAL *z0, REAL *out,
     }
 }
 
-/* Analytic VJP of the K steps for every output of one row: adds into gxr (D) and gwg (O, D). */
+/* Backward of one IRLS step k for output j (index oj) of a block: its scalars from the saved
+ * iterates, then per term its weight, a = phi'·sign·(u − z_{k+1}/D), the term gradient
+ * gu = (w + a)·g·D/S, and the two reductions (into gxd, the row's sum over the block, and gw). */
+#define NRPM_BWD_PREP(j, oj)                                                                  \
+    const REAL S##j = ssr[k * plane + (oj)];                                                   \
+    const REAL Sc##j = S##j > smin ? S##j : smin;                                              \
+    const REAL zn##j = S##j > smin ? zsr[k * plane + (oj)] / Dr : 0; /* clamp active: drops */ \
+    const REAL c##j = (k == 0 ? z0r[oj] : zsr[(k - 1) * plane + (oj)]) / Dr;                   \
+    const REAL gs##j = grad[j] * Dr / Sc##j;                                                   \
+    REAL asum##j = 0;
+#define NRPM_BWD_TERM(j)                                                              \
+    {                                                                                 \
+        const REAL u = xd * a##j[d];                                                  \
+        const REAL r = u - c##j;                                                      \
+        REAL dw;                                                                      \
+        const REAL wt = NAME(phi)(NRPM_ABS(r), norm, eps, gamma, delta, &dw);         \
+        const REAL av = dw * NRPM_SIGN(r) * (u - zn##j);                              \
+        asum##j += av;                                                                \
+        const REAL gu = (wt + av) * gs##j;                                            \
+        gxd += gu * a##j[d];                                                          \
+        if (need_w)                                                                   \
+            gw##j[d] += gu * xd;                                                      \
+    }
+
+/* Analytic VJP of the K steps for every output of one row: adds into gxr (D) and gwg (O, D).
+ * Outputs four at a time (as in fwd_row), the rest one at a time. */
 static inline __attribute__((always_inline)) void NAME(bwd_row)(
     const REAL *restrict xr, const REAL *restrict wg, const REAL *restrict z0r, const REAL *restrict zsr,
     const REAL *restrict ssr, const REAL *restrict gr_in, REAL *restrict gxr, REAL *restrict gwg,
@@ -142,36 +201,52 @@ static inline __attribute__((always_inline)) void NAME(bwd_row)(
 {
     const REAL Dr = (REAL)D;
     const REAL smin = (REAL)1e-12;
-    for (int64_t o = 0; o < O; o++) {
-        const REAL *restrict a = wg + o * D;
-        REAL *restrict gwo = gwg + o * D;
-        REAL grad = gr_in[o];
+    int64_t o = 0;
+    for (; o + 4 <= O; o += 4) {
+        const REAL *restrict a0 = wg + o * D, *restrict a1 = a0 + D, *restrict a2 = a1 + D, *restrict a3 = a2 + D;
+        REAL *restrict gw0 = gwg + o * D, *restrict gw1 = gw0 + D, *restrict gw2 = gw1 + D, *restrict gw3 = gw2 + D;
+        REAL grad[4] = {gr_in[o], gr_in[o + 1], gr_in[o + 2], gr_in[o + 3]};
         for (int k = K - 1; k >= 0; k--) {
-            const REAL zk = k == 0 ? z0r[o] : zsr[(k - 1) * plane + o];
-            const REAL zk1 = zsr[k * plane + o];
-            const REAL S = ssr[k * plane + o];
-            const REAL Sc = S > smin ? S : smin;
-            const REAL zn = S > smin ? zk1 / Dr : 0; /* clamp active: the z_{k+1} term drops */
-            const REAL c = zk / Dr;
-            const REAL gs = grad * Dr / Sc;
-            REAL asum = 0;
-#pragma omp simd reduction(+ : asum)
+            NRPM_BWD_PREP(0, o)
+            NRPM_BWD_PREP(1, o + 1)
+            NRPM_BWD_PREP(2, o + 2)
+            NRPM_BWD_PREP(3, o + 3)
+#pragma omp simd reduction(+ : asum0, asum1, asum2, asum3)
             for (int64_t d = 0; d < D; d++) {
-                const REAL u = xr[d] * a[d];
-                const REAL r = u - c;
-                REAL dw;
-                const REAL wt = NAME(phi)(NRPM_ABS(r), norm, eps, gamma, delta, &dw);
-                const REAL av = dw * NRPM_SIGN(r) * (u - zn);
-                asum += av;
-                const REAL gu = (wt + av) * gs;
+                const REAL xd = xr[d];
+                REAL gxd = 0;
+                NRPM_BWD_TERM(0)
+                NRPM_BWD_TERM(1)
+                NRPM_BWD_TERM(2)
+                NRPM_BWD_TERM(3)
                 if (need_x)
-                    gxr[d] += gu * a[d];
-                if (need_w)
-                    gwo[d] += gu * xr[d];
+                    gxr[d] += gxd;
             }
-            grad = -(grad / Sc) * asum;
+            grad[0] = -(grad[0] / Sc0) * asum0;
+            grad[1] = -(grad[1] / Sc1) * asum1;
+            grad[2] = -(grad[2] / Sc2) * asum2;
+            grad[3] = -(grad[3] / Sc3) * asum3;
         }
-        gz0r[o] = grad;
+        for (int j = 0; j < 4; j++)
+            gz0r[o + j] = grad[j];
+    }
+    for (; o < O; o++) {
+        const REAL *restrict a0 = wg + o * D;
+        REAL *restrict gw0 = gwg + o * D;
+        REAL grad[1] = {gr_in[o]};
+        for (int k = K - 1; k >= 0; k--) {
+            NRPM_BWD_PREP(0, o)
+#pragma omp simd reduction(+ : asum0)
+            for (int64_t d = 0; d < D; d++) {
+                const REAL xd = xr[d];
+                REAL gxd = 0;
+                NRPM_BWD_TERM(0)
+                if (need_x)
+                    gxr[d] += gxd;
+            }
+            grad[0] = -(grad[0] / Sc0) * asum0;
+        }
+        gz0r[o] = grad[0];
     }
 }
 
