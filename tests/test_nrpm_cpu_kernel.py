@@ -183,3 +183,22 @@ def test_conv_threads_agree():
         torch.set_num_threads(old)
     for a, b in zip(*out):
         assert _rel(a, b) <= 1e-13
+
+
+def test_denormal_flushing_stays_inside_the_kernels():
+    """The kernels flush denormals (they cost ~30x per operation) but restore the threads' state:
+    torch code that runs afterwards, in this thread or the pool's, still sees denormal numbers."""
+    x, w, z0 = _problem(torch.float32, R=64)
+    s = NRPMSettings("L1", 1)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, zs, sums = cpu_kernels.forward(x, w, z0, s, keep=True)
+            grad = torch.full_like(out, 1e-39)  # a denormal upstream gradient
+            gx, gw, gz0 = cpu_kernels.backward(x, w, z0, zs, sums, grad, s, True, True)
+            assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+            tiny = torch.full((1 << 16,), 1e-39)
+            assert bool(((tiny * 1.0) != 0).all()), "flush-to-zero leaked out of the kernel"
+    finally:
+        torch.set_num_threads(old)
