@@ -2,7 +2,7 @@
 
 Runs `robust_surgery.evaluate` with the sanity report card on the released MNIST MLP and on
 cifar-resnet20, and writes one JSON report per model to OUT_DIR (default benchmarks/results).
-CPU budgets: with the fused C kernels a fully converted ResNet-20 (K = 1) costs about 0.06 s per
+CPU budgets: with the fused C kernels a fully converted ResNet-20 (K = 1) costs about 0.045 s per
 image per forward+backward on one core (the eager path: about 0.65 s), so --resnet20-autoattack
 runs AutoAttack on 200 points in minutes; the default run keeps its older, smaller settings.
 

@@ -10,7 +10,7 @@ FGSM and PGD accuracy on the first N test points, and the CPU seconds of its tra
     python benchmarks/paradigms.py [--models mlp,lenet,resnet20] [--n-train 10000] [--epochs 1]
         [--n-test 1000] [--out benchmarks/results/paradigms.json]
 
-cifar-resnet20 is included only when asked: a fully converted ResNet-20 costs about 0.06 s per
+cifar-resnet20 is included only when asked: a fully converted ResNet-20 costs about 0.045 s per
 image for forward + backward on one core with the fused C kernels, so one adversarial epoch on
 2000 images is about 10 minutes (README: the measured table and its command).
 """

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 import robust_surgery as rs
 from robust_surgery.cli.app import app
-from robust_surgery.reprogram.ar import ARConfig, reprogram_ar, train_ar
-from robust_surgery.reprogram.bar import BARConfig, reprogram_bar, train_bar
+from robust_surgery.reprogram.ar import ARConfig, reprogram_ar
+from robust_surgery.reprogram.bar import BARConfig, reprogram_bar
 from robust_surgery.reprogram.losses import class_balance_weights, focal_loss, mapped_nll
 from robust_surgery.reprogram.mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
-from robust_surgery.reprogram.pipeline import (ReprogrammedModel, build_reprogrammed, load_target,
+from robust_surgery.reprogram.pipeline import (ReprogrammedModel, load_target,
                                                save_reprogrammed, state_digest, target_accuracy)
 from robust_surgery.reprogram.program import CanvasSpec, Program, centre_embed, data_mask
 from robust_surgery.reprogram.query import QueryBudgetExceeded, QueryOracle
