@@ -165,7 +165,10 @@ def test_conv_gathered_rows_equal_eager(case, need, monkeypatch):
             assert _rel(a, b) <= 1e-12
 
 
-def test_conv_threads_agree():
+@pytest.mark.parametrize("batch", [5, 1], ids=["blocks-per-thread", "one-image-rows-per-thread"])
+def test_conv_threads_agree(batch):
+    """Conv backward with 2 threads equals 1 thread: whole (group, item) blocks per thread, or,
+    with a single image (fewer blocks than threads), rows per thread with private input gradients."""
     from robust_surgery.nn import NRPMConv2d
 
     torch.manual_seed(0)
@@ -175,7 +178,8 @@ def test_conv_threads_agree():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            x = torch.randn(5, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            x = torch.randn(batch, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                            requires_grad=True)
             layer.zero_grad()
             layer(x).square().sum().backward()
             out.append((x.grad, layer.weight.grad))

@@ -301,7 +301,8 @@ void NAME(nrpm_backward)(const REAL *x, const REAL *w, const REAL *z0, const REA
  * (koff: offsets of the D = C/G * prod(kernel) taps inside one item's group block, loff: offset of
  * each output position's window). Each row is gathered into a small per-thread buffer, then runs
  * the row kernels above; backward scatters the row's input gradient back the same way. Backward
- * shares out whole (group, item) blocks over threads, so no two threads add into the same place. */
+ * shares out whole (group, item) blocks over threads, so no two threads add into the same place,
+ * or, with fewer blocks than threads, single rows with a private input gradient per thread. */
 static inline __attribute__((always_inline)) void NAME(gather)(REAL *restrict buf, const REAL *restrict base,
                                                                const int64_t *restrict koff, int64_t D)
 {
@@ -338,10 +339,13 @@ void NAME(nrpm_conv_forward)(const REAL *xp, const int64_t *koff, const int64_t 
 void NAME(nrpm_conv_backward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
                               const REAL *z0, const REAL *zs, const REAL *ss, const REAL *grad, REAL *gxp,
                               REAL *gw_scratch, REAL *gz0, int64_t G, int64_t B, int64_t Lp, int64_t O, int64_t D,
-                              int64_t item_stride, int64_t group_stride, int K, int norm, double eps, double gamma,
-                              double delta, int need_x, int need_w, int threads)
+                              int64_t item_stride, int64_t group_stride, int64_t gx_stride, int K, int norm,
+                              double eps, double gamma, double delta, int need_x, int need_w, int threads)
 {
-    const int64_t R = B * Lp, plane = G * R * O, blocks = G * B;
+    /* gx_stride 0: threads share gxp and take whole (group, item) blocks of rows; otherwise (fewer
+     * blocks than threads) they take single rows and thread t adds into its own gxp + t * gx_stride */
+    const int64_t R = B * Lp, plane = G * R * O;
+    const int64_t per = gx_stride ? 1 : Lp, units = gx_stride ? G * R : G * B;
     const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -350,11 +354,12 @@ void NAME(nrpm_conv_backward)(const REAL *xp, const int64_t *koff, const int64_t
         REAL *buf = (REAL *)malloc(2 * (size_t)D * sizeof(REAL));
         REAL *gbuf = buf + D;
         REAL *gwt = gw_scratch + tid * G * O * D;
+        REAL *gxt = gxp + tid * gx_stride;
 #pragma omp for schedule(static)
-        for (int64_t gb = 0; gb < blocks; gb++) {
-            const int64_t g = gb / B, b = gb % B;
-            for (int64_t l = 0; l < Lp; l++) {
-                const int64_t gr = g * R + b * Lp + l;
+        for (int64_t unit = 0; unit < units; unit++) {
+            for (int64_t j = 0; j < per; j++) {
+                const int64_t gr = unit * per + j; /* = g * R + b * Lp + l */
+                const int64_t g = gr / R, b = (gr % R) / Lp, l = gr % Lp;
                 const int64_t at = b * item_stride + g * group_stride + loff[l];
                 NAME(gather)(buf, xp + at, koff, D);
                 if (need_x)
@@ -366,7 +371,7 @@ void NAME(nrpm_conv_backward)(const REAL *xp, const int64_t *koff, const int64_t
                 NRPM_DISPATCH(norm, NRPM_BWD)
 #undef NRPM_BWD
                 if (need_x) {
-                    REAL *gbase = gxp + at;
+                    REAL *gbase = gxt + at;
                     for (int64_t d = 0; d < D; d++)
                         gbase[koff[d]] += gbuf[d];
                 }

@@ -141,7 +141,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "nrpm_forward": [p] * 6 + [i64] * 4 + [i, i, f, f, f, i, i],
         "nrpm_backward": [p] * 9 + [i64] * 4 + [i, i, f, f, f, i, i, i],
         "nrpm_conv_forward": [p] * 8 + [i64] * 7 + [i, i, f, f, f, i, i],
-        "nrpm_conv_backward": [p] * 11 + [i64] * 7 + [i, i, f, f, f, i, i, i],
+        "nrpm_conv_backward": [p] * 11 + [i64] * 8 + [i, i, f, f, f, i, i, i],
     }
     for suffix in DTYPES.values():
         for name, args in signatures.items():
@@ -277,15 +277,19 @@ def conv_backward(xp, w, z0, zs, sums, grad, geo: dict, settings, need_x: bool, 
     G, O, D = w.shape
     threads = torch.get_num_threads()
     xp, w, z0, grad = (t.detach().contiguous() for t in (xp, w, z0, grad))
-    gxp = torch.zeros_like(xp) if need_x else grad
+    # fewer (group, item) blocks than threads (one image, say): rows go to threads one by one, and
+    # each thread adds its input gradient into a private copy, summed here
+    private = need_x and threads > 1 and G * geo["B"] < threads
+    gxp = torch.zeros((threads if private else 1, *xp.shape), dtype=xp.dtype) if need_x else grad
     gw_parts = torch.zeros((threads, G, O, D), dtype=w.dtype) if need_w else grad
     gz0 = torch.empty_like(grad)
     fn = getattr(library(), f"nrpm_conv_backward_{DTYPES[xp.dtype]}")
     fn(_ptr(xp), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(zs), _ptr(sums), _ptr(grad),
-       _ptr(gxp), _ptr(gw_parts), _ptr(gz0), G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"], settings.K,
-       *_scalars(settings), int(need_x), int(need_w), threads)
+       _ptr(gxp), _ptr(gw_parts), _ptr(gz0), G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"],
+       xp.numel() if private else 0, settings.K, *_scalars(settings), int(need_x), int(need_w), threads)
     calls["backward"] += 1
-    return (gxp if need_x else None), (gw_parts.sum(0) if need_w else None), gz0
+    gx = (gxp.sum(0) if private else gxp[0]) if need_x else None
+    return gx, (gw_parts.sum(0) if need_w else None), gz0
 
 
 class ConvPatternMatchFn(torch.autograd.Function):
