@@ -15,7 +15,8 @@ Convolutions never unfold their input: the kernel gathers each row's D patch val
 padded input into a small per-thread buffer (offsets from :func:`conv_geometry`) and backward
 scatters the row's input gradient back the same way, so neither the unfolded input nor its
 gradient exists. Rows are shared out over ``torch.get_num_threads()`` OpenMP threads (conv
-backward: whole (group, item) blocks, so that no two threads add into the same input place).
+backward: whole (group, item) blocks, so that no two threads add into the same input place; with
+fewer blocks than threads, single rows and a private input gradient per thread).
 
 Build: on first use the C file is compiled with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``; ``-O3 -march=native -mprefer-vector-width=512 -fopenmp``, falling back to
