@@ -30,14 +30,10 @@ def _input_shape(text: Optional[str], model) -> Optional[tuple[int, ...]]:
             return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
         except ValueError:
             fail(f"--input-shape must be numbers like 3,32,32 (channels first, no batch), got {text!r}")
-    info = getattr(model, "zoo_info", None)
-    arch = (getattr(model, "_robust_surgery_meta", None) or {}).get("arch", "")
-    name = info["name"] if info else (arch[4:] if arch.startswith("zoo:") else None)
-    if name:
-        from robust_surgery.zoo import get_entry
+    from robust_surgery.zoo import get_entry, zoo_name
 
-        return tuple(get_entry(name).input_shape)
-    return None
+    name = zoo_name(model)
+    return tuple(get_entry(name).input_shape) if name else None
 
 
 def _default_out(model_arg: str) -> Path:

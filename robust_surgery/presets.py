@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from .meta import get_meta
 
 _PRESETS: dict[str, dict[str, Any]] = {}
 _KEYS = ("norm", "K", "eps", "lam", "gamma", "delta", "include", "exclude")
@@ -28,24 +27,17 @@ def register_preset(zoo_name: str, *, note: str = "", **settings) -> None:
     _PRESETS[zoo_name] = {**settings, "_note": note}
 
 
-def _zoo_name(model: nn.Module) -> str | None:
-    info = getattr(model, "zoo_info", None)
-    if info:
-        return info.get("name")
-    arch = get_meta(model).get("arch") or ""
-    return arch[4:] if arch.startswith("zoo:") else None
-
-
 def preset_for(model: nn.Module) -> dict[str, Any]:
     """The recommended convert keywords for ``model`` (a zoo model), or ``{}`` when it has none."""
-    from .zoo import _ensure_registered
+    from .zoo import _ensure_registered, zoo_name
 
     _ensure_registered()
-    name = _zoo_name(model)
-    preset = _PRESETS.get(name or "", {})
+    preset = _PRESETS.get(zoo_name(model) or "", {})
     return {k: v for k, v in preset.items() if not k.startswith("_")}
 
 
 def preset_note(model: nn.Module) -> str:
     """Where the preset of ``model`` comes from (one line), or ``""``."""
-    return _PRESETS.get(_zoo_name(model) or "", {}).get("_note", "")
+    from .zoo import zoo_name
+
+    return _PRESETS.get(zoo_name(model) or "", {}).get("_note", "")

@@ -22,6 +22,7 @@ from torch import nn
 from .data import DATASETS as _IMAGE_DATASETS
 from .data import DataNotFoundError, DatasetInfo, resolve_data_root
 from .fileutil import file_sha256 as sha256_file
+from .meta import get_meta
 
 __all__ = [
     "ChecksumError",
@@ -126,6 +127,16 @@ def register_model(name: str, *, dataset: str, weights: Weights | None, descript
         return fn
 
     return deco
+
+
+def zoo_name(model: nn.Module) -> str | None:
+    """The zoo name a model came from: its ``zoo_info`` (create_model), else a saved file's
+    ``zoo:NAME`` architecture spec; None for any other model."""
+    info = getattr(model, "zoo_info", None)
+    if info:
+        return info.get("name")
+    arch = get_meta(model).get("arch") or ""
+    return arch[4:] if arch.startswith("zoo:") else None
 
 
 def _ensure_registered() -> None:

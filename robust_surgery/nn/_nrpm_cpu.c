@@ -5,10 +5,10 @@
  * computes exactly that, one (row, output) pair at a time, streaming over the D product terms
  * u_d = x_d a_d without storing any of them. Built and loaded by cpu_kernels.py (ctypes), which
  * documents the layouts:
- *   x (G, R, D), w (G, O, D), z tensors (G, R, O), all contiguous;
+ *   rows gathered from xp (see the entry points), w (G, O, D), z tensors (G, R, O), contiguous;
  *   zs, ss: (K, G, R, O) = z_1..z_K and the weight sums S_0..S_{K-1} (kept for backward).
- * Rows (g, r) are shared out over OpenMP threads; in backward each thread adds its weight
- * gradient into its own slice of gw_scratch (threads, G, O, D), summed by the caller.
+ * Rows are shared out over OpenMP threads; in backward each thread adds its weight gradient into
+ * its own slice of gw_scratch (threads, G, O, D), summed by the caller.
  *
  * The file includes itself once per dtype (REAL = float, double).
  */
@@ -164,29 +164,6 @@ static inline __attribute__((always_inline)) void NAME(fwd_row)(
     }
 }
 
-void NAME(nrpm_forward)(const REAL *x, const REAL *w, const REAL *z0, REAL *out, REAL *zs, REAL *ss,
-                        int64_t G, int64_t R, int64_t O, int64_t D, int K, int norm, double eps,
-                        double gamma, double delta, int keep, int threads)
-{
-    const int64_t plane = G * R * O, rows = G * R;
-    const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        NRPM_FLUSH_DENORMALS_BEGIN
-#pragma omp for schedule(static)
-        for (int64_t gr = 0; gr < rows; gr++) {
-            const int64_t g = gr / R;
-            const REAL *xr = x + gr * D;
-            const REAL *wg = w + g * O * D;
-#define NRPM_FWD(N) \
-    NAME(fwd_row)(xr, wg, z0 + gr * O, out + gr * O, zs + gr * O, ss + gr * O, O, D, K, plane, keep, N, e, ga, de)
-            NRPM_DISPATCH(norm, NRPM_FWD)
-#undef NRPM_FWD
-        }
-        NRPM_FLUSH_DENORMALS_END
-    }
-}
-
 /* Backward of one IRLS step k for output j (index oj) of a block: its scalars from the saved
  * iterates, then per term its weight, a = phi'·sign·(u − z_{k+1}/D), the term gradient
  * gu = (w + a)·g·D/S, and the two reductions (into gxd, the row's sum over the block, and gw). */
@@ -270,39 +247,15 @@ static inline __attribute__((always_inline)) void NAME(bwd_row)(
     }
 }
 
-void NAME(nrpm_backward)(const REAL *x, const REAL *w, const REAL *z0, const REAL *zs, const REAL *ss,
-                         const REAL *grad, REAL *gx, REAL *gw_scratch, REAL *gz0, int64_t G, int64_t R,
-                         int64_t O, int64_t D, int K, int norm, double eps, double gamma, double delta,
-                         int need_x, int need_w, int threads)
-{
-    const int64_t plane = G * R * O, rows = G * R;
-    const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        NRPM_FLUSH_DENORMALS_BEGIN
-        const int64_t tid = NRPM_THREAD_ID();
-        REAL *gwt = gw_scratch + tid * G * O * D;
-#pragma omp for schedule(static)
-        for (int64_t gr = 0; gr < rows; gr++) {
-            const int64_t g = gr / R;
-            REAL *gxr = need_x ? gx + gr * D : NULL;
-#define NRPM_BWD(N)                                                                                       \
-    NAME(bwd_row)(x + gr * D, w + g * O * D, z0 + gr * O, zs + gr * O, ss + gr * O, grad + gr * O, gxr,  \
-                  gwt + g * O * D, gz0 + gr * O, O, D, K, plane, need_x, need_w, N, e, ga, de)
-            NRPM_DISPATCH(norm, NRPM_BWD)
-#undef NRPM_BWD
-        }
-        NRPM_FLUSH_DENORMALS_END
-    }
-}
-
-/* ---- Convolutions without an unfolded input: rows gathered from the padded input xp ----
- * Row (g, b, l) holds the D patch values xp[b*item_stride + g*group_stride + loff[l] + koff[d]]
- * (koff: offsets of the D = C/G * prod(kernel) taps inside one item's group block, loff: offset of
- * each output position's window). Each row is gathered into a small per-thread buffer, then runs
- * the row kernels above; backward scatters the row's input gradient back the same way. Backward
- * shares out whole (group, item) blocks over threads, so no two threads add into the same place,
- * or, with fewer blocks than threads, single rows with a private input gradient per thread. */
+/* ---- The entry points: rows gathered from the input xp ----
+ * Row (g, b, l) holds the D values xp[b*item_stride + g*group_stride + loff[l] + koff[d]]. For a
+ * convolution xp is the padded input, koff the offsets of the D = C/G * prod(kernel) taps inside
+ * one item's group block and loff the offset of each output position's window; for dense rows
+ * x (G, R, D) an "item" is one row (Lp = 1, loff = {0}, koff = 0..D-1). Each row is gathered into
+ * a small per-thread buffer, then runs the row kernels above; backward scatters the row's input
+ * gradient back the same way. Backward shares out whole (group, item) blocks over threads, so no
+ * two threads add into the same place, or, with fewer blocks than threads, single rows with a
+ * private input gradient per thread. */
 static inline __attribute__((always_inline)) void NAME(gather)(REAL *restrict buf, const REAL *restrict base,
                                                                const int64_t *restrict koff, int64_t D)
 {
@@ -310,7 +263,7 @@ static inline __attribute__((always_inline)) void NAME(gather)(REAL *restrict bu
         buf[d] = base[koff[d]];
 }
 
-void NAME(nrpm_conv_forward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
+void NAME(nrpm_forward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
                              const REAL *z0, REAL *out, REAL *zs, REAL *ss, int64_t G, int64_t B, int64_t Lp,
                              int64_t O, int64_t D, int64_t item_stride, int64_t group_stride, int K, int norm,
                              double eps, double gamma, double delta, int keep, int threads)
@@ -336,7 +289,7 @@ void NAME(nrpm_conv_forward)(const REAL *xp, const int64_t *koff, const int64_t 
     }
 }
 
-void NAME(nrpm_conv_backward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
+void NAME(nrpm_backward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
                               const REAL *z0, const REAL *zs, const REAL *ss, const REAL *grad, REAL *gxp,
                               REAL *gw_scratch, REAL *gz0, int64_t G, int64_t B, int64_t Lp, int64_t O, int64_t D,
                               int64_t item_stride, int64_t group_stride, int64_t gx_stride, int K, int norm,

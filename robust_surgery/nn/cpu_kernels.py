@@ -14,7 +14,7 @@ with the terms only ever in vector registers, in ``_nrpm_cpu.c``:
 Convolutions never unfold their input: the kernel gathers each row's D patch values from the
 padded input into a small per-thread buffer (offsets from :func:`conv_geometry`) and backward
 scatters the row's input gradient back the same way, so neither the unfolded input nor its
-gradient exists. Rows are shared out over ``torch.get_num_threads()`` OpenMP threads (conv
+gradient exists. Dense rows (Linear) are the degenerate case (:func:`dense_geometry`). Rows are shared out over ``torch.get_num_threads()`` OpenMP threads (conv
 backward: whole (group, item) blocks, so that no two threads add into the same input place; with
 fewer blocks than threads, single rows and a private input gradient per thread).
 
@@ -114,10 +114,10 @@ def _build() -> ctypes.CDLL:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RuntimeError(f"cannot create the kernel cache folder {folder} ({err}); set ROBUST_SURGERY_CACHE") from err
+    machine = b"\0".join([src, cc.encode(), _cpu_model().encode(), platform.platform().encode()])
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_model().encode(),
-                                         platform.platform().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(machine + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
         lib = folder / f"nrpm_cpu_{key}.so"
         if not lib.exists():
             try:
@@ -139,10 +139,8 @@ def _build() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     signatures = {
-        "nrpm_forward": [p] * 6 + [i64] * 4 + [i, i, f, f, f, i, i],
-        "nrpm_backward": [p] * 9 + [i64] * 4 + [i, i, f, f, f, i, i, i],
-        "nrpm_conv_forward": [p] * 8 + [i64] * 7 + [i, i, f, f, f, i, i],
-        "nrpm_conv_backward": [p] * 11 + [i64] * 8 + [i, i, f, f, f, i, i, i],
+        "nrpm_forward": [p] * 8 + [i64] * 7 + [i, i, f, f, f, i, i],
+        "nrpm_backward": [p] * 11 + [i64] * 8 + [i, i, f, f, f, i, i, i],
     }
     for suffix in DTYPES.values():
         for name, args in signatures.items():
@@ -187,50 +185,17 @@ def _scalars(settings) -> tuple:
     return builtin_norm_code(settings.norm), settings.eps, settings.gamma, settings.delta
 
 
-def forward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, settings, keep: bool):
-    """K IRLS steps fused. x (G, R, D), w (G, O, D), z0 (G, R, O) -> z_K (G, R, O), [z_1..z_K], [S_0..S_{K-1}].
-
-    The lists are empty unless ``keep`` (what backward needs; each entry (G, R, O)).
-    """
-    G, R, D = x.shape
-    O, K = w.shape[1], settings.K
-    x, w, z0 = x.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
-    out = torch.empty_like(z0)
-    zs = torch.empty((K, G, R, O), dtype=z0.dtype) if keep else out
-    sums = torch.empty((K, G, R, O), dtype=z0.dtype) if keep else out
-    fn = getattr(library(), f"nrpm_forward_{DTYPES[x.dtype]}")
-    fn(_ptr(x), _ptr(w), _ptr(z0), _ptr(out), _ptr(zs), _ptr(sums), G, R, O, D, K, *_scalars(settings),
-       int(keep), torch.get_num_threads())
-    calls["forward"] += 1
-    return out, (list(zs.unbind(0)) if keep else []), (list(sums.unbind(0)) if keep else [])
-
-
-def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad: torch.Tensor, settings,
-             need_x: bool, need_w: bool):
-    """Fused VJP of :func:`forward`. zs, sums: the K iterates/sums it kept; grad (G, R, O) = dL/dz_K.
-
-    Returns (g_x (G, R, D) or None, g_w (G, O, D) or None, g_z0 (G, R, O)).
-    """
-    G, R, D = x.shape
-    O, K = w.shape[1], settings.K
-    threads = torch.get_num_threads()
-    x, w, z0 = x.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
-    zstack = torch.stack(list(zs)).contiguous()
-    sstack = torch.stack(list(sums)).contiguous()
-    grad = grad.detach().contiguous()
-    gx = torch.zeros((G, R, D), dtype=x.dtype) if need_x else grad
-    gw_parts = torch.zeros((threads, G, O, D), dtype=w.dtype) if need_w else grad
-    gz0 = torch.empty_like(grad)
-    fn = getattr(library(), f"nrpm_backward_{DTYPES[x.dtype]}")
-    fn(_ptr(x), _ptr(w), _ptr(z0), _ptr(zstack), _ptr(sstack), _ptr(grad), _ptr(gx), _ptr(gw_parts), _ptr(gz0),
-       G, R, O, D, K, *_scalars(settings), int(need_x), int(need_w), threads)
-    calls["backward"] += 1
-    return (gx if need_x else None), (gw_parts.sum(0) if need_w else None), gz0
-
-
 # --------------------------------------------------------------------------------------------
-# Convolutions: rows gathered from the padded input inside the kernel (no unfolded copy)
+# Geometry: where each row's D values sit in the input the kernels read
 # --------------------------------------------------------------------------------------------
+def dense_geometry(x: torch.Tensor) -> dict:
+    """Offsets that read the rows of x (G, R, D), contiguous, as the kernels read conv patches:
+    each row is one "item" with a single position (``Lp`` = 1) and taps 0..D-1."""
+    G, R, D = x.shape
+    return {"koff": torch.arange(D), "loff": torch.zeros(1, dtype=torch.int64), "item": D, "group": R * D,
+            "B": R, "Lp": 1}
+
+
 def conv_geometry(src) -> dict:
     """Offsets that address a conv row source's patches in its padded input xp (B, C, *S), contiguous.
 
@@ -254,84 +219,82 @@ def conv_geometry(src) -> dict:
             "item": src.C * plane, "group": src.C // src.G * plane, "B": src.B, "Lp": src.Lp}
 
 
-def conv_forward(xp, w, z0, geo: dict, settings, keep: bool):
-    """K IRLS steps for every conv row. xp (B, C, *S) padded input, w (G, O, D), z0 (G, B·L, O).
+# --------------------------------------------------------------------------------------------
+# Calls
+# --------------------------------------------------------------------------------------------
+def forward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, settings, keep: bool, geo: Optional[dict] = None):
+    """K IRLS steps fused, for every row. w (G, O, D), z0 (G, R, O) -> z_K (G, R, O), zs, sums.
 
-    Returns z_K (G, B·L, O) and, if ``keep``, z_1..z_K and S_0..S_{K-1} stacked (K, G, B·L, O).
+    ``x``: rows x (G, R, D) (``geo`` None), or the input the rows are gathered from as ``geo``
+    says (a conv's padded input (B, C, *S), ``geo`` from :func:`conv_geometry`). ``zs``, ``sums``:
+    z_1..z_K and S_0..S_{K-1} stacked (K, G, R, O), what backward needs; None unless ``keep``.
     """
     G, O, D = w.shape
     K = settings.K
-    xp, w, z0 = xp.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
+    x, w, z0 = x.detach().contiguous(), w.detach().contiguous(), z0.detach().contiguous()
+    geo = dense_geometry(x) if geo is None else geo
     out = torch.empty_like(z0)
     zs = torch.empty((K, *z0.shape), dtype=z0.dtype) if keep else out
     sums = torch.empty((K, *z0.shape), dtype=z0.dtype) if keep else out
-    fn = getattr(library(), f"nrpm_conv_forward_{DTYPES[xp.dtype]}")
-    fn(_ptr(xp), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(out), _ptr(zs), _ptr(sums),
+    fn = getattr(library(), f"nrpm_forward_{DTYPES[x.dtype]}")
+    fn(_ptr(x), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(out), _ptr(zs), _ptr(sums),
        G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"], K, *_scalars(settings), int(keep),
        torch.get_num_threads())
     calls["forward"] += 1
     return out, (zs if keep else None), (sums if keep else None)
 
 
-def conv_backward(xp, w, z0, zs, sums, grad, geo: dict, settings, need_x: bool, need_w: bool):
-    """Fused VJP of :func:`conv_forward`: (g_xp (B, C, *S) or None, g_w (G, O, D) or None, g_z0)."""
+def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad: torch.Tensor, settings,
+             need_x: bool, need_w: bool, geo: Optional[dict] = None):
+    """Fused VJP of :func:`forward` (same ``x`` and ``geo``). zs, sums: what it kept; grad (G, R, O) = dL/dz_K.
+
+    Returns (g_x shaped like x, or None; g_w (G, O, D) or None; g_z0 (G, R, O)).
+    """
     G, O, D = w.shape
     threads = torch.get_num_threads()
-    xp, w, z0, grad = (t.detach().contiguous() for t in (xp, w, z0, grad))
+    x, w, z0, zs, sums, grad = (t.detach().contiguous() for t in (x, w, z0, zs, sums, grad))
+    geo = dense_geometry(x) if geo is None else geo
     # fewer (group, item) blocks than threads (one image, say): rows go to threads one by one, and
     # each thread adds its input gradient into a private copy, summed here
     private = need_x and threads > 1 and G * geo["B"] < threads
-    gxp = torch.zeros((threads if private else 1, *xp.shape), dtype=xp.dtype) if need_x else grad
+    gx = torch.zeros((threads if private else 1, *x.shape), dtype=x.dtype) if need_x else grad
     gw_parts = torch.zeros((threads, G, O, D), dtype=w.dtype) if need_w else grad
     gz0 = torch.empty_like(grad)
-    fn = getattr(library(), f"nrpm_conv_backward_{DTYPES[xp.dtype]}")
-    fn(_ptr(xp), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(zs), _ptr(sums), _ptr(grad),
-       _ptr(gxp), _ptr(gw_parts), _ptr(gz0), G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"],
-       xp.numel() if private else 0, settings.K, *_scalars(settings), int(need_x), int(need_w), threads)
+    fn = getattr(library(), f"nrpm_backward_{DTYPES[x.dtype]}")
+    fn(_ptr(x), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(zs), _ptr(sums), _ptr(grad),
+       _ptr(gx), _ptr(gw_parts), _ptr(gz0), G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"],
+       x.numel() if private else 0, settings.K, *_scalars(settings), int(need_x), int(need_w), threads)
     calls["backward"] += 1
-    gx = (gxp.sum(0) if private else gxp[0]) if need_x else None
+    gx = (gx.sum(0) if private else gx[0]) if need_x else None
     return gx, (gw_parts.sum(0) if need_w else None), gz0
 
 
-class ConvPatternMatchFn(torch.autograd.Function):
-    """z_NRPM of a convolution from its padded input; saves xp, w, z0 and the small iterates."""
+class PatternMatchFn(torch.autograd.Function):
+    """z_NRPM of every row; saves only x, w, z0 and the small per-output iterates and sums."""
 
     @staticmethod
-    def forward(ctx, xp, w, z0, geo, settings):
-        out, zs, sums = conv_forward(xp, w, z0, geo, settings, keep=True)
-        ctx.save_for_backward(xp, w, z0, zs, sums)
+    def forward(ctx, x, w, z0, geo, settings):
+        out, zs, sums = forward(x, w, z0, settings, keep=True, geo=geo)
+        ctx.save_for_backward(x, w, z0, zs, sums)
         ctx.geo, ctx.settings = geo, settings
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        xp, w, z0, zs, sums = ctx.saved_tensors
-        gxp, gw, gz0 = conv_backward(xp, w, z0, zs, sums, grad, ctx.geo, ctx.settings, *ctx.needs_input_grad[:2])
-        return gxp, gw, gz0, None, None
+        x, w, z0, zs, sums = ctx.saved_tensors
+        gx, gw, gz0 = backward(x, w, z0, zs, sums, grad, ctx.settings, *ctx.needs_input_grad[:2], geo=ctx.geo)
+        return gx, gw, gz0, None, None
 
 
-def run_conv(src, xp, w, z0, settings) -> torch.Tensor:
-    """z_NRPM (G, B·L, O) of a conv row source (kernels.ConvRows), differentiable in xp, w and z0."""
-    geo = conv_geometry(src)
-    if torch.is_grad_enabled() and (xp.requires_grad or w.requires_grad or z0.requires_grad):
-        return ConvPatternMatchFn.apply(xp, w, z0, geo, settings)
-    return conv_forward(xp, w, z0, geo, settings, keep=False)[0]
+def run_source(src, x, w, z0, settings) -> torch.Tensor:
+    """z_NRPM (G, R, O) of a row source of kernels.py (dense rows, or conv rows gathered from the
+    padded input inside the kernel), differentiable in x, w and z0; one kernel call per layer."""
+    from .kernels import ConvRows
 
-
-def chunk_functions(settings, eager_backward=None, rows: int = 0, outs: int = 0):
-    """(forward_chunk, backward_chunk) with the signatures of the eager ones in kernels.py, fused.
-
-    The other arguments match triton_kernels.chunk_functions and are unused: a library that
-    built and loaded does not fail later.
-    """
-
-    def fwd(x, w, z0, K, reweight, d_first, keep):
-        return forward(x, w, z0, settings, keep)
-
-    def bwd(x, w, z0, zs, sums, g, K, reweight, dreweight, d_first, need_x, need_w):
-        return backward(x, w, z0, zs, sums, g, settings, need_x, need_w)
-
-    return fwd, bwd
+    geo = conv_geometry(src) if isinstance(src, ConvRows) else None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or z0.requires_grad):
+        return PatternMatchFn.apply(x, w, z0, geo, settings)
+    return forward(x, w, z0, settings, keep=False, geo=geo)[0]
 
 
 def disable(err: Exception) -> None:

@@ -400,8 +400,8 @@ def run(src, x, w, z0, settings, reweight, dreweight: Optional[Callable], rows: 
     if fused is None:
         return _run(src, x, w, z0, settings, reweight, dreweight, rows, outs, d_first)
     try:
-        if isinstance(src, ConvRows) and hasattr(fused, "run_conv"):  # C: rows gathered in the kernel
-            return fused.run_conv(src, x, w, z0, settings)
+        if hasattr(fused, "run_source"):  # C: one call per layer, conv rows gathered in the kernel
+            return fused.run_source(src, x, w, z0, settings)
         fns = fused.chunk_functions(settings, _eager_backward, rows, outs)
         return _run(src, x, w, z0, settings, reweight, dreweight, src.block_rows, w.shape[1], d_first, fns)
     except Exception as err:  # noqa: BLE001 - a compile/launch failure: eager from now on
