@@ -34,6 +34,14 @@ float32 FMA rate (a float32 matmul with TF32 off).
     python benchmarks/nrpm_kernels.py --gpu-only --json benchmarks/results/nrpm_kernels_gpu.json
     python benchmarks/nrpm_kernels.py --gpu-smoke   # the GPU section on CPU in Triton's interpreter,
                                                     # tiny shapes: checks the script, measures nothing
+
+Static GPU report (``--gpu-compile``, no GPU needed): compiles the Triton kernels for sm_90
+(H100/H200) with robust_surgery.nn.triton_aot and prints, per kernel variant, registers, spills
+and SASS instructions per product term of the hot loop; then, per case, a lower bound of the
+H200 time of the fused kernels from instruction issue and from the reciprocal unit (MUFU, 16
+per clock per SM). An estimate, not a measurement.
+
+    python benchmarks/nrpm_kernels.py --gpu-compile --json benchmarks/results/nrpm_kernels_sm90_static.json
 """
 from __future__ import annotations
 
@@ -518,6 +526,52 @@ def gpu_section(args) -> dict:
     return {"device": thr["name"], "smoke": smoke, "runs": args.runs, "throughput": thr, "cases": rows}
 
 
+def gpu_compile_section(args) -> dict:
+    """Static sm_90 report of the Triton kernels and H200 lower bounds per case (no GPU needed)."""
+    from robust_surgery.nn import triton_aot
+
+    arch = 90
+    kernels_rows = []
+    print(f"# Triton kernels compiled for sm_{arch} without a GPU (robust_surgery.nn.triton_aot)")
+    print()
+    print("| kernel | dtype | norm | tile BR×BO, unroll, warps | registers | spilled bytes | SASS instr./term "
+          "| MUFU/term |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dtype in (torch.float32, torch.float64):
+        for backward in (False, True):
+            for norm in ("L1", "MCP", "Huber", "HM"):
+                r = triton_aot.report(backward, dtype, norm, arch)
+                row = {"kernel": "backward" if backward else "forward", "dtype": str(dtype).split(".")[1],
+                       "norm": norm, "tile": r.tile, "registers": r.registers, "spill_bytes": r.spill_bytes,
+                       "instructions_per_term": r.instructions_per_term,
+                       "mufu_per_term": r.loop_mix.get("MUFU", 0) / r.terms_per_trip, "loop_mix": r.loop_mix}
+                kernels_rows.append(row)
+                br, bo, unroll, warps = r.tile
+                print(f"| {row['kernel']} | {row['dtype']} | {norm} | {br}×{bo}, {unroll}, {warps} | {r.registers} "
+                      f"| {r.spill_bytes} | {r.instructions_per_term:.2f} | {row['mufu_per_term']:.2f} |", flush=True)
+    ipt = {(row["kernel"], row["dtype"], row["norm"]): row for row in kernels_rows}
+    fwd, bwd = ipt["forward", "float32", "L1"], ipt["backward", "float32", "L1"]
+    m = triton_aot.H200
+    mufu_rate = m["sms"] * 16 * m["clock_hz"]  # Hopper: 16 MUFU results per clock per SM
+    cases = []
+    print()
+    print(f"Lower bounds for one float32 forward+backward on an H200 ({m['sms']} SMs, {m['clock_hz'] / 1e9:.2f} GHz), "
+          "norm L1: the forward kernel makes K passes over the terms, the backward kernel K more.")
+    print()
+    print("| case | terms per pass | K | issue bound | MUFU bound | lower bound |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for case in args.cases.split(","):
+        title, setup = CASES[case]
+        _, terms, K = setup(args, "cpu")
+        issue = triton_aot.issue_bound_seconds(terms * K, fwd["instructions_per_term"] + bwd["instructions_per_term"])
+        mufu = terms * K * (fwd["mufu_per_term"] + bwd["mufu_per_term"]) / mufu_rate
+        cases.append({"case": case, "title": title, "terms": terms, "K": K, "issue_bound_s": issue,
+                      "mufu_bound_s": mufu, "lower_bound_s": max(issue, mufu)})
+        print(f"| {title} | {terms / 1e9:.3f} G | {K} | {issue * 1e3:.3f} ms | {mufu * 1e3:.3f} ms "
+              f"| {max(issue, mufu) * 1e3:.3f} ms |", flush=True)
+    return {"arch": arch, "machine": m, "kernels": kernels_rows, "cases": cases}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
@@ -533,6 +587,8 @@ def main():
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
     p.add_argument("--gpu-smoke", action="store_true",
                    help="run the GPU section's code on CPU in Triton's interpreter, tiny shapes (a check, no numbers)")
+    p.add_argument("--gpu-compile", action="store_true",
+                   help="only the static sm_90 report: compile the Triton kernels without a GPU, count SASS")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -542,9 +598,13 @@ def main():
     if args.child:
         return child(args)
     report = {"torch": torch.__version__}
-    if not args.gpu_only and not args.gpu_smoke:
+    if args.gpu_compile:
+        report["sm90_static"] = gpu_compile_section(args)
+    elif not args.gpu_only and not args.gpu_smoke:
         report["cpu"] = cpu_section(args)
-    if args.gpu_smoke or (not args.no_gpu and torch.cuda.is_available()):
+    if args.gpu_compile:
+        pass
+    elif args.gpu_smoke or (not args.no_gpu and torch.cuda.is_available()):
         if args.gpu_smoke:
             torch.set_num_threads(args.threads)
         report["gpu"] = gpu_section(args)

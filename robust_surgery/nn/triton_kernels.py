@@ -5,14 +5,20 @@ derivatives φ', the IRLS step) and its vector-Jacobian product in :mod:`robust_
 these kernels compute exactly that, without any term-sized tensor in memory:
 
 * forward: one program per tile of (``BR`` rows × ``BO`` outputs) of one group runs the K IRLS
-  steps; each step streams over D in blocks of ``BD``, forms the product terms
-  ``u = x_d a_d`` of the tile in registers (a ``BR × BO × BD`` block), reweights them and
-  accumulates ``Σ w`` and ``Σ w u`` per output. It writes z_K and, when backward will follow,
-  the per-output iterates z_1..z_K and sums S_0..S_{K-1} (the eager path saves the same).
+  steps. Each thread keeps Σ w and Σ w u of its (row, output) pairs in registers and walks
+  d = 0 … D−1: it loads one x value per row and one weight per output, forms the product terms
+  ``u = x_d a_d``, reweights them and accumulates; no term leaves a register and no reduction
+  crosses threads. It writes z_K and, when backward will follow, the per-output iterates
+  z_1..z_K and sums S_0..S_{K-1} (the eager path saves the same).
 * backward: the same tiling walks k = K−1 … 0, recomputing each step's terms from x, the
-  weights and the saved iterates, and adds the term gradient's two reductions
-  ``g_x[r, d] = Σ_o g_u a`` and ``g_a[o, d] = Σ_r g_u x`` into the outputs with atomic adds
-  (once per step and D block); the gradient with respect to z_0 is written directly.
+  weights and the saved iterates; for each d it adds the term gradient's two reductions
+  ``g_x[r, d] = Σ_o g_u a`` and ``g_a[o, d] = Σ_r g_u x`` into the outputs with atomic adds;
+  the gradient with respect to z_0 is written directly.
+* float32 reciprocals use ``rcp.approx.ftz`` (relative error below 2⁻²²; ``/`` would cost nine
+  more instructions per term for range checks); float64 divides exactly.
+
+Tile sizes come from the static report of :mod:`robust_surgery.nn.triton_aot`, which compiles
+these kernels for sm_90 without a GPU and counts SASS instructions per term.
 
 Supported: the built-in norms ``L2``, ``L1``, ``MCP``, ``Huber`` and ``HM`` (only while their
 registered functions are the built-in ones), any K ≥ 1, ε, γ, δ, float32 and float64 (the
@@ -92,26 +98,38 @@ if triton is not None:
     _S_MIN = tl.constexpr(S_MIN)
 
     @triton.jit
-    def _phi_and_derivative(dist, eps, gamma, delta, NORM: tl.constexpr):
+    def _reciprocal(v, FAST: tl.constexpr):
+        """1 / v. FAST (float32 on a GPU): one ``rcp.approx.ftz`` (relative error below 2⁻²², one
+        special-function-unit op); Triton's ``/`` would add range checks costing 9 more instructions
+        per term. Otherwise the exact division (float64, and the interpreter, which runs no PTX)."""
+        if FAST:
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return 1.0 / v
+
+    @triton.jit
+    def _phi_and_derivative(dist, eps, gamma, delta, NORM: tl.constexpr, FAST: tl.constexpr):
         """(φ, φ') of functional.REWEIGHTS / REWEIGHT_DERIVATIVES[norm]; φ' = 0 where a clamp is active or tied."""
         if NORM == 0:  # L2
             wt = dist * 0.0 + 1.0
             dw = dist * 0.0
         elif NORM == 1:  # L1
-            t = 1.0 / (dist + eps)
+            t = _reciprocal(dist + eps, FAST)
             wt = t
             dw = -t * t
         elif NORM == 2:  # MCP
-            t = 1.0 / (dist + eps)
+            t = _reciprocal(dist + eps, FAST)
             v = t - 1.0 / gamma
             wt = tl.maximum(v, eps)
             dw = tl.where(v > eps, -t * t, 0.0)
         elif NORM == 3:  # Huber
-            t = delta / (dist + eps)
+            r = _reciprocal(dist + eps, FAST)
+            t = delta * r
             wt = tl.minimum(t, 1.0)
-            dw = tl.where(t < 1.0, -t * t / delta, 0.0)
+            dw = tl.where(t < 1.0, -t * r, 0.0)  # = -t²/δ, without a division per term
         else:  # HM
-            t = 1.0 / (dist + eps)
+            t = _reciprocal(dist + eps, FAST)
             c = delta / (gamma - delta)
             v = c * (gamma * t - 1.0)
             wt = tl.minimum(tl.maximum(v, eps), 1.0)
@@ -130,38 +148,32 @@ if triton is not None:
         return g, rows, outs, rmask, omask, zmask, g * R * O + rows[:, None] * O + outs[None, :]
 
     @triton.jit
-    def _load_terms(xrow, wrow, d0, D, rmask, omask, sxd, swd, BD: tl.constexpr):
-        """The D block d0:d0+BD: indices, masks, x (BR, BD), weights (BO, BD) and terms (BR, BO, BD)."""
-        ds = d0 + tl.arange(0, BD)
-        dmask = ds < D
-        xmask = rmask[:, None] & dmask[None, :]
-        amask = omask[:, None] & dmask[None, :]
-        xt = tl.load(xrow + ds[None, :] * sxd, mask=xmask, other=0.0)
-        at = tl.load(wrow + ds[None, :] * swd, mask=amask, other=0.0)
-        return ds, dmask, xmask, amask, xt, at, xt[:, None, :] * at[None, :, :]
-
-    @triton.jit
     def _irls_fwd_kernel(x_ptr, w_ptr, z0_ptr, p_ptr, out_ptr, zs_ptr, s_ptr,
                          plane, R, O, D, K,
                          sxg, sxr, sxd, swg, swo, swd,
                          NORM: tl.constexpr, KEEP: tl.constexpr,
-                         BR: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr):
-        """K IRLS steps for one (BR × BO) tile of group program_id(2). z tensors: contiguous (G, R, O)."""
+                         BR: tl.constexpr, BO: tl.constexpr, UNROLL: tl.constexpr, FAST: tl.constexpr):
+        """K IRLS steps for one (BR × BO) tile of group program_id(2). z tensors: contiguous (G, R, O).
+
+        Each thread keeps its (row, output) pairs' Σ w and Σ w u in registers and walks d = 0 … D−1:
+        one x value per row and one weight per output are loaded, the terms never leave registers
+        and no reduction crosses threads.
+        """
         g, rows, outs, rmask, omask, zmask, zoff = _tile(R, O, BR, BO)
         eps, gamma, delta = tl.load(p_ptr), tl.load(p_ptr + 1), tl.load(p_ptr + 2)
         z = tl.load(z0_ptr + zoff, mask=zmask, other=0.0)
-        xrow = x_ptr + g * sxg + rows[:, None] * sxr
-        wrow = w_ptr + g * swg + outs[:, None] * swo
+        xcol = x_ptr + g * sxg + rows * sxr
+        wcol = w_ptr + g * swg + outs * swo
         for k in range(K):
             c = z / D
             num = tl.zeros((BR, BO), dtype=z.dtype)
             den = tl.zeros((BR, BO), dtype=z.dtype)
-            for d0 in range(0, D, BD):
-                _, dmask, _, _, _, _, u = _load_terms(xrow, wrow, d0, D, rmask, omask, sxd, swd, BD)
-                wt, _ = _phi_and_derivative(tl.abs(u - c[:, :, None]), eps, gamma, delta, NORM)  # φ' unused: compiled away
-                wt = tl.where(dmask[None, None, :], wt, 0.0)
-                den += tl.sum(wt, axis=2)
-                num += tl.sum(wt * u, axis=2)
+            for d in tl.range(0, D, loop_unroll_factor=UNROLL):
+                u = tl.load(xcol + d * sxd, mask=rmask, other=0.0)[:, None] * \
+                    tl.load(wcol + d * swd, mask=omask, other=0.0)[None, :]
+                wt, _ = _phi_and_derivative(tl.abs(u - c), eps, gamma, delta, NORM, FAST)  # φ' unused: compiled away
+                den += wt
+                num += wt * u
             z = D * num / tl.maximum(den, _S_MIN)
             if KEEP:
                 tl.store(zs_ptr + k * plane + zoff, z, mask=zmask)
@@ -173,16 +185,20 @@ if triton is not None:
                          plane, R, O, D, K,
                          sxg, sxr, sxd, swg, swo, swd,
                          NORM: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
-                         BR: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr):
+                         BR: tl.constexpr, BO: tl.constexpr, UNROLL: tl.constexpr, FAST: tl.constexpr):
         """Analytic VJP of the K steps for one tile. zs: (K+1, G, R, O) = z_0..z_K, s: (K, G, R, O),
-        g: (G, R, O) = dL/dz_K; adds into gx (G, R, D) and gw (G, O, D) (contiguous), writes gz0 (G, R, O)."""
+        g: (G, R, O) = dL/dz_K; adds into gx (G, R, D) and gw (G, O, D) (contiguous), writes gz0 (G, R, O).
+
+        Walks d like the forward kernel; for each d the term gradient's two reductions
+        (over the tile's outputs for g_x, over its rows for g_w) are added with atomic adds.
+        """
         g, rows, outs, rmask, omask, zmask, zoff = _tile(R, O, BR, BO)
         eps, gamma, delta = tl.load(p_ptr), tl.load(p_ptr + 1), tl.load(p_ptr + 2)
         grad = tl.load(g_ptr + zoff, mask=zmask, other=0.0)
-        xrow = x_ptr + g * sxg + rows[:, None] * sxr
-        wrow = w_ptr + g * swg + outs[:, None] * swo
-        gxrow = gx_ptr + g * R * D + rows[:, None] * D
-        gwrow = gw_ptr + g * O * D + outs[:, None] * D
+        xcol = x_ptr + g * sxg + rows * sxr
+        wcol = w_ptr + g * swg + outs * swo
+        gxcol = gx_ptr + g * R * D + rows * D
+        gwcol = gw_ptr + g * O * D + outs * D
         for i in range(K):
             k = K - 1 - i + g * 0  # int64 offsets
             zk = tl.load(zs_ptr + k * plane + zoff, mask=zmask, other=0.0)
@@ -191,23 +207,21 @@ if triton is not None:
             Sc = tl.maximum(S, _S_MIN)
             zn = tl.where(S > _S_MIN, zk1 / D, 0.0)  # clamp active: the z_{k+1} term drops
             c = zk / D
-            gs = grad * D / Sc
+            gs = grad * D / Sc  # 0 on padding pairs (grad loaded as 0): they add nothing to g_x, g_w
             asum = tl.zeros((BR, BO), dtype=grad.dtype)
-            for d0 in range(0, D, BD):
-                ds, dmask, xmask, amask, xt, at, u = _load_terms(xrow, wrow, d0, D, rmask, omask, sxd, swd, BD)
-                r = u - c[:, :, None]
-                sgn = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
-                wt, dw = _phi_and_derivative(tl.abs(r), eps, gamma, delta, NORM)
-                a = dw * sgn * (u - zn[:, :, None])
-                keep_d = dmask[None, None, :]
-                a = tl.where(keep_d, a, 0.0)
-                wt = tl.where(keep_d, wt, 0.0)
-                asum += tl.sum(a, axis=2)
-                gu = (wt + a) * gs[:, :, None]
+            for d in tl.range(0, D, loop_unroll_factor=UNROLL):
+                xv = tl.load(xcol + d * sxd, mask=rmask, other=0.0)
+                av = tl.load(wcol + d * swd, mask=omask, other=0.0)
+                u = xv[:, None] * av[None, :]
+                r = u - c
+                wt, dw = _phi_and_derivative(tl.abs(r), eps, gamma, delta, NORM, FAST)
+                a = tl.where(r > 0, dw, tl.where(r < 0, -dw, 0.0)) * (u - zn)
+                asum += a
+                gu = (wt + a) * gs
                 if NEED_X:
-                    tl.atomic_add(gxrow + ds[None, :], tl.sum(gu * at[None, :, :], axis=1), mask=xmask)
+                    tl.atomic_add(gxcol + d, tl.sum(gu * av[None, :], axis=1), mask=rmask)
                 if NEED_W:
-                    tl.atomic_add(gwrow + ds[None, :], tl.sum(gu * xt[:, None, :], axis=0), mask=amask)
+                    tl.atomic_add(gwcol + d, tl.sum(gu * xv[:, None], axis=0), mask=omask)
             grad = -(grad / Sc) * asum
         tl.store(gz0_ptr + zoff, grad, mask=zmask)
 
@@ -222,19 +236,53 @@ def _np2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def tile_sizes(R: int, O: int, D: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, int]:
-    """(BR, BO, BD, num_warps) for one program's tile of rows × outputs × D-block.
+# Largest (rows BR, outputs BO, d-loop unroll, warps) per program and dtype, chosen from the static
+# sm_90 report of robust_surgery.nn.triton_aot (fewest SASS instructions per term with no spills;
+# README "Fused GPU kernels"); not yet timed on a GPU. float32 L1: forward 127 registers and 7.1
+# instructions per term, backward 168 registers and 21 (its two per-d reductions cross threads).
+TILES = {
+    torch.float32: {"forward": (32, 64, 4, 4), "backward": (64, 32, 1, 4)},
+    torch.float64: {"forward": (32, 32, 2, 4), "backward": (32, 32, 1, 4)},  # larger ones spill
+}
+MIN_TILE = 16
 
-    GPU (not yet measured; the first thing to tune on a GPU): 32 rows × 32 outputs per D step with
-    4 warps, 64 rows with 8 warps in backward (halving the weight-gradient atomics); BD = 4
-    (2 for float64): about 32 live terms per thread and temporary. Interpreter: large tiles,
-    since every tile operation costs a Python call there.
+
+def tile_sizes(R: int, O: int, dtype: torch.dtype, backward: bool, groups: int = 1,
+               programs: int = 0) -> tuple[int, int, int, int]:
+    """(BR, BO, UNROLL, num_warps): one program's tile of rows × outputs, its d-loop unroll and warps.
+
+    Starts from :data:`TILES` and the problem's size (powers of two, at least 16), then halves the
+    larger side while fewer than ``programs`` programs would run (2 per SM at launch), so a small
+    layer still spreads over the whole GPU: the IRLS cannot split D, each step needs all of it.
     """
-    if interpreted():
-        return min(64, _np2(R)), min(64, _np2(O)), min(32, _np2(D)), 4
-    br, warps = (64, 8) if backward else (32, 4)
-    bd = 2 if dtype == torch.float64 else 4
-    return max(16, min(br, _np2(R))), max(16, min(32, _np2(O))), min(bd, _np2(D)), warps
+    if interpreted():  # every tile operation is a Python call there: few, large tiles
+        return min(64, _np2(R)), min(64, _np2(O)), 1, 4
+    br, bo, unroll, warps = TILES[dtype]["backward" if backward else "forward"]
+    br, bo = max(MIN_TILE, min(br, _np2(R))), max(MIN_TILE, min(bo, _np2(O)))
+    while groups * -(-R // br) * -(-O // bo) < programs and max(br, bo) > MIN_TILE:
+        if br >= bo:
+            br //= 2
+        else:
+            bo //= 2
+    return br, bo, unroll, warps
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _programs_wanted(x: torch.Tensor) -> int:
+    """Two programs per SM of x's GPU (0 on CPU, in the interpreter)."""
+    if x.device.type != "cuda":
+        return 0
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _SM_COUNTS[index]
+
+
+def _fast_reciprocal(x: torch.Tensor) -> bool:
+    """Whether the kernels use the approximate float32 reciprocal (compiled float32 kernels)."""
+    return x.dtype == torch.float32 and not interpreted()
 
 
 def _params(settings, like: torch.Tensor) -> torch.Tensor:
@@ -253,11 +301,11 @@ def forward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, settings, keep: 
     out = torch.empty_like(z0)
     zs = torch.empty((K, G, R, O), dtype=z0.dtype, device=z0.device) if keep else out
     sums = torch.empty((K, G, R, O), dtype=z0.dtype, device=z0.device) if keep else out
-    BR, BO, BD, warps = tile_sizes(R, O, D, x.dtype, backward=False)
+    BR, BO, UNROLL, warps = tile_sizes(R, O, x.dtype, False, G, _programs_wanted(x))
     grid = (triton.cdiv(R, BR), triton.cdiv(O, BO), G)
     _irls_fwd_kernel[grid](x, w, z0, _params(settings, x), out, zs, sums, G * R * O, R, O, D, K,
                            *x.stride(), *w.stride(), NORM=NORM_CODES[settings.norm], KEEP=keep,
-                           BR=BR, BO=BO, BD=BD, num_warps=warps)
+                           BR=BR, BO=BO, UNROLL=UNROLL, FAST=_fast_reciprocal(x), num_warps=warps)
     launches["forward"] += 1
     return out, (list(zs.unbind(0)) if keep else []), (list(sums.unbind(0)) if keep else [])
 
@@ -276,11 +324,11 @@ def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad:
     gx = torch.zeros((G, R, D), dtype=x.dtype, device=x.device) if need_x else grad
     gw = torch.zeros((G, O, D), dtype=w.dtype, device=w.device) if need_w else grad
     gz0 = torch.empty_like(grad)
-    BR, BO, BD, warps = tile_sizes(R, O, D, x.dtype, backward=True)
+    BR, BO, UNROLL, warps = tile_sizes(R, O, x.dtype, True, G, _programs_wanted(x))
     grid = (triton.cdiv(R, BR), triton.cdiv(O, BO), G)
     _irls_bwd_kernel[grid](x, w, zstack, sstack, grad, _params(settings, x), gx, gw, gz0, G * R * O, R, O, D, K,
                            *x.stride(), *w.stride(), NORM=NORM_CODES[settings.norm], NEED_X=need_x,
-                           NEED_W=need_w, BR=BR, BO=BO, BD=BD, num_warps=warps)
+                           NEED_W=need_w, BR=BR, BO=BO, UNROLL=UNROLL, FAST=_fast_reciprocal(x), num_warps=warps)
     launches["backward"] += 1
     return (gx if need_x else None), (gw if need_w else None), gz0
 
