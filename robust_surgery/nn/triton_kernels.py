@@ -176,8 +176,9 @@ if triton is not None:
                 num += wt * u
             z = D * num / tl.maximum(den, _S_MIN)
             if KEEP:
-                tl.store(zs_ptr + k * plane + zoff, z, mask=zmask)
-                tl.store(s_ptr + k * plane + zoff, den, mask=zmask)
+                at = (k + g * 0) * plane + zoff  # int64 offsets: K × plane may pass 2³¹
+                tl.store(zs_ptr + at, z, mask=zmask)
+                tl.store(s_ptr + at, den, mask=zmask)
         tl.store(out_ptr + zoff, z, mask=zmask)
 
     @triton.jit
