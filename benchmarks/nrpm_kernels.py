@@ -552,7 +552,6 @@ def gpu_compile_section(args) -> dict:
     ipt = {(row["kernel"], row["dtype"], row["norm"]): row for row in kernels_rows}
     fwd, bwd = ipt["forward", "float32", "L1"], ipt["backward", "float32", "L1"]
     m = triton_aot.H200
-    mufu_rate = m["sms"] * 16 * m["clock_hz"]  # Hopper: 16 MUFU results per clock per SM
     cases = []
     print()
     print(f"Lower bounds for one float32 forward+backward on an H200 ({m['sms']} SMs, {m['clock_hz'] / 1e9:.2f} GHz), "
@@ -564,7 +563,7 @@ def gpu_compile_section(args) -> dict:
         title, setup = CASES[case]
         _, terms, K = setup(args, "cpu")
         issue = triton_aot.issue_bound_seconds(terms * K, fwd["instructions_per_term"] + bwd["instructions_per_term"])
-        mufu = terms * K * (fwd["mufu_per_term"] + bwd["mufu_per_term"]) / mufu_rate
+        mufu = triton_aot.reciprocal_bound_seconds(terms * K, fwd["mufu_per_term"] + bwd["mufu_per_term"])
         cases.append({"case": case, "title": title, "terms": terms, "K": K, "issue_bound_s": issue,
                       "mufu_bound_s": mufu, "lower_bound_s": max(issue, mufu)})
         print(f"| {title} | {terms / 1e9:.3f} G | {K} | {issue * 1e3:.3f} ms | {mufu * 1e3:.3f} ms "

@@ -74,9 +74,10 @@ def test_innermost_loop_takes_the_longest_loop_without_nested_loops(aot):
         aot.innermost_loop("        /*0000*/                   EXIT ;")
 
 
-def test_issue_bound_is_terms_times_instructions_over_the_issue_rate(aot):
-    machine = {"sms": 2, "schedulers": 4, "clock_hz": 1e9}
+def test_bounds_are_work_over_the_machine_rate(aot):
+    machine = {"sms": 2, "schedulers": 4, "clock_hz": 1e9, "mufu_per_clock": 16}
     assert aot.issue_bound_seconds(256e9, 2.0, machine) == pytest.approx(256e9 * 2 / (2 * 4 * 32 * 1e9))
+    assert aot.reciprocal_bound_seconds(64e9, 1.0, machine) == pytest.approx(64e9 / (2 * 16 * 1e9))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -10,7 +10,8 @@ code a GPU would run can be built and read here:
   terms one thread handles per trip, i.e. **SASS instructions per term** (the kernels are bound
   by instruction issue, so this is the number that decides their speed);
 * :func:`issue_bound_seconds` turns that into a lower bound of the run time: terms × instructions
-  per term / (SMs × 4 schedulers × 32 lanes × clock).
+  per term / (SMs × 4 schedulers × 32 lanes × clock); :func:`reciprocal_bound_seconds` does the
+  same for the reciprocals (16 per SM per clock).
 
 This is a static estimate, not a measurement: memory stalls, occupancy and atomics are not in it.
 ``benchmarks/nrpm_kernels.py --gpu-compile`` prints the report for the benchmark's cases;
@@ -32,8 +33,9 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
 
 # H200 SXM (the device tool's machine): 132 SMs at a boost clock of 1.98 GHz, 4 schedulers per SM,
-# each issuing one warp instruction (32 lanes) per clock.
-H200 = {"sms": 132, "clock_hz": 1.98e9, "schedulers": 4}
+# each issuing one warp instruction (32 lanes) per clock; 16 special-function results (MUFU:
+# reciprocals) per SM per clock.
+H200 = {"sms": 132, "clock_hz": 1.98e9, "schedulers": 4, "mufu_per_clock": 16}
 
 
 @dataclass
@@ -174,3 +176,8 @@ def issue_bound_seconds(terms: float, instructions_per_term: float, machine: dic
     """Lower bound of a kernel's time (s) from instruction issue alone: every scheduler busy every clock."""
     per_second = machine["sms"] * machine["schedulers"] * 32 * machine["clock_hz"]
     return terms * instructions_per_term / per_second
+
+
+def reciprocal_bound_seconds(terms: float, mufu_per_term: float, machine: dict = H200) -> float:
+    """Lower bound of a kernel's time (s) from the special-function units (MUFU) alone."""
+    return terms * mufu_per_term / (machine["sms"] * machine["mufu_per_clock"] * machine["clock_hz"])
