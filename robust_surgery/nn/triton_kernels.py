@@ -239,7 +239,7 @@ def _np2(n: int) -> int:
 
 # Largest (rows BR, outputs BO, d-loop unroll, warps) per program and dtype, chosen from the static
 # sm_90 report of robust_surgery.nn.triton_aot (fewest SASS instructions per term with no spills;
-# README "Fused GPU kernels"); not yet timed on a GPU. float32 L1: forward 127 registers and 7.1
+# README "Fused GPU kernels"); not yet timed on a GPU. float32 L1: forward 164 registers and 7.0
 # instructions per term, backward 168 registers and 21 (its two per-d reductions cross threads).
 TILES = {
     torch.float32: {"forward": (32, 64, 4, 4), "backward": (64, 32, 1, 4)},
