@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -275,7 +276,10 @@ def test_compiled_path_matches_eager(eager):
     want = _grads(conv(x), (x, conv.weight, conv.bias))
     kernels.use_compile(True)
     try:
-        got = _grads(conv(x), (x, conv.weight, conv.bias))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed compile would fall back to eager silently
+            got = _grads(conv(x), (x, conv.weight, conv.bias))
+        assert kernels.compile_enabled()  # still on: the compiled chunks ran
     finally:
         kernels.switch.set(None)
     _close(got, want, rtol=1e-4)

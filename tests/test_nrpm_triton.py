@@ -211,10 +211,12 @@ def test_cpu_without_interpreter_or_triton_is_not_sent_to_triton(monkeypatch):
     s = NRPMSettings("L1", 2)
     if not tk.interpreted():
         assert not tk.supports(s, x, w, z0)
-    monkeypatch.setattr(tk, "triton", None)
-    assert not tk.supports(s, x, w, z0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert kernels._fused_kernels(x, w, z0, s) is not tk  # the C kernels (or eager) take CPU tensors
+    monkeypatch.setattr(tk, "triton", None)  # no Triton: even in interpreter mode nothing goes there
+    assert not tk.supports(s, x, w, z0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels._fused_kernels(x, w, z0, s) is None
 
 
 def test_switch_off_by_environment(monkeypatch):

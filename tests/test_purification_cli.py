@@ -40,7 +40,7 @@ def test_pretrain_then_purification_and_inherit_on_synthetic_data(tmp_path):
     assert len(json.loads(res.stdout)["history"]) == 2
     res = run("pretrain", "mlp", "--data", SYN, "--hidden", 16, "--epochs", 2, "--adversarial", "pgd", "--threat", "L2",
               "--eps", "1/4", "--ramp", 0.5, "--pgd-steps", 2, "-o", adv)
-    assert res.exit_code == 0, res.output and "saved" in res.stdout
+    assert res.exit_code == 0 and "saved" in res.stdout, res.output
     model = rs.load(adv)  # rebuilds from the file alone
     assert rs.read_manifest(adv)["training"]["eps"] == 0.25 / 4  # feature units -> pixels
     x = torch.rand(3, 1, 1, 8)
