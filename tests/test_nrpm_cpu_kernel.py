@@ -56,8 +56,8 @@ def test_fused_float32_within_1e_4_of_float64():
     want = _run(x, w, z0, s, False)
     fused = _run(x.float(), w.float(), z0.float(), s, True)
     eager = _run(x.float(), w.float(), z0.float(), s, False)
-    for f, e, ref in zip(fused, eager, want):
-        assert _rel(f.double(), ref) <= max(1e-4, 2 * _rel(e.double(), ref))
+    for f, e, r in zip(fused, eager, want):
+        assert _rel(f.double(), r) <= max(1e-4, 2 * _rel(e.double(), r))
 
 
 @pytest.mark.parametrize("need", [(False, True, True), (True, False, True), (False, False, True)],
