@@ -364,17 +364,17 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print the list 
 @zoo_app.command("train")
 @guard
 def zoo_train(
-    name: str = typer.Argument(..., help="Zoo model to retrain from scratch (mnist-mlp, mnist-lenet, ...)."),
+    name: str = typer.Argument(..., help="Zoo model to retrain from scratch (mnist-mlp, mnist-lenet, minilm-sentiment's head, ...)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the recipe's)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the recipe's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on the first N training images only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.trained.safetensors)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where MNIST lives (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data live (else $ROBUST_SURGERY_DATA)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ):
-    """Retrain a zoo model from scratch with its recipe and save it.
+    """Retrain a zoo model from scratch with its recipe and save it (minilm-sentiment: refit its head).
 
     Example: [bold]surgery zoo train mnist-mlp --epochs 2 -o mlp.safetensors[/bold]
     """
@@ -388,8 +388,9 @@ def zoo_train(
     if as_json:
         print_json({"output": str(out), **metrics})
         return
+    how = f"after {metrics['epochs']} epochs" if "epochs" in metrics else f"(head fitted, C = {metrics['C']:g})"
     console.print(f"{name}: test accuracy {metrics['test_acc']:.2f} % ({metrics['test_correct']}/{metrics['test_n']}) "
-                  f"after {metrics['epochs']} epochs in {metrics['seconds']:.0f} s; saved [bold]{out}[/bold]")
+                  f"{how} in {metrics['seconds']:.0f} s; saved [bold]{out}[/bold]")
 
 
 def _register_extensions() -> None:

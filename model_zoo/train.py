@@ -22,7 +22,7 @@ from robust_surgery.data import load_mnist
 from robust_surgery.loops import evaluate_accuracy, training_progress
 from robust_surgery.zoo import ZooError, get_entry
 
-__all__ = ["RECIPES", "evaluate_accuracy", "save_state_dict_safetensors", "train_zoo_model"]
+__all__ = ["HEAD_FITS", "RECIPES", "evaluate_accuracy", "save_state_dict_safetensors", "train_zoo_model", "trainable"]
 
 # Default recipe per model: Adam, plain cross-entropy, shuffled mini-batches, no augmentation.
 RECIPES: dict[str, dict] = {
@@ -31,6 +31,31 @@ RECIPES: dict[str, dict] = {
 }
 RECIPES["mnist-mlp"] = dict(RECIPES["mnist-mlp-rs"])
 RECIPES["mnist-lenet"] = dict(RECIPES["mnist-lenet-rs"])
+
+
+# Zoo models whose only trained part is a head fitted in closed form on a frozen pretrained encoder
+# (no epochs, learning rate or batches): name -> "module:function" returning (model, metrics).
+HEAD_FITS: dict[str, str] = {"minilm-sentiment": "robust_surgery.model_zoo.text_sentiment:train_sentiment_head"}
+
+
+def trainable() -> list[str]:
+    """Names :func:`train_zoo_model` can train."""
+    return sorted([*RECIPES, *HEAD_FITS])
+
+
+def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_root) -> tuple[nn.Module, dict]:
+    """Fit the head of a HEAD_FITS model; the gradient-training options do not apply and are refused."""
+    import importlib
+
+    given = [flag for flag, val in (("--epochs", epochs), ("--lr", lr), ("--batch-size", batch_size),
+                                    ("--n-train", n_train)) if val is not None]
+    if given:
+        raise ValueError(f"{name}'s head is fitted by cross-validated logistic regression on frozen embeddings: "
+                         f"{', '.join(given)} do not apply; drop them (only --seed and --data-root do)")
+    module, fn = HEAD_FITS[name].split(":")
+    model, metrics = getattr(importlib.import_module(module), fn)(data_root, seed)
+    return model, {**metrics, "test_n": metrics["n_test"], "torch": torch.__version__,
+                   "threads": torch.get_num_threads()}
 
 
 def save_state_dict_safetensors(model: nn.Module, path: str | os.PathLike,
@@ -53,15 +78,20 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
                     n_train: int | None = None) -> tuple[nn.Module, dict]:
     """Train zoo architecture ``name`` from scratch on MNIST train (60000 images, [0,1] pixels).
 
-    Unset ``epochs``/``lr``/``batch_size`` take :data:`RECIPES` [name]. Returns (model in eval
+    Unset ``epochs``/``lr``/``batch_size`` take :data:`RECIPES` [name]. :data:`HEAD_FITS` models
+    (``minilm-sentiment``) refit their head on the frozen encoder instead (their own data;
+    ``seed`` and ``data_root`` only). Returns (model in eval
     mode, metrics) with per-epoch mean train loss, test accuracy in percent on the 10000 test
     images, test_correct, seconds and the recipe. Progress goes to stderr. ``n_train``: train on
     the first n training images only (quick checks).
     """
     entry = get_entry(name)
+    if name in HEAD_FITS:
+        return _fit_head(name, epochs=epochs, lr=lr, batch_size=batch_size, n_train=n_train, seed=seed,
+                         data_root=data_root)
     if name not in RECIPES:
         raise ZooError(
-            f"No training recipe for '{name}' (dataset {entry.dataset}); trainable: {', '.join(sorted(RECIPES))}"
+            f"No training recipe for '{name}' (dataset {entry.dataset}); trainable: {', '.join(trainable())}"
         )
     recipe = dict(RECIPES[name])
     for key, val in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
@@ -122,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root")
     args = ap.parse_args(argv)
+    if args.name in HEAD_FITS:  # the shipped file holds the head alone: its own script writes it
+        module = HEAD_FITS[args.name].split(":")[0]
+        raise SystemExit(f"{args.name}: run python -m {module} --out FILE (writes the head alone)")
     model, metrics = train_zoo_model(args.name, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                      seed=args.seed, data_root=args.data_root, device="cpu")
     meta = {k: v for k, v in metrics.items() if k not in ("train_loss", "seconds")}  # reproducible bytes

@@ -218,6 +218,29 @@ def test_minilm_sentiment_zoo_accuracy(shared_data):
 
 
 @needs_minilm
+def test_zoo_train_refits_the_shipped_sentiment_head(shared_data, tmp_path):
+    """`surgery zoo train minilm-sentiment` reproduces the released head: same test count, same weights."""
+    import robust_surgery as rs
+    from robust_surgery.cli.app import app
+    from robust_surgery.zoo import create_model
+
+    out = tmp_path / "head.safetensors"
+    res = CliRunner().invoke(app, ["zoo", "train", "minilm-sentiment", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert metrics["test_correct"] == 549 and metrics["test_n"] == 598 and metrics["C"] == 1.0
+    shipped, refit = create_model("minilm-sentiment"), rs.load(out)
+    torch.testing.assert_close(refit.head.weight, shipped.head.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(refit.head.bias, shipped.head.bias, rtol=1e-4, atol=1e-5)
+    assert torch.equal(refit.bert.embeddings.word_embeddings.weight, shipped.bert.embeddings.word_embeddings.weight)
+    # the gradient-training options do not apply to a closed-form head fit: refused before any work
+    res = CliRunner().invoke(app, ["zoo", "train", "minilm-sentiment", "--epochs", "3", "--lr", "0.1",
+                                   "-o", str(tmp_path / "x.safetensors")])
+    assert res.exit_code != 0 and "--epochs, --lr do not apply" in res.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@needs_minilm
 def test_r2dl_cli_on_amp_beats_chance_and_reloads(shared_data, tmp_path):
     from robust_surgery.cli.app import app
     from robust_surgery.reprogram.r2dl import evaluate_r2dl, load_r2dl
