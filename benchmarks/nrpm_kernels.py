@@ -520,7 +520,8 @@ def gpu_section(args) -> dict:
     print()
     print(f"Op rate: terms × ops_per_term(K) ({ops_per_term(1)} for K=1, {ops_per_term(3)} for K=3; forward+backward) "
           f"over the Triton time; peak: the measured float32 matmul rate, {thr['matmul_flops'] / 1e12:.1f} TFLOP/s "
-          "(each op counted as one FMA: optimistic, the reciprocal unit runs at 1/8 of that rate on Hopper: 16 vs 128 per SM per clock).")
+          "(each op counted as one FMA: optimistic, the reciprocal unit runs at 1/8 of that rate on Hopper: "
+          "16 vs 128 per SM per clock).")
     launches = {r["case"]: r["results"]["triton"]["triton_launches"] for r in rows}
     print(f"Triton launches in the warm-up step (0 would mean the fused path did not run): {launches}")
     return {"device": thr["name"], "smoke": smoke, "runs": args.runs, "throughput": thr, "cases": rows}
