@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from torch import nn
 from robust_surgery.data import load_mnist
 from robust_surgery.loops import evaluate_accuracy, training_progress
 from robust_surgery.zoo import ZooError, get_entry
+
+from .text_sentiment import train_sentiment_head
 
 __all__ = ["HEAD_FITS", "RECIPES", "evaluate_accuracy", "save_state_dict_safetensors", "train_zoo_model", "trainable"]
 
@@ -34,8 +37,8 @@ RECIPES["mnist-lenet"] = dict(RECIPES["mnist-lenet-rs"])
 
 
 # Zoo models whose only trained part is a head fitted in closed form on a frozen pretrained encoder
-# (no epochs, learning rate or batches): name -> "module:function" returning (model, metrics).
-HEAD_FITS: dict[str, str] = {"minilm-sentiment": "robust_surgery.model_zoo.text_sentiment:train_sentiment_head"}
+# (no epochs, learning rate or batches): name -> fit(data_root, seed) -> (model, metrics).
+HEAD_FITS: dict[str, Callable] = {"minilm-sentiment": train_sentiment_head}
 
 
 def trainable() -> list[str]:
@@ -45,15 +48,12 @@ def trainable() -> list[str]:
 
 def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_root) -> tuple[nn.Module, dict]:
     """Fit the head of a HEAD_FITS model; the gradient-training options do not apply and are refused."""
-    import importlib
-
     given = [flag for flag, val in (("--epochs", epochs), ("--lr", lr), ("--batch-size", batch_size),
                                     ("--n-train", n_train)) if val is not None]
     if given:
         raise ValueError(f"{name}'s head is fitted by cross-validated logistic regression on frozen embeddings: "
                          f"{', '.join(given)} do not apply; drop them (only --seed and --data-root do)")
-    module, fn = HEAD_FITS[name].split(":")
-    model, metrics = getattr(importlib.import_module(module), fn)(data_root, seed)
+    model, metrics = HEAD_FITS[name](data_root, seed)
     return model, {**metrics, "test_n": metrics["n_test"], "torch": torch.__version__,
                    "threads": torch.get_num_threads()}
 
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root")
     args = ap.parse_args(argv)
     if args.name in HEAD_FITS:  # the shipped file holds the head alone: its own script writes it
-        module = HEAD_FITS[args.name].split(":")[0]
-        raise SystemExit(f"{args.name}: run python -m {module} --out FILE (writes the head alone)")
+        raise SystemExit(f"{args.name}: run python -m {HEAD_FITS[args.name].__module__} --out FILE "
+                         "(writes the head alone)")
     model, metrics = train_zoo_model(args.name, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                      seed=args.seed, data_root=args.data_root, device="cpu")
     meta = {k: v for k, v in metrics.items() if k not in ("train_loss", "seconds")}  # reproducible bytes

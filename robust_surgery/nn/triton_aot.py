@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -147,29 +148,26 @@ def innermost_loop(sass: str) -> list[tuple[int, str]]:
     return [(a, op) for a, op, _ in code if start <= a <= end]
 
 
-def kernel_report(kernel, backward: bool, tile: tuple[int, int, int, int]) -> KernelReport:
+def kernel_report(kernel, tile: tuple[int, int, int, int]) -> KernelReport:
     """Registers, spills, shared memory and the innermost loop's cost of a compiled kernel."""
     sass, usage = _sass_and_usage(kernel)
     reg = re.search(r"Used (\d+) registers", usage)
     stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", usage)
     loop = innermost_loop(sass)
-    mix: dict[str, int] = {}
-    for _, op in loop:
-        mix[op] = mix.get(op, 0) + 1
     br, bo, unroll, warps = tile
     terms = br * bo * unroll / (32 * warps)
     return KernelReport(name=kernel.metadata.name, arch=kernel.metadata.target.arch, tile=tile,
                         registers=int(reg.group(1)), stack_bytes=int(stack.group(1)),
                         spill_bytes=int(stack.group(2)), shared_bytes=kernel.metadata.shared,
                         loop_instructions=len(loop),
-                        terms_per_trip=terms, loop_mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])))
+                        terms_per_trip=terms, loop_mix=dict(Counter(op for _, op in loop).most_common()))
 
 
 def report(backward: bool, dtype: torch.dtype = torch.float32, norm: str = "L1", arch: int = 90,
            tile: tuple[int, int, int, int] | None = None) -> KernelReport:
     """Compile one variant (:func:`compile_kernel`) and read its :func:`kernel_report`."""
     tile = tile or triton_kernels.tile_sizes(4096, 4096, dtype, backward)
-    return kernel_report(compile_kernel(backward, dtype, norm, arch, tile), backward, tile)
+    return kernel_report(compile_kernel(backward, dtype, norm, arch, tile), tile)
 
 
 def issue_bound_seconds(terms: float, instructions_per_term: float, machine: dict = H200) -> float:
