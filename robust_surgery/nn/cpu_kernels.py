@@ -299,6 +299,4 @@ def run_source(src, x, w, z0, settings) -> torch.Tensor:
 
 def disable(err: Exception) -> None:
     """Warn that a kernel failed and switch the C path off for this process."""
-    warnings.warn(f"NRPM: the CPU kernel failed ({type(err).__name__}: {err}); using the eager path",
-                  RuntimeWarning)
-    use_cpu_kernel(False)
+    switch.fail("the CPU kernel", err)

@@ -63,6 +63,11 @@ class Switch:
             return self.default
         return raw.strip().lower() not in ("0", "false", "no", "off", "")
 
+    def fail(self, what: str, err: Exception) -> None:
+        """Warn that ``what`` (a fused kernel) failed with ``err`` and switch this path off for the process."""
+        warnings.warn(f"NRPM: {what} failed ({type(err).__name__}: {err}); using the eager path", RuntimeWarning)
+        self.set(False)
+
 
 switch = Switch("ROBUST_SURGERY_NRPM_COMPILE", default=False)
 _compiled: dict = {}

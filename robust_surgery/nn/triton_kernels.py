@@ -34,7 +34,6 @@ the eager path.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -336,9 +335,7 @@ def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad:
 
 def disable(err: Exception) -> None:
     """Warn that a kernel failed and switch the Triton path off for this process."""
-    warnings.warn(f"NRPM: the Triton kernel failed ({type(err).__name__}: {err}); using the eager path",
-                  RuntimeWarning)
-    use_triton(False)
+    switch.fail("the Triton kernel", err)
 
 
 def chunk_functions(settings, eager_backward: Callable, rows: int, outs: int):
