@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .render import console, err, fail, guard, print_json, write_json
 
@@ -357,7 +358,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print the list 
     t.add_column("description", ratio=1)
     for e in entries:
         t.add_row(e.name, e.dataset, "×".join(map(str, e.input_shape)),
-                  "-" if e.reference_acc is None else f"{e.reference_acc:.2f} %", e.description)
+                  "-" if e.reference_acc is None else f"{e.reference_acc:.2f} %", escape(e.description))
     console.print(t)
 
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import typer
 from rich.console import Console
 
-console = Console()  # results (tables) on stdout
+# results (tables) on stdout; redirected to a file or pipe, rich would cut tables to 80 columns
+# (numbers become "4.01…"): give them room unless the user set COLUMNS
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 err = Console(stderr=True)  # progress, warnings and errors on stderr
 
 

@@ -92,7 +92,8 @@ class ConversionReport:
                       fmt(r.linear_flops), fmt(r.nrpm_extra_flops), mem or "-")
         tot = self.totals()
         ratio = f"×{tot['cost_ratio']:.1f} FLOPs" if tot["cost_ratio"] else ""
-        t.caption = f"{tot['layers']} layers, {tot['params']:,} parameters {ratio}".strip()
+        layers = f"{tot['layers']} layer" + ("" if tot["layers"] == 1 else "s")
+        t.caption = f"{layers}, {tot['params']:,} parameters {ratio}".strip()
         return t
 
 
