@@ -8,9 +8,11 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .render import console, err, fail, guard, print_json, write_json
+from .render import (TRUST_CODE, TRUST_PICKLE, SurgeryGroup, check_out, console, err, fail, guard, print_json,
+                     write_json)
 
 app = typer.Typer(
+    cls=SurgeryGroup,
     name="surgery",
     help="Model surgery for robustness: convert pretrained PyTorch networks to NRPM layers, fine-tune, evaluate and save them.",
     no_args_is_help=True,
@@ -60,7 +62,8 @@ def convert(
     override: Optional[str] = typer.Option(None, "--override", help='Per-layer settings as JSON: \'{"fc3": {"lam": 1.0}, "re:conv.*": {"K": 1}}\'.'),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.nrpm.safetensors)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input, for the cost estimate (zoo models know theirs)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module (runs code from the file)."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     non_strict: bool = typer.Option(False, "--non-strict", help="Load weights that match the architecture and ignore the rest."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live (else $ROBUST_SURGERY_DATA)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -87,6 +90,7 @@ def convert(
     """
     import robust_surgery as rs
 
+    out = check_out(out or _default_out(model), ".safetensors", "output (-o)")
     if paradigm in (2, 3) and not data:
         fail(f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) fine-tunes: give the training data with --data "
              "(mnist, cifar10 or a path), or convert with --paradigm 1", code=2)
@@ -107,23 +111,27 @@ def convert(
             overrides = json.loads(override)
         except json.JSONDecodeError as e:
             fail(f"--override must be JSON mapping layer names/patterns to settings: {e}", code=2)
+    if paradigm in (2, 3):  # every training setting is checked before anything is loaded or trained
+        _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
+                             n_train, val_n, checkpoint_dir, log, keep, adv_weight)
     with err.status(f"loading {model}"):
-        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, strict=not non_strict,
+        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, strict=not non_strict,
                             data_root=str(data_root) if data_root else None)
     shape = _input_shape(input_shape, net)
+    if shape:
+        rs.inspect_model(net, shape)  # a shape the model cannot take fails here, before any work
     given = {"norm": norm, "K": K, "eps": nrpm_eps, "lam": lam, "include": include}
     settings, used = _nrpm_settings(net, given)
-    if used:
-        err.print(f"NRPM settings from the {model} preset ({rs.preset_note(net)}): "
-                  + ", ".join(f"{k}={settings[k]}" for k in used) + "; flags override")
     with err.status("converting"):
         converted = rs.convert(net, paradigm, gamma=gamma, delta=delta, exclude=exclude, overrides=overrides,
                                **settings)
+    if used:
+        err.print(f"NRPM settings from the {model} preset ({rs.preset_note(net)}): "
+                  + ", ".join(f"{k}={settings[k]}" for k in used) + "; flags override")
     if paradigm in (2, 3):
         converted, _ = _run_finetune(converted, data, paradigm, adversarial, train_eps, epochs, lr, optimizer,
                                      schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
     report = rs.conversion_report(converted, shape)
-    out = out or _default_out(model)
     manifest = rs.save(converted, out)
     if as_json:
         print_json({"output": str(out), "manifest": manifest, "report": report.to_dict()})
@@ -156,11 +164,32 @@ def _nrpm_settings(net, given: dict) -> tuple[dict, list[str]]:
     return settings, used
 
 
+def _adversarial(text: str):
+    return None if text.lower() in ("none", "clean", "") else text.lower()
+
+
+def _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
+                         n_train, val_n, checkpoint_dir, log, keep, adv_weight) -> None:
+    """Refuse bad training settings and unusable checkpoint/log paths before any work starts."""
+    from robust_surgery.fileutil import check_output_path
+    from robust_surgery.finetune import FinetuneConfig
+
+    FinetuneConfig(paradigm=paradigm, adversarial=_adversarial(adversarial), eps=train_eps, epochs=epochs, lr=lr,
+                   optimizer=optimizer, schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n,
+                   n_train=n_train, keep=keep, adv_weight=adv_weight)
+    if checkpoint_dir is not None:
+        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+            fail(f"the checkpoint folder (--checkpoint-dir) {checkpoint_dir} is a file; give a folder")
+        check_output_path(checkpoint_dir / "finetune-last.pt", make_parents=True, what="checkpoint")
+    if log is not None:
+        check_output_path(log, make_parents=True, what="log file (--log)")
+
+
 def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
                   n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight):
     import robust_surgery as rs
 
-    adv = None if adversarial.lower() in ("none", "clean", "") else adversarial.lower()
+    adv = _adversarial(adversarial)
     model, history = rs.finetune(
         model, data, paradigm, adversarial=adv, eps=train_eps, epochs=epochs, lr=lr, optimizer=optimizer,
         schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n, keep=keep, adv_weight=adv_weight,
@@ -206,6 +235,8 @@ def finetune(
     adv_weight: float = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the loss (1-w)·CE(clean) + w·CE(adv); 1 = adversarial batches only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.p{paradigm}.safetensors)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
 ):
     """Continue training an already converted model (paradigm 2: λ only; 3: everything).
@@ -214,10 +245,14 @@ def finetune(
     """
     import robust_surgery as rs
 
-    net = rs.load(model)
+    out = check_out(out or Path(f"{Path(model).stem}.p{paradigm}.safetensors"), ".safetensors", "output (-o)")
+    _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
+                         n_train, val_n, checkpoint_dir, log, keep, adv_weight)
+    with err.status(f"loading {model}"):
+        net = rs.load_model(model, trust_pickle=trust_pickle, trust_code=trust_code,
+                            data_root=str(data_root) if data_root else None)
     net, history = _run_finetune(net, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule,
                                  batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
-    out = out or Path(f"{Path(model).stem}.p{paradigm}.safetensors")
     rs.save(net, out)
     if as_json:
         print_json({"output": str(out), "history": history})
@@ -235,7 +270,8 @@ def inspect(
     norm: str = typer.Option("L1", "--norm", help="Reweighting to estimate the cost for."),
     lam: float = typer.Option(0.5, "--lam", help="λ to estimate the cost for."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input (zoo models know theirs)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
@@ -246,7 +282,7 @@ def inspect(
     import robust_surgery as rs
 
     with err.status(f"loading {model}"):
-        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle,
+        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code,
                             data_root=str(data_root) if data_root else None)
     shape = _input_shape(input_shape, net)
     if rs.nrpm_layers(net):
@@ -293,7 +329,8 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the robust-accuracy curve as PNG."),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
 ):
     """Attack a model over an ε sweep and print robust accuracy with the sanity report card.
@@ -305,10 +342,13 @@ def evaluate(
     from robust_surgery.evaluate import parse_eps
 
     root = str(data_root) if data_root else None
+    check_out(json_out, None, "report (--json)")
+    check_out(plot, ".png", "plot (--plot)")
+    eps_values = parse_eps(eps) if eps is not None else None
     with err.status(f"loading {model}"):
-        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, data_root=root)
+        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, data_root=root)
     report = rs.evaluate(
-        net, data, attacks=[a for a in attack.split(",") if a.strip()], eps=parse_eps(eps) if eps else None,
+        net, data, attacks=[a for a in attack.split(",") if a.strip()], eps=eps_values,
         threat=threat, n=n, batch_size=batch_size, seed=seed, steps=steps, alpha=alpha, restarts=restarts,
         queries=queries, compare_original=compare_original, checks=False if no_checks else None,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,
@@ -382,7 +422,7 @@ def zoo_train(
     import robust_surgery as rs
     from robust_surgery.model_zoo.train import train_zoo_model
 
-    out = out or Path(f"{name}.trained.safetensors")
+    out = check_out(out or Path(f"{name}.trained.safetensors"), ".safetensors", "output (-o)")
     model, metrics = train_zoo_model(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                      data_root=str(data_root) if data_root else None, n_train=n_train)
     rs.save(model, out, arch=f"zoo:{name}", training=metrics)

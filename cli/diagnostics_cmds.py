@@ -6,17 +6,18 @@ from typing import Optional
 
 import typer
 
-from .render import console, err, fail, guard, print_json
+from .render import TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
 
 DATA_HELP = "mnist, cifar10, a path, or synthetic[:d=64,k=3,seed=0,...] (the sparse-coding task)."
 MODEL_HELP = "A model file (.safetensors, .pt, .pth) or a spec: zoo:NAME, torchvision:NAME, timm:NAME."
 
 
-def _load(model: str, arch, data_root):
+def _load(model: str, arch, data_root, trust_pickle: bool = False, trust_code: bool = False):
     import robust_surgery as rs
 
     with err.status(f"loading {model}"):
-        return rs.load_model(model, arch=arch, data_root=str(data_root) if data_root else None)
+        return rs.load_model(model, arch=arch, data_root=str(data_root) if data_root else None,
+                             trust_pickle=trust_pickle, trust_code=trust_code)
 
 
 def _input_eps(data: str, eps: list[float]) -> list[float]:
@@ -51,6 +52,8 @@ def purification(
     per_unit: bool = typer.Option(False, "--per-unit", help="With --json: every unit's scores too."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Per-unit purity of one layer in a feature basis beside a random control, with kurtosis and activation rate.
@@ -60,8 +63,10 @@ def purification(
     """
     from robust_surgery.purification import plot_filters, plot_purity_histograms, purification_report
 
-    net = _load(model, arch, data_root)
-    other = _load(compare, arch, data_root) if compare else None
+    check_out(plot, ".png", "plot (--plot)")
+    check_out(filters, ".png", "filter image (--filters)")
+    net = _load(model, arch, data_root, trust_pickle, trust_code)
+    other = _load(compare, arch, data_root, trust_pickle, trust_code) if compare else None
     with err.status("learning the basis and scoring the units"):
         report = purification_report(net, data, layer, basis=basis, n=n, n_patches=n_patches, n_atoms=atoms, seed=seed,
                                      compare=other, model_name=model, compare_name=compare,
@@ -109,6 +114,8 @@ def pretrain(
     hidden: int = typer.Option(256, "--hidden", help="Hidden units of the 'mlp' model."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
 ):
     """Train a plain model clean, adversarially (FGSM/PGD, L∞ or L2, ε ramp) or with random noise, and save it.
@@ -121,6 +128,7 @@ def pretrain(
     from robust_surgery.pretrain import pretrain as run_pretrain
     from robust_surgery.synthetic import parse_synthetic_spec
 
+    out = check_out(out, ".safetensors", "output (-o)")
     task = parse_synthetic_spec(data)
     if model == "mlp":
         if task is None:
@@ -131,7 +139,7 @@ def pretrain(
         net = rs.build_arch("robust_surgery.synthetic:sparse_coding_mlp",
                             kwargs={"d": task.d, "hidden": hidden, "span": task.span})
     else:
-        net = _load(model, arch, data_root)
+        net = _load(model, arch, data_root, trust_pickle, trust_code)
         if scratch:
             net = random_encoder(net, seed)
     values = _floats(eps, "--eps")
@@ -167,6 +175,8 @@ def inherit(
     seed: int = typer.Option(0, "--seed", help="Seed."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of weights-only files."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout."),
 ):
     """Freeze encoders, train a clean linear head on a downstream task, compare clean and PGD accuracy.
@@ -187,7 +197,7 @@ def inherit(
             encoders[name] = random_encoder(first, seed) if source == "random" else \
                 rs.convert(first, paradigm=1, lam=lam, inplace=False)
         else:
-            encoders[name] = _load(source, arch, data_root)
+            encoders[name] = _load(source, arch, data_root, trust_pickle, trust_code)
     report = compare_encoders(encoders, data, layer, downstream=downstream, eps=_input_eps(data, _floats(eps, "--eps")),
                               threat=threat, n_train=n_train, n_test=n, steps=steps, epochs=epochs, seed=seed,
                               data_root=str(data_root) if data_root else None)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .render import console, err, guard, print_json
+from .render import TRUST_CODE, check_out, console, err, guard, print_json
 
 _R2DL = "Program (Θ) and mapping"
 
@@ -36,6 +36,7 @@ def r2dl(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the amino-acid (+ dipeptide) composition logistic regressions on the same split."),
     seed: int = typer.Option(0, "--seed", help="Seed (split, shuffling, random parts)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the peptide data live (else $ROBUST_SURGERY_DATA)."),
+    trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """R2DL: reprogram a frozen text classifier for peptide sequences; only a k-sparse Θ over its token embeddings is learned.
@@ -48,11 +49,10 @@ def r2dl(
     cfg = R2DLConfig(k=k, dense=dense, omp_every=omp_every, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_len=max_len, mapping=mapping, init=init, seed=seed, test_fraction=test_fraction,
                      n_train=n_train, n_test=n_test, random_encoder=random_encoder).check()
-    if out is not None and out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {out.name!r}")
+    check_out(out, ".safetensors", "output (-o)")
     root = str(data_root) if data_root else None
     task = load_peptide_task(target, root)
-    result = run_r2dl(source, task, cfg, data_root=root, progress=True)
+    result = run_r2dl(source, task, cfg, data_root=root, progress=True, trust_code=trust_code)
     report = result.summary()
     report["baselines"] = []
     if baselines:

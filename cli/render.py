@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
+from rich.markup import escape
 
 # results (tables) on stdout; redirected to a file or pipe, rich would cut tables to 80 columns
 # (numbers become "4.01…"): give them room unless the user set COLUMNS
@@ -15,22 +16,41 @@ console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ e
 err = Console(stderr=True)  # progress, warnings and errors on stderr
 
 
+TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module (a .pt that is not a "
+                            "state_dict): unpickling runs code from the file. Only for files you trust.")
+TRUST_CODE = typer.Option(False, "--trust-code", help="Allow a saved model's manifest to import and call the "
+                          "package.module:Callable it names (like transformers' trust_remote_code). Only for files you trust.")
+
+
 def print_json(data) -> None:
-    """Write ``data`` as JSON to stdout (plain, so scripts can parse it)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Write ``data`` as strict JSON to stdout (no NaN/Infinity tokens; plain, so scripts can parse it)."""
+    from robust_surgery._json import strict_dumps
+
+    sys.stdout.write(strict_dumps(data, indent=2) + "\n")
 
 
 def write_json(data, path) -> None:
-    """Write ``data`` as JSON to ``path`` (temporary name, then rename)."""
+    """Write ``data`` as strict JSON to ``path`` (temporary name, then rename)."""
+    from robust_surgery._json import strict_dumps
     from robust_surgery.fileutil import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(strict_dumps(data, indent=2) + "\n")
+
+
+def check_out(path, suffix: str | None = None, what: str = "output"):
+    """Check an output path before any work starts (folder exists and is writable, nothing odd in the way)."""
+    if path is None or str(path) == "-":
+        return path
+    from robust_surgery.fileutil import check_output_path
+
+    return check_output_path(path, suffix=suffix, what=what)
 
 
 def fail(message: str, code: int = 1):
-    """Print ``message`` as an error on stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True)
+    """Print ``message`` as one error line on stderr and exit with ``code``."""
+    err.print(f"[bold red]error:[/bold red] {escape(' '.join(str(message).split()))}", highlight=False, markup=True,
+              soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -38,12 +58,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from robust_surgery import ModelLoadError, NoLayerMatchedError
 
     errors: list[type[BaseException]] = [ModelLoadError, NoLayerMatchedError, ValueError, FileNotFoundError,
-                                         PermissionError, TypeError, KeyError]
+                                         PermissionError, TypeError, KeyError, IsADirectoryError,
+                                         NotADirectoryError]
     return tuple(errors)
 
 
 def guard(fn):
-    """Turn the library's clear errors into one red line on stderr and exit code 1 (no traceback)."""
+    """Turn every error into one red ``error:`` line on stderr and exit code 1 (no traceback).
+
+    The library's errors say what is wrong and how to fix it; anything else is reported as an
+    internal error in one line (``ROBUST_SURGERY_DEBUG=1`` shows the traceback). Ctrl-C exits
+    130 with a line saying so.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,8 +77,65 @@ def guard(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C); no output file was left half-written (a --state or --checkpoint-dir "
+                 "run resumes where it stopped)", code=130)
         except _user_errors() as e:
+            if os.environ.get("ROBUST_SURGERY_DEBUG"):
+                raise
             text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             fail(str(text))
+        except EOFError as e:
+            if os.environ.get("ROBUST_SURGERY_DEBUG"):
+                raise
+            fail(f"a file ended early ({e or 'end of file'}): it is empty or truncated")
+        except Exception as e:  # a bug of ours, or a library error we did not foresee: still one line
+            if os.environ.get("ROBUST_SURGERY_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            fail(f"internal error ({type(e).__name__}: {first}); please report it. Rerun with "
+                 "ROBUST_SURGERY_DEBUG=1 to see the traceback")
 
     return wrapper
+
+
+def _click_exceptions():
+    """The click exception classes Typer raises (recent Typer bundles its own copy of click)."""
+    import typer.core
+
+    return typer.core._click.exceptions
+
+
+class SurgeryGroup(TyperGroup):
+    """The top-level group: usage errors (unknown option, bad value, missing argument) become one
+    ``error:`` line with exit code 2, like every other error, instead of a framed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        exc = _click_exceptions()
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except exc.UsageError as e:
+            if not e.format_message().strip() or type(e).__name__ == "NoArgsIsHelpError":  # help was printed
+                if standalone_mode:
+                    sys.exit(e.exit_code)
+                raise typer.Exit(e.exit_code) from None
+            where = f"surgery {e.ctx.command_path.split(' ', 1)[1]} --help" if e.ctx and " " in e.ctx.command_path \
+                else "surgery --help"
+            self._exit(f"{e.format_message()} (see '{where}')", 2, standalone_mode)
+        except exc.ClickException as e:
+            self._exit(e.format_message(), e.exit_code, standalone_mode)
+        except typer.Abort:
+            self._exit("aborted", 1, standalone_mode)
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return rv
+
+    @staticmethod
+    def _exit(message: str, code: int, standalone_mode: bool):
+        try:
+            fail(message, code)
+        except typer.Exit:
+            if standalone_mode:
+                sys.exit(code)
+            raise

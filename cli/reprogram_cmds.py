@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .render import console, err, fail, guard, print_json
+from .render import TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
 
 reprogram_app = typer.Typer(help="Reprogram a frozen source model for a new task (AR, BAR, R2DL).", no_args_is_help=True)
 
@@ -45,12 +45,13 @@ def _ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
         fail(f"{what} takes whole numbers separated by commas (3,32,32), got {text!r}", code=2)
 
 
-def _data(source, target, n_train, n_test, data_root):
+def _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code):
     from robust_surgery.reprogram.pipeline import load_source, load_target
 
+    check_out(out, ".safetensors", "output (-o)")
     root = str(data_root) if data_root else None
     with err.status(f"loading {source} and {target}"):
-        src = load_source(source, data_root=root)
+        src = load_source(source, data_root=root, trust_pickle=trust_pickle, trust_code=trust_code)
         train = load_target(target, "train", n=n_train, data_root=root)
         test = load_target(target, "test", n=n_test, data_root=root)
     return src, train, test
@@ -111,6 +112,8 @@ def ar(
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack (L∞ on the [0, 1] target inputs): 0.05,0.1.", rich_help_panel=_EVAL),
     steps: int = PGD_STEPS,
     data_root: Optional[Path] = DATA_ROOT,
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     as_json: bool = AS_JSON,
 ):
     """AR: white-box adversarial reprogramming; trains only the program W with the source's gradients.
@@ -120,7 +123,7 @@ def ar(
     from robust_surgery.reprogram.ar import ARConfig, reprogram_ar
 
     cfg = ARConfig(epochs=epochs, lr=lr, reg=reg, batch_size=batch_size, decay=decay, decay_every=decay_every, seed=seed)
-    src, (x, y), test = _data(source, target, n_train, n_test, data_root)
+    src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code)
     model, report = reprogram_ar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,
                                  low_dim=low_dim, mapping=mapping, m=m, progress=True)
     report.update(source=source, target=target)
@@ -159,6 +162,8 @@ def bar(
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack: 0.05,0.1.", rich_help_panel=_EVAL),
     steps: int = PGD_STEPS,
     data_root: Optional[Path] = DATA_ROOT,
+    trust_pickle: bool = TRUST_PICKLE,
+    trust_code: bool = TRUST_CODE,
     as_json: bool = AS_JSON,
 ):
     """BAR: black-box reprogramming; the source is only queried for probabilities, gradients are estimated.
@@ -170,7 +175,7 @@ def bar(
     cfg = BARConfig(steps=steps_train, q=q, beta=beta, lr=lr, batch_size=batch_size, gamma=gamma,
                     class_balance=class_balance, decay=decay, decay_every=decay_every, seed=seed, budget=budget,
                     price_per_1000=price)
-    src, (x, y), test = _data(source, target, n_train, n_test, data_root)
+    src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code)
     model, report = reprogram_bar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,
                                   low_dim=low_dim or None, mapping=mapping, m=m, progress=True)
     report.update(source=source, target=target)

@@ -16,7 +16,9 @@ __version__ = "0.1.0"
 
 from .evaluate import EvalReport, evaluate
 from .finetune import finetune
-from .io import ModelLoadError, build_arch, load, load_model, read_manifest, save
+from .archspec import register_builder
+from .errors import ModelLoadError, NonFiniteError, OutputPathError, StateMismatchError, UntrustedCodeError
+from .io import build_arch, load, load_model, read_manifest, save
 from .nn.functional import register_reweight_derivative
 from .nn import (
     NRPMConv1d,
@@ -68,7 +70,8 @@ __all__ = [
     "convert", "unconvert", "set_lam", "nrpm_layers", "register_converter", "convertible_types",
     "register_reweight", "register_reweight_derivative", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
-    "load", "load_model", "save", "build_arch", "read_manifest", "ModelLoadError",
+    "load", "load_model", "save", "build_arch", "read_manifest", "register_builder",
+    "ModelLoadError", "UntrustedCodeError", "OutputPathError", "StateMismatchError", "NonFiniteError",
     "preset_for", "preset_note", "register_preset",
     "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "finetune",
     *_LAZY,

@@ -6,6 +6,7 @@ mode. :class:`AttackTarget` makes any model fit (normalisation, tuple/dict outpu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,6 +21,7 @@ __all__ = [
     "AttackConfig",
     "FGML2",
     "check_unit_range",
+    "check_labels_fit",
     "build_attack",
     "within_budget",
 ]
@@ -30,12 +32,25 @@ THREATS = ("Linf", "L2")
 
 def check_unit_range(x: torch.Tensor) -> None:
     """Raise a clear error unless every value of ``x`` is in [0, 1] (attacks assume pixels in [0, 1])."""
+    if x.numel() and not torch.isfinite(x).all():
+        from .errors import NonFiniteError
+
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise NonFiniteError(f"{bad} of the {len(x)} inputs hold NaN or infinite pixels; the attacks need finite "
+                             "images in [0, 1]")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
             f"inputs must be images in [0, 1] for the attacks (got min {lo:.4g}, max {hi:.4g}). Pass raw "
             "[0, 1] images and let the model normalise inside, or give --mean/--std (Python: mean=, std=)."
         )
+
+
+def check_labels_fit(y: torch.Tensor, n_classes: int) -> None:
+    """Raise a clear error unless every label of ``y`` is a class index below ``n_classes`` (the model's outputs)."""
+    if len(y) and int(y.max()) >= n_classes:
+        raise ValueError(f"the labels reach {int(y.max())} but the model has {n_classes} outputs (classes 0.."
+                         f"{n_classes - 1}): the data does not fit this model (wrong data set or model?)")
 
 
 def _logits(out) -> torch.Tensor:
@@ -117,8 +132,12 @@ class AttackConfig:
             raise ValueError(f"unknown attack {self.name!r}: choose from {', '.join(ATTACKS)}")
         if self.threat not in THREATS:
             raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a finite budget >= 0, got {self.eps}")
+        if self.steps < 1 or self.restarts < 1 or self.queries < 1:
+            raise ValueError(f"steps, restarts and queries must be >= 1, got {self.steps}, {self.restarts}, {self.queries}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha (the step size) must be a finite number > 0, got {self.alpha}")
 
     @property
     def key(self) -> str:

@@ -110,6 +110,16 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "robust_surgery"
 
 
+def check_data_root(data_root: str | os.PathLike) -> Path:
+    """``data_root`` as a Path, or a clear error when it names no folder (a typo must not be ignored)."""
+    path = Path(data_root).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataNotFoundError(f"the data root {path} {what}; give the folder that holds the data sets "
+                                f"(--data-root DIR, Python data_root=) or leave it out to use ${ENV_DATA}")
+    return path
+
+
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> list[Path]:
     """Candidate data roots, in search order (they need not exist).
 
@@ -120,7 +130,7 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> list[Path]:
     """
     out: list[Path] = []
     if data_root is not None and str(data_root) != "":
-        out.append(Path(data_root).expanduser())
+        out.append(check_data_root(data_root))
     env = os.environ.get(ENV_DATA, "")
     out.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p.strip())
     out.append(cache_dir() / "data")
@@ -560,6 +570,9 @@ def _load_pt(path: Path):
         x = _to_float(x)
     elif x.is_floating_point():
         x = x.to(torch.float32)
+        if x.numel() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            raise DataFormatError(f"{path}: {bad} image(s) hold NaN or infinite pixels; store finite pixels in [0, 1]")
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise DataFormatError(
                 f"{path}: float images must lie in [0, 1] (found {x.min().item():.3g}..{x.max().item():.3g}); "
@@ -569,6 +582,10 @@ def _load_pt(path: Path):
         raise DataFormatError(f"{path}: 'images' must be uint8 or float, got {x.dtype}")
     if y.is_floating_point() or y.is_complex():
         raise DataFormatError(f"{path}: 'labels' must be integer class indices, got {y.dtype}")
+    if len(y) == 0:
+        raise DataFormatError(f"{path}: the file holds no images (N = 0)")
+    if int(y.min()) < 0:
+        raise DataFormatError(f"{path}: labels must be class indices 0, 1, 2, ...; found {int(y.min())}")
     return x, y.to(torch.int64)
 
 

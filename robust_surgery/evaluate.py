@@ -9,8 +9,6 @@ is the worst over all attacks, per point. Points are processed in fixed global b
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import AttackConfig, AttackTarget, build_attack, check_unit_range, within_budget
+from .attacks import ATTACKS, AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range, within_budget
+from .errors import NonFiniteError, StateMismatchError
 from .checks import CheckResult, run_checks
-from .fileutil import atomic_path
+from .fileutil import atomic_path, check_output_path
 from .loops import work_progress
 from .meta import get_meta
 from .nn.layers import NRPMLayer, linear_mode, straight_through_mode
+from .runrecord import RECORD_VERSION, nrpm_settings, pack_record, resume_file, state_digest, tensor_digest
 
 __all__ = ["Job", "EvalReport", "evaluate", "default_eps", "format_eps", "parse_eps"]
 
@@ -58,8 +58,24 @@ def parse_eps(text: str) -> tuple[float, ...]:
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"--eps takes numbers or fractions separated by commas (0,0.1,8/255), got {part!r}") from None
     if not out:
-        raise ValueError("--eps is empty")
-    return tuple(out)
+        raise ValueError("--eps is empty: give budgets such as 0,0.1,8/255")
+    return tuple(check_budgets(out))
+
+
+def check_budgets(eps: Sequence[float], what: str = "eps") -> list[float]:
+    """``eps`` as floats, or a clear error for NaN, infinite or negative budgets."""
+    out = []
+    for e in eps:
+        try:
+            e = float(e)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} takes numbers, got {e!r}") from None
+        if not math.isfinite(e):
+            raise NonFiniteError(f"{what} must be finite budgets, got {e}")
+        if e < 0:
+            raise ValueError(f"{what} must be >= 0 (a budget is a distance), got {e:g}")
+        out.append(e)
+    return out
 
 
 def format_eps(eps: float) -> str:
@@ -251,15 +267,45 @@ def _plan(attacks: Sequence[str], eps: Sequence[float], threat: str, variants: l
     return jobs
 
 
-def _fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[Job], batch_size: int, seed: int) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(x.cpu().contiguous().numpy().tobytes())
-    h.update(y.cpu().numpy().tobytes())
-    h.update(json.dumps([j.key for j in jobs] + [batch_size, seed]).encode())
-    return h.hexdigest()
+def _record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[Job], *, threat: str, batch_size: int,
+            seed: int, mean, std) -> dict:
+    """Everything that changes an evaluation's numbers (see :mod:`robust_surgery.runrecord`)."""
+    return {
+        "version": RECORD_VERSION, "threat model": threat, "points": len(x), "batch size": batch_size, "seed": seed,
+        "mean": None if mean is None else [float(v) for v in mean],
+        "std": None if std is None else [float(v) for v in std],
+        "model weights": state_digest(model), "NRPM settings": nrpm_settings(model), "data": tensor_digest(x, y),
+        "attacks": [{**asdict(j.cfg), "variant": j.variant, "source": j.source, "check": j.check, "in worst": j.worst,
+                     "key": j.key} for j in jobs],
+    }
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size, steps, restarts, queries, alpha, mean, std) -> None:
+    for name, value in (("batch_size (--batch-size)", batch_size), ("steps (--steps)", steps),
+                        ("restarts (--restarts)", restarts), ("queries (--queries)", queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if alpha is not None and not (math.isfinite(float(alpha)) and alpha > 0):
+        raise ValueError(f"alpha (--alpha, the PGD step) must be a finite number > 0, got {alpha!r}")
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"data must be images (N, C, H, W) with labels (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.is_floating_point() or (len(y) and int(y.min()) < 0):
+        raise ValueError("labels must be class indices 0, 1, 2, ... (integers)")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise NonFiniteError(f"{bad} of the {len(x)} images hold NaN or infinite pixels; give finite pixels in [0, 1]")
+    if (mean is None) != (std is None):
+        raise ValueError("give both --mean and --std (per channel), or neither")
+    if mean is not None:
+        channels = x.shape[1]
+        for name, values in (("--mean", mean), ("--std", std)):
+            if len(values) != channels:
+                raise ValueError(f"{name} has {len(values)} values but the images have {channels} channel(s); "
+                                 f"give one per channel")
+            if not all(math.isfinite(float(v)) for v in values):
+                raise NonFiniteError(f"{name} values must be finite, got {list(values)}")
+        if any(float(v) <= 0 for v in std):
+            raise ValueError(f"--std values must be > 0 (they divide the pixels), got {list(std)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,11 +390,30 @@ def evaluate(
     ``torchrun`` every rank takes every world-th batch and the counts are summed.
     """
     t0 = time.time()
-    x, y, dataset = _resolve_data(data, n, data_root)
-    check_unit_range(x)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"evaluate takes an nn.Module, got a {type(model).__name__}; load it first "
+                        "(robust_surgery.load_model('zoo:...' or a file))")
+    if isinstance(attacks, str) or not all(isinstance(a, str) for a in attacks):
+        raise TypeError(f"attacks takes a list of attack names such as ['fgsm', 'pgd'], got {attacks!r}")
+    attacks = [a.strip().lower() for a in attacks if a.strip()]
+    if not attacks:
+        raise ValueError(f"no attack given (--attack is empty): name at least one of {', '.join(ATTACKS)}")
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(ATTACKS)}")
     if threat not in ("Linf", "L2"):
         raise ValueError(f"threat must be Linf or L2, got {threat!r}")
-    attacks = [a.strip().lower() for a in attacks]
+    if isinstance(eps, (int, float)):
+        raise TypeError(f"eps takes a list of budgets such as [0.1, 0.3], got the number {eps!r}")
+    if eps is not None:
+        eps = check_budgets(eps)
+        if not eps:
+            raise ValueError("eps is empty: give budgets such as 0,0.1,8/255")
+    if state is not None:
+        check_output_path(state, make_parents=True, what="state file (--state)")
+    x, y, dataset = _resolve_data(data, n, data_root)
+    _check_inputs(x, y, batch_size, steps, restarts, queries, alpha, mean, std)
+    check_unit_range(x)
     if eps is None:
         eps = default_eps(dataset, threat)
     eps = sorted({float(e) for e in eps})
@@ -369,16 +434,16 @@ def evaluate(
     n_batches = math.ceil(N / batch_size)
 
     # per-point results, filled batch by batch (and kept in the state file)
-    fp = _fingerprint(model, x, y, jobs, batch_size, seed)
-    st = {"fingerprint": fp, "done": [], "clean": {v: torch.zeros(N, dtype=torch.int8) for v in variants},
+    record = _record(model, x, y, jobs, threat=threat, batch_size=batch_size, seed=seed, mean=mean, std=std)
+    st = {"record": pack_record(record), "done": [], "clean": {v: torch.zeros(N, dtype=torch.int8) for v in variants},
           "robust": {j.key: torch.zeros(N, dtype=torch.int8) for j in jobs},
           "grad_zero": torch.zeros(N, dtype=torch.int8), "nondeterministic": 0}
     state_path = Path(f"{state}.rank{rank}") if state and world > 1 else (Path(state) if state else None)
     if state_path and state_path.exists():
-        saved = torch.load(state_path, weights_only=True)
-        if saved.get("fingerprint") != fp:
-            raise ValueError(f"state file {state_path} belongs to a different evaluation (model, data or settings "
-                             "differ); delete it or give another --state")
+        fix = "delete it or give another --state"
+        saved = resume_file(state_path, record, "state file", fix)
+        if set(saved.get("robust", {})) != set(st["robust"]) or set(saved.get("clean", {})) != set(st["clean"]):
+            raise StateMismatchError(f"state file {state_path} is damaged (its results do not match its record); {fix}")
         st = saved
 
     was_training = model.training
@@ -386,6 +451,7 @@ def evaluate(
     target = AttackTarget(model, mean, std).to(dev).eval()  # torchattacks restores this mode after attacking
     with torch.no_grad():
         n_classes = target(x[:1].to(dev)).shape[1]
+    check_labels_fit(y, n_classes)
     done_before = set(st["done"])
     mine = [b for b in range(n_batches) if b % world == rank and b not in done_before]
     if max_batches is not None:
@@ -401,6 +467,12 @@ def evaluate(
                 for v in variants:
                     with _variant_context(v)(model), torch.no_grad():
                         out1 = target(xb)
+                        if not torch.isfinite(out1).all():
+                            bad = int((~torch.isfinite(out1)).any(1).sum())
+                            raise NonFiniteError(
+                                f"the model ({v}) outputs NaN or infinite logits for {bad} of the {len(xb)} points of "
+                                f"batch {b + 1}; accuracies would be meaningless, so none are reported. Check the "
+                                "model (a float16 NRPM layer overflows: use float32) and its inputs")
                         clean[v] = out1.argmax(1) == yb
                         if v == variants[0] and checks and not torch.equal(out1, target(xb)):
                             st["nondeterministic"] += 1

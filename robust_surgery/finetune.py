@@ -9,8 +9,6 @@ else clean); a checkpoint after every epoch lets a stopped run resume with the s
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import AttackConfig, AttackTarget, build_attack, check_unit_range
-from .fileutil import atomic_path
+from ._json import strict_dumps
+from .attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
+from .errors import NonFiniteError, OutputPathError
+from .fileutil import atomic_path, check_output_path
 from .loops import evaluate_accuracy, training_progress
 from .meta import set_meta
 from .nn.layers import NRPMLayer
+from .runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
 from .surgery import apply_paradigm
 
 __all__ = ["FinetuneConfig", "finetune", "load_train_val"]
@@ -74,8 +75,23 @@ class FinetuneConfig:
             raise ValueError(f"keep must be 'best' (best validated epoch, the start included) or 'last', got {self.keep!r}")
         if self.schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.eps < 0 or self.val_n < 0:
-            raise ValueError("epochs and batch_size must be >= 1, lr > 0, eps >= 0, val_n >= 0")
+        for name, value in (("epochs (--epochs)", self.epochs), ("batch_size (--batch-size)", self.batch_size),
+                            ("pgd_steps (--pgd-steps)", self.pgd_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.val_n, bool) or not isinstance(self.val_n, int) or self.val_n < 0:
+            raise ValueError(f"val_n (--val-n) must be a whole number >= 0, got {self.val_n!r}")
+        if self.n_train is not None and (not isinstance(self.n_train, int) or self.n_train < 1):
+            raise ValueError(f"n_train (--n-train) must be a whole number >= 1, got {self.n_train!r}")
+        for name, value in (("lr (--lr)", self.lr), ("eps (--train-eps)", self.eps), ("momentum", self.momentum),
+                            ("weight_decay", self.weight_decay), ("adv_weight (--adv-weight)", self.adv_weight)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise NonFiniteError(f"{name} must be a finite number, got {value!r}")
+        if not self.lr > 0 or self.eps < 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and eps, momentum, weight_decay >= 0; got lr {self.lr}, eps {self.eps}, "
+                             f"momentum {self.momentum}, weight_decay {self.weight_decay}")
+        if self.threat not in ("Linf", "L2"):
+            raise ValueError(f"threat must be Linf or L2, got {self.threat!r}")
 
 
 def load_train_val(data, val_n: int, n_train: int | None, data_root=None):
@@ -159,12 +175,16 @@ def lr_at_epoch(cfg: FinetuneConfig, epoch: int) -> float:
     return cfg.lr
 
 
-def _fingerprint(model: nn.Module, cfg: FinetuneConfig, n: int) -> str:
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode() + str(n).encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+def _record(model: nn.Module, cfg: FinetuneConfig, train, val) -> dict:
+    """Everything that changes a fine-tuning run's result (see :mod:`robust_surgery.runrecord`):
+    the starting model's manifest (architecture, paradigm, NRPM settings per layer, provenance),
+    its weights, the training and validation data, and every training setting."""
+    from .io import build_manifest
+
+    manifest = {k: v for k, v in build_manifest(model).items() if k not in ("created", "training", "paradigm")}
+    return {"version": RECORD_VERSION, "starting model": manifest, "starting weights": state_digest(model),
+            "training data": tensor_digest(*train), "validation data": tensor_digest(*val),
+            "settings": asdict(cfg)}
 
 
 def finetune(
@@ -211,8 +231,18 @@ def finetune(
                          epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                          schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
                          keep=keep, adv_weight=adv_weight)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"finetune takes an nn.Module, got a {type(model).__name__}; load it first "
+                        "(robust_surgery.load('converted.safetensors'))")
     if not any(isinstance(m, NRPMLayer) for m in model.modules()):
         raise ValueError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
+    ckpt = Path(checkpoint_dir) / "finetune-last.pt" if checkpoint_dir else None
+    if checkpoint_dir is not None:
+        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise OutputPathError(f"the checkpoint folder (--checkpoint-dir) {checkpoint_dir} is a file; give a folder")
+        check_output_path(ckpt, make_parents=True, what="checkpoint")
+    if log is not None:
+        check_output_path(log, make_parents=True, what="log file (--log)")
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
     dev = torch.device(device) if device else next(model.parameters()).device
     apply_paradigm(model, cfg.paradigm)
@@ -224,17 +254,14 @@ def finetune(
     target = AttackTarget(model).to(dev).eval()
     with torch.no_grad():
         n_classes = target(xt[:1].to(dev)).shape[1]
+    check_labels_fit(torch.cat([yt, yv]), n_classes)
 
-    ckpt = Path(checkpoint_dir) / "finetune-last.pt" if checkpoint_dir else None
-    fp = _fingerprint(model, cfg, len(xt))
+    record = _record(model, cfg, (xt, yt), (xv, yv))
     history: list[dict] = []
     best = {"score": -1.0, "state": None, "epoch": None, "start": None}
     start = 0
     if ckpt and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True)
-        if saved["fingerprint"] != fp:
-            raise ValueError(f"checkpoint {ckpt} belongs to another run (model, data or settings differ); "
-                             "delete it or use another checkpoint folder")
+        saved = resume_file(ckpt, record, "checkpoint", "delete it or use another --checkpoint-dir")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         history, best, start = saved["history"], saved["best"], saved["epoch"]
@@ -265,6 +292,9 @@ def finetune(
                 if cfg.paradigm == 2:
                     _freeze_batchnorm(model)
                 loss = _training_loss(target, cfg, xb, x_adv, yb)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step "
+                                         f"{s + 1}; nothing was saved. Lower --lr (now {cfg.lr:g}) or check the data")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -281,11 +311,11 @@ def finetune(
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             if ckpt:
                 with atomic_path(ckpt, make_parents=True) as tmp:
-                    torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    torch.save({"record": pack_record(record), "model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "history": history, "best": best, "epoch": epoch + 1}, tmp)
             if log:
                 with atomic_path(log, make_parents=True) as tmp:
-                    tmp.write_text(json.dumps(history, indent=2))
+                    tmp.write_text(strict_dumps(history, indent=2))
     if cfg.keep == "best" and len(history) == cfg.epochs and best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()

@@ -1,35 +1,42 @@
 """Loading models from files or specs, and saving converted models with their manifest.
 
-Architecture specs: ``zoo:NAME`` (our model zoo), ``torchvision:NAME``, ``timm:NAME``, or
-``package.module:Callable`` (called with no arguments). A saved model is one ``.safetensors``
+Architecture specs are :mod:`robust_surgery.archspec`'s. A saved model is one ``.safetensors``
 file whose metadata holds a JSON manifest (architecture, paradigm, per-layer NRPM settings,
-source hash, package version), so :func:`load` rebuilds it from the file alone.
+source hash, package version), so :func:`load` rebuilds it from the file alone. Nothing read
+from a file chooses code to run: a manifest's architecture resolves through our registries, and
+a ``package.module:Callable`` it names needs ``trust_code=True`` (CLI ``--trust-code``).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .fileutil import atomic_path, file_sha256
+from .archspec import ARCH_HELP as _ARCH_HELP
+from .archspec import build_arch, is_spec, looks_like_factory, reading_file
+from .errors import ModelLoadError, UntrustedCodeError
+from ._json import strict_dumps
+from .fileutil import atomic_path, check_output_path, file_sha256
 from .meta import get_meta, set_meta
 from .nn.layers import NRPMLayer
 from .surgery import apply_paradigm, convert
 
 __all__ = [
     "ModelLoadError",
+    "UntrustedCodeError",
     "build_arch",
     "load_model",
     "load",
     "save",
     "read_manifest",
+    "validate_manifest",
     "file_sha256",
     "atomic_path",
     "MANIFEST_KEY",
@@ -37,88 +44,12 @@ __all__ = [
 
 MANIFEST_KEY = "robust_surgery"
 FORMAT = "robust-surgery/1"
-_SPEC_PREFIXES = ("zoo:", "torchvision:", "timm:")
-_ARCH_HELP = "--arch zoo:NAME | torchvision:NAME | timm:NAME | package.module:Callable (Python: arch=...)"
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message says what was wrong and how to fix it."""
 
 
 def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-# --------------------------------------------------------------------------------------------
-# Architectures
-# --------------------------------------------------------------------------------------------
-def is_spec(text: str) -> bool:
-    """True when ``text`` names a model spec rather than a file (``zoo:``, ``torchvision:``, ``timm:``)."""
-    return isinstance(text, str) and text.startswith(_SPEC_PREFIXES)
-
-
-def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = None,
-               kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build the module named by an architecture spec; ``pretrained`` also loads its weights.
-
-    ``kwargs`` go to a ``package.module:Callable`` factory (JSON-able values only: they are
-    recorded in the manifest as ``arch_kwargs`` so :func:`load` can call the factory again).
-    """
-    if kwargs and not (isinstance(spec, str) and not spec.startswith(_SPEC_PREFIXES)):
-        raise ModelLoadError(f"architecture keyword arguments only apply to package.module:Callable specs, not {spec!r}")
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ModelLoadError(f"architecture spec {spec!r} not understood; use {_ARCH_HELP}")
-    kind, _, name = spec.partition(":")
-    try:
-        if kind == "zoo":
-            from .zoo import create_model
-
-            model = create_model(name, pretrained=pretrained, data_root=data_root)
-        elif kind == "torchvision":
-            import torchvision
-
-            if name not in torchvision.models.list_models():
-                raise ModelLoadError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-            try:
-                model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
-            except (OSError, RuntimeError) as e:  # offline download
-                raise ModelLoadError(
-                    f"could not fetch torchvision's pretrained weights for {name!r} ({type(e).__name__}: {e}). "
-                    f"Offline? Pass a weights file instead: surgery convert {name}.pth --arch torchvision:{name}"
-                ) from None
-        elif kind == "timm":
-            import timm
-
-            if not timm.list_models(name) and not timm.is_model(name):
-                raise ModelLoadError(f"timm has no model {name!r}; see timm.list_models('*pattern*')")
-            try:
-                model = timm.create_model(name, pretrained=pretrained)
-            except (OSError, RuntimeError) as e:
-                raise ModelLoadError(
-                    f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: {e}). "
-                    f"Offline? Pass a weights file instead: surgery convert {name}.safetensors --arch timm:{name}"
-                ) from None
-        else:
-            try:
-                module = importlib.import_module(kind)
-            except ImportError as e:
-                raise ModelLoadError(f"cannot import {kind!r} for architecture {spec!r}: {e}") from None
-            factory = getattr(module, name, None)
-            if not callable(factory):
-                raise ModelLoadError(f"{kind} has no callable {name!r} (architecture spec {spec!r})")
-            model = factory(**dict(kwargs or {}))
-            if not isinstance(model, nn.Module):
-                raise ModelLoadError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
-    except ModelLoadError:
-        raise
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ModelLoadError(str(e.args[0]) if e.args else str(e)) from None
-    set_meta(model, arch=spec)
-    if kwargs:
-        set_meta(model, arch_kwargs=dict(kwargs))
-    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,20 +84,39 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save's zip format, or the legacy pickle format (a pickle protocol byte first)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    if not _looks_like_torch_file(path):
+        raise ModelLoadError(f"{path} is not a PyTorch file (neither torch.save's zip format nor a pickle); give "
+                             "a .pt/.pth written by torch.save or a .safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ModelLoadError(f"{path} is not a readable PyTorch file (it is corrupt or truncated: "
+                                 f"{str(e).splitlines()[0]})") from None
         if not trust_pickle:
             raise ModelLoadError(
                 f"{path} contains pickled Python objects (a whole module, or custom classes), which can run "
                 "arbitrary code when loaded, so it was refused (torch.load weights_only=True). If you trust "
                 "where the file came from, pass --trust-pickle (Python: trust_pickle=True); better, re-save it "
-                f"as a state_dict. Detail: {str(e).splitlines()[0]}"
+                "as a state_dict."
             ) from None
-    except Exception as e:  # torch raises many types (KeyError, RuntimeError...) for a non-torch file
-        raise ModelLoadError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {e})") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types (KeyError, RuntimeError...) for a damaged file
+        raise ModelLoadError(f"{path} is not a readable PyTorch file (it is corrupt or truncated: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelLoadError(f"{path} could not be unpickled ({type(e).__name__}: {e})") from None
 
 
 def _load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool, where: str) -> None:
@@ -190,6 +140,45 @@ def _load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool
     model.load_state_dict(sd, strict=False)
 
 
+_LAYER_FIELDS = {"type": str, "norm": str, "K": int, "eps": (int, float), "gamma": (int, float),
+                 "delta": (int, float), "lam": (int, float)}
+_MANIFEST_FIELDS = {"format": str, "package_version": str, "torch_version": str, "arch": str, "arch_kwargs": dict,
+                    "paradigm": int, "source": dict, "training": dict, "layers": dict, "created": str}
+_TYPE_WORDS = {str: "a string", int: "a whole number", dict: "an object", (int, float): "a number"}
+
+
+def validate_manifest(manifest: Any, path: str | os.PathLike) -> dict:
+    """Check the shape of a manifest read from ``path``; return it or raise :class:`ModelLoadError`.
+
+    The top level must be a JSON object; known fields must have their types (``arch`` a string,
+    ``arch_kwargs``/``source``/``training`` objects, ``paradigm`` 1-3, ``layers`` an object of
+    per-layer objects with ``norm`` a string, ``K`` a whole number, ``eps``/``gamma``/``delta``/``lam``
+    numbers). Unknown fields are kept (newer versions may add some).
+    """
+    def bad(field: str, want: str, got: Any) -> ModelLoadError:
+        return ModelLoadError(f"{path}: the manifest's {field} must be {want}, got {json.dumps(got)[:80]}; "
+                              "the file is damaged or was not written by robust-surgery (re-save it)")
+
+    if not isinstance(manifest, dict):
+        raise bad("top level", "a JSON object", manifest)
+    for key, typ in _MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise bad(f"'{key}'", _TYPE_WORDS[typ], value)
+    if manifest.get("paradigm") is not None and manifest["paradigm"] not in (1, 2, 3):
+        raise bad("'paradigm'", "1, 2 or 3", manifest["paradigm"])
+    for name, cfg in (manifest.get("layers") or {}).items():
+        if not isinstance(cfg, dict):
+            raise bad(f"layer '{name}'", "an object of NRPM settings", cfg)
+        for key, typ in _LAYER_FIELDS.items():
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, typ) or isinstance(value, bool)):
+                raise bad(f"layer '{name}' {key}", _TYPE_WORDS[typ], value)
+    return manifest
+
+
 def read_manifest(path: str | os.PathLike) -> dict | None:
     """The robust-surgery manifest stored in a ``.safetensors`` file, or None if it has none."""
     from safetensors import safe_open
@@ -200,36 +189,101 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ModelLoadError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})") from None
     text = meta.get(MANIFEST_KEY)
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: the manifest is not valid JSON ({e}); the file is damaged or was not "
+                             "written by robust-surgery (re-save it)") from None
+    if isinstance(manifest, dict) and manifest.get("format") not in (None, FORMAT):
+        return manifest  # another of our formats (an R2DL result): its reader checks its own fields
+    return validate_manifest(manifest, path)
 
 
-def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None) -> nn.Module:
+def _check_tensor_shapes(model: nn.Module, path: Path, spec: str) -> None:
+    """Name the first tensor of ``path`` whose shape does not fit ``model`` (before loading anything)."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key in own:
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(own[key].shape):
+                    raise ModelLoadError(
+                        f"{path}: tensor {key} has shape {shape}, but its recorded architecture {spec} wants "
+                        f"{tuple(own[key].shape)}; the file's tensors do not fit its manifest (damaged or edited file)")
+
+
+def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None, trust_code: bool) -> nn.Module:
     from safetensors.torch import load_model as st_load_model
 
-    spec = arch or manifest.get("arch")
+    if arch and manifest.get("arch") and arch != manifest["arch"]:
+        raise ModelLoadError(
+            f"{path} records its own architecture ({manifest['arch']}); --arch {arch} (Python: arch=) is only for "
+            "weights-only files. Drop --arch to load it as saved")
+    spec = manifest.get("arch") or arch
     if not spec:
         raise ModelLoadError(f"{path} records no architecture; pass one with {_ARCH_HELP}")
-    kwargs = manifest.get("arch_kwargs") if not arch else None
-    model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
+    kwargs = manifest.get("arch_kwargs")
+    if manifest.get("arch"):
+        # the manifest's spec is the file's word; an --arch naming the same factory is the user's consent
+        with reading_file(trust_code or arch == manifest["arch"], path):
+            model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
+    else:  # the user named the architecture of a file that records none
+        model = build_arch(spec, pretrained=False, data_root=data_root)
     layers: dict[str, dict] = manifest.get("layers") or {}
     if layers:
+        unknown = [name for name in layers if not _has_submodule(model, name)]
+        if unknown:
+            raise ModelLoadError(f"{path}: the manifest lists NRPM layer {unknown[0]!r}, which {spec} does not have; "
+                                 "the file is damaged or its architecture changed")
         overrides = {name: {k: v for k, v in cfg.items() if k in ("norm", "K", "eps", "gamma", "delta", "lam")}
                      for name, cfg in layers.items()}
-        model = convert(model, include=list(layers), overrides=overrides, inplace=True)
+        try:
+            model = convert(model, include=list(layers), overrides=overrides, inplace=True)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: the manifest's NRPM settings are not valid ({e})") from None
         for name, cfg in layers.items():
             got = type(model.get_submodule(name)).__name__
             if cfg.get("type") and got != cfg["type"]:
                 raise ModelLoadError(f"{path}: layer {name} rebuilt as {got}, the file says {cfg['type']} "
                                      "(is the converter for it registered/imported?)")
-    missing, unexpected = st_load_model(model, str(path), strict=False)
+    _check_tensor_shapes(model, path, spec)
+    try:
+        missing, unexpected = st_load_model(model, str(path), strict=False)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: its tensors could not be loaded into {spec} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]})") from None
     if missing or unexpected:
         raise ModelLoadError(f"{path} does not match its recorded architecture {spec}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
     set_meta(model, **{k: manifest[k] for k in ("arch", "arch_kwargs", "source", "training") if manifest.get(k) is not None})
+    if not manifest.get("arch"):
+        set_meta(model, arch=spec)
     if manifest.get("paradigm"):
         apply_paradigm(model, manifest["paradigm"])
     get_meta(model)["manifest"] = manifest
     return model.eval()
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _missing_model(source: Any) -> ModelLoadError:
+    text = str(source)
+    if looks_like_factory(text):
+        return ModelLoadError(
+            f"{text} names a Python factory, not a model: MODEL is a file or a zoo:/torchvision:/timm: spec. For "
+            f"your own architecture give its weights file and the factory: MODEL.pt --arch {text}")
+    return ModelLoadError(f"model file {text} not found (give a file, or a spec such as zoo:mnist-mlp; "
+                          "`surgery zoo list` lists the zoo)")
 
 
 def load_model(
@@ -237,6 +291,7 @@ def load_model(
     *,
     arch: str | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     strict: bool = True,
     data_root: str | None = None,
 ) -> nn.Module:
@@ -244,24 +299,32 @@ def load_model(
 
     Files: our ``.safetensors`` (rebuilt from its manifest; no ``arch`` needed), a plain
     ``.safetensors`` or ``.pt``/``.pth``/``.th`` state_dict (needs ``arch``), or a whole pickled
-    module (only with ``trust_pickle=True``). Returns the module in eval mode, its provenance
-    (arch, source path and SHA-256) recorded for the manifest of a later save.
+    module (only with ``trust_pickle=True``). A manifest that names a ``package.module:Callable``
+    outside our registries is refused unless ``trust_code=True``. Returns the module in eval
+    mode, its provenance (arch, source path and SHA-256) recorded for the manifest of a later save.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_model takes a file path or a spec string, got a {type(source).__name__}")
+    if data_root is not None:
+        from .data import check_data_root
+
+        check_data_root(data_root)
     if isinstance(source, str) and is_spec(source) and not Path(source).exists():
         model = build_arch(source, pretrained=True, data_root=data_root)
         set_meta(model, source={"spec": source})
         return model.eval()
     path = Path(source)
     if not path.exists():
-        raise ModelLoadError(f"model file {path} not found (or give a spec such as zoo:mnist-mlp; `surgery zoo list` lists them)")
+        raise _missing_model(source)
     if path.is_dir():
         raise ModelLoadError(f"{path} is a folder; give a model file (.safetensors, .pt, .pth) or a spec")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes); the file was not written completely")
     digest = file_sha256(path)
     if path.suffix == ".safetensors":
         manifest = read_manifest(path)
         if manifest is not None:
-            model = _rebuild(manifest, path, arch, data_root)
-            return model
+            return _rebuild(manifest, path, arch, data_root, trust_code)
         from safetensors.torch import load_file
 
         sd = _extract_state_dict(load_file(str(path)), path)
@@ -282,17 +345,14 @@ def load_model(
     return model.eval()
 
 
-def load(path: str | os.PathLike, *, arch: str | None = None, data_root: str | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save` (or ``surgery convert``) from the file alone."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return load_model(path, arch=arch, data_root=data_root)
-    if not path.exists():
-        raise ModelLoadError(f"model file {path} not found")
-    manifest = read_manifest(path)
-    if manifest is None:
-        return load_model(path, arch=arch, data_root=data_root)
-    return _rebuild(manifest, path, arch, data_root)
+def load(path: str | os.PathLike, *, arch: str | None = None, data_root: str | None = None,
+         trust_code: bool = False, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (or ``surgery convert``) from the file alone.
+
+    ``trust_code``: allow a manifest that names a ``package.module:Callable`` outside our
+    registries to import and call it (only for files you trust).
+    """
+    return load_model(path, arch=arch, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,12 +393,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
     """
     from safetensors.torch import save_model as st_save_model
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save writes .safetensors files; got {path.name!r} (use a name ending in .safetensors)")
+    path = check_output_path(path, suffix=".safetensors", what="model file")
     if arch:
         set_meta(model, arch=arch)
     manifest = build_manifest(model, **extra)
     with atomic_path(path) as tmp:
-        st_save_model(model, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest)})
-    return manifest
+        st_save_model(model, str(tmp), metadata={MANIFEST_KEY: strict_dumps(manifest)})
+    return json.loads(strict_dumps(manifest))

@@ -239,13 +239,24 @@ def load_basis_file(path) -> Basis:
     if not path.exists():
         raise FileNotFoundError(f"basis file {path} not found; --basis takes ica, dict, random, true or a file "
                                 "(.pt, .npy, .txt) holding a D x n matrix of atoms as columns")
-    if path.suffix == ".npy":
-        atoms = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif path.suffix in (".txt", ".csv"):
-        atoms = torch.from_numpy(np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2))
-    else:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-        atoms = obj.get("atoms") if isinstance(obj, dict) else obj
-    if not torch.is_tensor(atoms) or atoms.dim() != 2:
+    if path.is_dir():
+        raise ValueError(f"basis file {path} is a folder; give a .pt, .npy or .txt file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"basis file {path} is empty (0 bytes); it must hold a D x n matrix of atoms as columns")
+    try:
+        if path.suffix == ".npy":
+            atoms = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix in (".txt", ".csv"):
+            atoms = torch.from_numpy(np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2))
+        else:
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+            atoms = obj.get("atoms") if isinstance(obj, dict) else obj
+    except Exception as e:  # numpy and torch raise many types for a damaged file
+        raise ValueError(f"basis file {path} could not be read ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}); it must hold a D x n matrix of atoms "
+                         "(.pt tensor or dict with 'atoms', .npy, .txt/.csv)") from None
+    if not torch.is_tensor(atoms) or atoms.dim() != 2 or atoms.numel() == 0:
         raise ValueError(f"{path} must hold a 2-D matrix (D, n) of atoms as columns")
+    if not torch.isfinite(atoms).all():
+        raise ValueError(f"{path}: the basis holds NaN or infinite values")
     return Basis(f"file:{path.name}", atoms.float(), {"path": str(path)})

@@ -115,6 +115,10 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
     """Output elements per sample of the named layers, from one batch-1 forward (run linearly)."""
     if input_shape is None:
         return {}
+    input_shape = tuple(input_shape)
+    if not input_shape or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_shape):
+        raise ValueError(f"the input shape must be whole numbers >= 1 such as 3,32,32 (C,H,W, no batch), "
+                         f"got {input_shape}")
     found: dict[str, int] = {}
     hooks = []
     mods = dict(model.named_modules())
@@ -131,7 +135,13 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
     try:
         model.eval()
         with torch.no_grad(), linear_mode(model):
-            model(x)
+            try:
+                model(x)
+            except (RuntimeError, ValueError, IndexError) as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ValueError(f"the model cannot run on one input of shape {input_shape} (--input-shape, Python "
+                                 f"input_shape=): {first}. Give the shape the model takes, channels first, "
+                                 "without the batch") from None
     finally:
         model.train(was)
         for h in hooks:

@@ -107,6 +107,9 @@ def _as_patterns(value, name: str) -> list[str] | None:
         return None
     if isinstance(value, str):
         value = [p for p in value.split(",") if p.strip()]
+    elif not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} takes layer names or patterns: a string ('fc1,layer1.*') or a list of strings, "
+                        f"got {value!r}")
     patterns = [p.strip() for p in value]
     for p in patterns:
         if p.startswith("re:"):
@@ -217,6 +220,10 @@ def convert(
     everything (training itself is :func:`robust_surgery.finetune`). ``inplace=False`` leaves
     ``model`` untouched. Raises :class:`NoLayerMatchedError` when nothing is selected.
     """
+    if not isinstance(model, nn.Module):
+        hint = (f"; load it first: robust_surgery.convert(robust_surgery.load_model({model!r}), ...)"
+                if isinstance(model, str) else "")
+        raise TypeError(f"convert takes an nn.Module, got a {type(model).__name__}{hint}")
     paradigm = _check_paradigm(paradigm)
     base = LayerConfig(NRPMSettings(norm=norm, K=K, eps=eps, gamma=gamma, delta=delta), _check_lam(lam), memory_budget)
     include_p = _as_patterns(include, "include")
@@ -232,6 +239,14 @@ def convert(
         model = copy.deepcopy(model)
 
     candidates = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and type(m) in wanted]
+    if overrides:
+        for pattern in overrides:
+            if not isinstance(pattern, str):
+                raise TypeError(f"overrides keys are layer names or patterns (strings), got {pattern!r}")
+            if not any(_pattern_matches(pattern, n) for n, _ in candidates):
+                names = ", ".join(n for n, _ in candidates[:20]) or "none"
+                raise ValueError(f"override {pattern!r} names no convertible layer of this model (layers: {names}); "
+                                 "check the name (exact, glob like 'layer1.*', or 're:<regex>')")
     include_hits = {p: 0 for p in include_p or []}
     plan: list[tuple[str, nn.Module, LayerConfig]] = []
     for fqn, module in candidates:
@@ -252,11 +267,24 @@ def convert(
     if not plan:
         names = [n for n, _ in candidates]
         shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+        already = [n for n, m in model.named_modules() if isinstance(m, NRPMLayer)]
+        if not names and already:
+            raise NoLayerMatchedError(
+                f"the model is already converted ({len(already)} NRPM layer{'s' if len(already) != 1 else ''}: "
+                f"{', '.join(already[:5])}{', …' if len(already) > 5 else ''}); convert the original network "
+                "instead, or fine-tune this one (surgery finetune / robust_surgery.finetune)")
+        given = [f"{k}={v}" for k, v in (("include", include_p), ("exclude", exclude_p or None),
+                                         ("filter_fn", "set" if filter_fn else None),
+                                         ("types", [t.__name__ for t in types] if types is not None else None))
+                 if v is not None]
+        if overrides and all(v is None for v in overrides.values()):
+            given.append("overrides skip every matched layer")
+        why = f" with {', '.join(given)}" if given else ""
         raise NoLayerMatchedError(
-            f"no layer matched (include={include_p}, exclude={exclude_p or None}, "
-            f"filter_fn={'set' if filter_fn else None}, types={[t.__name__ for t in wanted]}). "
+            f"no layer was selected{why}. "
             + (f"Convertible layers in this model: {shown}. Check the names (exact, glob like 'layer1.*', or 're:<regex>')."
-               if names else "This model has no layer of a convertible type; register a converter for its layer types with @robust_surgery.register_converter.")
+               if names else f"This model has no layer of a convertible type ({', '.join(t.__name__ for t in wanted)}); "
+               "register a converter for its layer types with @robust_surgery.register_converter.")
         )
     for p, count in include_hits.items():
         if count == 0:

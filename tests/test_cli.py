@@ -58,7 +58,7 @@ def test_errors_are_one_clear_line_without_traceback(tmp_path):
     res = run("convert", weights, "-o", tmp_path / "o.safetensors")
     assert res.exit_code == 1 and "--arch" in res.stderr
     res = run("convert", "zoo:mnist-mlp-rs", "--include", "nothing", "-o", tmp_path / "o.safetensors")
-    assert res.exit_code == 1 and "no layer matched" in res.stderr
+    assert res.exit_code == 1 and "no layer was selected with include=['nothing']" in res.stderr
     assert not (tmp_path / "o.safetensors").exists()
     res = run("convert", "zoo:mnist-mlp-rs", "--lam", "3", "-o", tmp_path / "o.safetensors")
     assert res.exit_code == 1 and "[0, 1]" in res.stderr

@@ -61,7 +61,7 @@ def test_overrides_exact_beats_pattern_and_none_skips():
 
 
 def test_nothing_matched_is_a_clear_error():
-    with pytest.raises(rs.NoLayerMatchedError, match=r"no layer matched.*Convertible layers in this model: 0, 2, 4"):
+    with pytest.raises(rs.NoLayerMatchedError, match=r"no layer was selected with include=\['fc9'\].*Convertible layers in this model: 0, 2, 4"):
         rs.convert(_mlp(), include="fc9")
     with pytest.raises(rs.NoLayerMatchedError, match="no layer of a convertible type"):
         rs.convert(nn.Sequential(nn.ReLU()))

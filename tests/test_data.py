@@ -106,6 +106,7 @@ def interleaved(imgs, labels):
 
 def test_resolve_data_root_order(tmp_path, monkeypatch):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a.mkdir()  # an explicit root must exist (a typo is an error); the env's folders need not
     monkeypatch.setenv("ROBUST_SURGERY_DATA", os.pathsep.join([str(b), str(c)]))
     monkeypatch.setenv("ROBUST_SURGERY_CACHE", str(tmp_path / "cache"))
     roots = resolve_data_root(a)
@@ -305,6 +306,9 @@ def test_damaged_cache_is_rebuilt(isolated):
 
 def test_missing_mnist_names_every_place(isolated):
     explicit = isolated / "explicit"
+    with pytest.raises(DataNotFoundError, match="explicit does not exist"):
+        load_mnist("test", root=explicit)  # a --data-root that names nothing is never ignored
+    explicit.mkdir()
     with pytest.raises(DataNotFoundError) as exc:
         load_mnist("test", root=explicit)
     msg = str(exc.value)

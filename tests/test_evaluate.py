@@ -187,7 +187,7 @@ def test_resume_gives_the_same_numbers(small_nrpm, mnist, tmp_path):
     rest = rs.evaluate(small_nrpm, data, state=state, **kw)
     assert rest.complete
     assert rest.results == whole.results and rest.clean == whole.clean
-    with pytest.raises(ValueError, match="belongs to a different evaluation"):
+    with pytest.raises(ValueError, match="belongs to another run: its seed is"):
         rs.evaluate(small_nrpm, data, state=state, **{**kw, "seed": 4})
 
 

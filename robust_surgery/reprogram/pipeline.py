@@ -15,7 +15,6 @@ records, named ``source.<layer>``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..io import ModelLoadError, build_arch, save
 from ..meta import get_meta
+from ..runrecord import state_digest
 from .mapping import LabelMapping
 from .program import CanvasSpec, Program
 
@@ -39,15 +39,6 @@ def freeze_source(source: nn.Module) -> nn.Module:
     for p in source.parameters():
         p.requires_grad_(False)
     return source.eval()
-
-
-def state_digest(module: nn.Module) -> str:
-    """SHA-256 over a module's state_dict (names and bytes): equal digests = untouched weights."""
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class ReprogrammedModel(nn.Module):
@@ -124,11 +115,13 @@ def save_reprogrammed(model: ReprogrammedModel, path: str | os.PathLike, **extra
     return save(model, path, arch=FACTORY, **extra)
 
 
-def load_source(spec: str, *, arch: str | None = None, data_root: str | None = None) -> nn.Module:
-    """The frozen source model: a spec (``zoo:cifar-resnet20``) or a saved/converted model file."""
+def load_source(spec: str, *, arch: str | None = None, data_root: str | None = None, trust_code: bool = False,
+                trust_pickle: bool = False) -> nn.Module:
+    """The frozen source model: a spec (``zoo:cifar-resnet20``) or a saved/converted model file
+    (``trust_code``/``trust_pickle`` as in :func:`robust_surgery.load_model`)."""
     from ..io import load_model
 
-    model = load_model(spec, arch=arch, data_root=data_root)
+    model = load_model(spec, arch=arch, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
     if isinstance(model, ReprogrammedModel):
         raise ModelLoadError(f"{spec} is already a reprogrammed model; give its source model instead")
     return freeze_source(model)

@@ -15,7 +15,6 @@ r2dl`` calls), :func:`composition_baseline`, :func:`save_r2dl` / :func:`load_r2d
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fileutil import atomic_path
+from .._json import strict_dumps
+from ..fileutil import atomic_path, check_output_path
 from ..sequences import AMINO_ACIDS, PeptideTask, composition_features, encode_sequences, load_peptide_task, stratified_split
 from .mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
 from .omp import omp, sparse_to_dense
@@ -160,12 +160,13 @@ def _check_source(source: nn.Module) -> None:
 
 
 def load_sequence_source(spec: str = "zoo:minilm-sentiment", random_encoder: bool = False, seed: int = 0,
-                         data_root: str | None = None) -> nn.Module:
+                         data_root: str | None = None, trust_code: bool = False) -> nn.Module:
     """The source classifier of ``spec``; ``random_encoder``: the same model with its encoder's
-    weights replaced by BERT's random initialisation (seeded), the trained head kept: the control."""
+    weights replaced by BERT's random initialisation (seeded), the trained head kept: the control.
+    ``trust_code`` as in :func:`robust_surgery.load_model`."""
     from ..io import load_model
 
-    source = load_model(spec, data_root=data_root)
+    source = load_model(spec, data_root=data_root, trust_code=trust_code)
     _check_source(source)
     if random_encoder:
         from ..model_zoo.minilm import load_minilm_encoder
@@ -378,7 +379,7 @@ def _build_mapping(config: R2DLConfig, n_target: int, n_source: int, model_for_f
 
 def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | PeptideTask = "amp",
              config: R2DLConfig | None = None, *, data_root: str | os.PathLike | None = None,
-             progress: bool = False) -> R2DLResult:
+             progress: bool = False, trust_code: bool = False) -> R2DLResult:
     """Reprogram ``source`` for the peptide task ``target`` (``amp``, ``toxicity``, a path, or a
     :class:`PeptideTask`) with R2DL and evaluate it on the task's fixed test split.
 
@@ -387,13 +388,14 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
     the source has a vocabulary. The mapping (one-to-one: target class j <- source class j;
     frequency: BAR's greedy mapping from the initial program's predictions; random) is fixed
     before training. Returns an :class:`R2DLResult` (test accuracy and AUC in ``metrics``).
+    ``trust_code`` as in :func:`robust_surgery.load_model`, for a source given as a file.
     """
     config = (config or R2DLConfig()).check()
     t0 = time.time()
     torch.manual_seed(config.seed)
     spec = source if isinstance(source, str) else getattr(source, "_r2dl_spec", "<module>")
     if isinstance(source, str):
-        source = load_sequence_source(source, config.random_encoder, config.seed, data_root)
+        source = load_sequence_source(source, config.random_encoder, config.seed, data_root, trust_code=trust_code)
     elif config.random_encoder:
         raise ValueError("random_encoder needs a source spec (it rebuilds the encoder); pass a string")
     _check_source(source)
@@ -430,9 +432,7 @@ def save_r2dl(result: R2DLResult, path: str | os.PathLike) -> dict:
     ``.safetensors`` file, atomically. Returns the manifest."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"R2DL results are .safetensors files; got {path.name!r}")
+    path = check_output_path(path, suffix=".safetensors", what="R2DL result")
     program = result.model.program
     if program.k is None:
         tensors = {"theta": program.theta.detach().contiguous().clone()}
@@ -442,16 +442,19 @@ def save_r2dl(result: R2DLResult, path: str | os.PathLike) -> dict:
     manifest = {"format": FORMAT, **result.summary(), "source_spec": result.source,
                 "n_source_tokens": int(program.theta.shape[1]), "cls_id": program.cls_id, "sep_id": program.sep_id}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest, default=str)})
+        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: strict_dumps(manifest)})
     return manifest
 
 
-def load_r2dl(path: str | os.PathLike, data_root: str | None = None) -> R2DLModel:
+def load_r2dl(path: str | os.PathLike, data_root: str | None = None, *, trust_code: bool = False) -> R2DLModel:
     """Rebuild the :class:`R2DLModel` saved by :func:`save_r2dl` (the source is rebuilt from its
-    recorded spec, with the random encoder of a control run); ``model.manifest`` holds the record."""
+    recorded spec, with the random encoder of a control run); ``model.manifest`` holds the record.
+    The recorded source spec is the file's word: it resolves through our registries only, unless
+    ``trust_code=True`` (see :mod:`robust_surgery.archspec`)."""
     from safetensors.torch import load_file
 
-    from ..io import read_manifest
+    from ..archspec import reading_file
+    from ..io import ModelLoadError, read_manifest
 
     path = Path(path)
     if not path.is_file():
@@ -460,18 +463,27 @@ def load_r2dl(path: str | os.PathLike, data_root: str | None = None) -> R2DLMode
     if not manifest or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not an R2DL result (no '{FORMAT}' manifest); write one with "
                          "`surgery reprogram r2dl ... -o FILE`")
-    cfg = manifest["config"]
-    source = load_sequence_source(manifest["source_spec"], cfg["random_encoder"], cfg["seed"], data_root)
+    try:
+        cfg = manifest["config"]
+        spec, random_enc, seed = manifest["source_spec"], bool(cfg["random_encoder"]), int(cfg["seed"])
+        n_tokens = len(manifest["task"]["alphabet"]) + 1
+        k = None if cfg["dense"] else int(cfg["k"])
+        cls_id, sep_id, mapping = int(manifest["cls_id"]), int(manifest["sep_id"]), manifest["mapping"]
+        if not isinstance(spec, str):
+            raise TypeError("source_spec is not a string")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: the R2DL manifest is damaged ({type(e).__name__}: {e}); re-create the file "
+                             "with `surgery reprogram r2dl ... -o FILE`") from None
+    with reading_file(trust_code, path):
+        source = load_sequence_source(spec, random_enc, seed, data_root, trust_code=trust_code)
     tensors = load_file(str(path))
-    n_tokens = len(manifest["task"]["alphabet"]) + 1
-    program = R2DLProgram(source.word_embeddings, n_tokens, None if cfg["dense"] else cfg["k"],
-                          manifest["cls_id"], manifest["sep_id"], init_ids=[0] * n_tokens)
+    program = R2DLProgram(source.word_embeddings, n_tokens, k, cls_id, sep_id, init_ids=[0] * n_tokens)
     with torch.no_grad():
         if "theta" in tensors:
             program.theta.copy_(tensors["theta"])
         else:
             program.theta.copy_(sparse_to_dense(tensors["theta_indices"], tensors["theta_values"],
                                                 program.theta.shape[1]))
-    model = R2DLModel(program, source, LabelMapping.from_dict(manifest["mapping"])).eval()
+    model = R2DLModel(program, source, LabelMapping.from_dict(mapping)).eval()
     model.manifest = manifest
     return model
