@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .render import TRUST_CODE, check_out, console, err, guard, print_json
+from .render import TRUST_CODE, TRUST_PICKLE, check_out, console, err, guard, print_json
 
 _R2DL = "Program (Θ) and mapping"
 
@@ -36,6 +36,7 @@ def r2dl(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the amino-acid (+ dipeptide) composition logistic regressions on the same split."),
     seed: int = typer.Option(0, "--seed", help="Seed (split, shuffling, random parts)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the peptide data live (else $ROBUST_SURGERY_DATA)."),
+    trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
@@ -52,7 +53,8 @@ def r2dl(
     check_out(out, ".safetensors", "output (-o)")
     root = str(data_root) if data_root else None
     task = load_peptide_task(target, root)
-    result = run_r2dl(source, task, cfg, data_root=root, progress=True, trust_code=trust_code)
+    result = run_r2dl(source, task, cfg, data_root=root, progress=True, trust_code=trust_code,
+                      trust_pickle=trust_pickle)
     report = result.summary()
     report["baselines"] = []
     if baselines:

@@ -22,7 +22,7 @@ from ._json import strict_dumps
 from .attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
 from .errors import NonFiniteError, OutputPathError
 from .fileutil import atomic_path, check_output_path
-from .loops import evaluate_accuracy, training_progress
+from .loops import check_finite_loss, evaluate_accuracy, training_progress
 from .meta import set_meta
 from .nn.layers import NRPMLayer
 from .runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
@@ -292,9 +292,7 @@ def finetune(
                 if cfg.paradigm == 2:
                     _freeze_batchnorm(model)
                 loss = _training_loss(target, cfg, xb, x_adv, yb)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step "
-                                         f"{s + 1}; nothing was saved. Lower --lr (now {cfg.lr:g}) or check the data")
+                check_finite_loss(loss, epoch, s, cfg.lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["evaluate_accuracy", "training_progress", "work_progress"]
+__all__ = ["check_finite_loss", "evaluate_accuracy", "training_progress", "work_progress"]
 
 
 @torch.inference_mode()
@@ -40,3 +40,12 @@ def work_progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float) -> None:
+    """Stop a training loop with a clear error when the loss became NaN or infinite (nothing is saved)."""
+    if not torch.isfinite(loss):
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
+                             f"nothing was saved. Lower --lr (now {lr:g}) or check the data")

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attacks import THREATS, AttackTarget
 from .finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
-from .loops import evaluate_accuracy, training_progress
+from .loops import check_finite_loss, evaluate_accuracy, training_progress
 from .meta import set_meta
 from .synthetic import SparseCodingTask, parse_synthetic_spec
 
@@ -173,6 +173,7 @@ def pretrain(
                     xb = adversarial_batch(model, target, dataclasses.replace(cfg, eps=eps_now), xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
                 model.train()
                 loss = F.cross_entropy(target(xb), yb)
+                check_finite_loss(loss, epoch, s, cfg.lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -337,4 +337,26 @@ def test_sigterm_during_a_save_leaves_no_temporary_file(tmp_path):
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM
-    assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
+    assert [f.name for f in tmp_path.iterdir() if f.name != "big.safetensors"] == []  # no temporary file of any kind
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_old_file(tmp_path):
+    import errno
+
+    from robust_surgery.fileutil import atomic_path
+
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(rs.OutputPathError, match="report.json: the disk is full; nothing was written"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_diverging_training_stops_and_saves_nothing(tmp_path):
+    x, y = torch.rand(64, 1, 28, 28), torch.arange(64) % 10
+    with pytest.raises(rs.NonFiniteError, match="training diverged.*Lower --lr"):
+        rs.finetune(_converted_mlp(), (x, y), 3, adversarial=None, lr=1e30, epochs=1, val_n=16, batch_size=16,
+                    checkpoint_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "finetune-last.pt").exists()

@@ -160,13 +160,14 @@ def _check_source(source: nn.Module) -> None:
 
 
 def load_sequence_source(spec: str = "zoo:minilm-sentiment", random_encoder: bool = False, seed: int = 0,
-                         data_root: str | None = None, trust_code: bool = False) -> nn.Module:
+                         data_root: str | None = None, trust_code: bool = False, trust_pickle: bool = False
+                         ) -> nn.Module:
     """The source classifier of ``spec``; ``random_encoder``: the same model with its encoder's
     weights replaced by BERT's random initialisation (seeded), the trained head kept: the control.
-    ``trust_code`` as in :func:`robust_surgery.load_model`."""
+    ``trust_code``/``trust_pickle`` as in :func:`robust_surgery.load_model`."""
     from ..io import load_model
 
-    source = load_model(spec, data_root=data_root, trust_code=trust_code)
+    source = load_model(spec, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
     _check_source(source)
     if random_encoder:
         from ..model_zoo.minilm import load_minilm_encoder
@@ -379,7 +380,7 @@ def _build_mapping(config: R2DLConfig, n_target: int, n_source: int, model_for_f
 
 def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | PeptideTask = "amp",
              config: R2DLConfig | None = None, *, data_root: str | os.PathLike | None = None,
-             progress: bool = False, trust_code: bool = False) -> R2DLResult:
+             progress: bool = False, trust_code: bool = False, trust_pickle: bool = False) -> R2DLResult:
     """Reprogram ``source`` for the peptide task ``target`` (``amp``, ``toxicity``, a path, or a
     :class:`PeptideTask`) with R2DL and evaluate it on the task's fixed test split.
 
@@ -388,14 +389,15 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
     the source has a vocabulary. The mapping (one-to-one: target class j <- source class j;
     frequency: BAR's greedy mapping from the initial program's predictions; random) is fixed
     before training. Returns an :class:`R2DLResult` (test accuracy and AUC in ``metrics``).
-    ``trust_code`` as in :func:`robust_surgery.load_model`, for a source given as a file.
+    ``trust_code``/``trust_pickle`` as in :func:`robust_surgery.load_model`, for a source given as a file.
     """
     config = (config or R2DLConfig()).check()
     t0 = time.time()
     torch.manual_seed(config.seed)
     spec = source if isinstance(source, str) else getattr(source, "_r2dl_spec", "<module>")
     if isinstance(source, str):
-        source = load_sequence_source(source, config.random_encoder, config.seed, data_root, trust_code=trust_code)
+        source = load_sequence_source(source, config.random_encoder, config.seed, data_root, trust_code=trust_code,
+                                      trust_pickle=trust_pickle)
     elif config.random_encoder:
         raise ValueError("random_encoder needs a source spec (it rebuilds the encoder); pass a string")
     _check_source(source)
