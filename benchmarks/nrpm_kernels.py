@@ -20,6 +20,12 @@ resident size after setup (inputs and model built, torch loaded).
 
     python benchmarks/nrpm_kernels.py [--runs 3] [--resnet-batch 128] [--threads 2] [--skip-direct]
         [--cases linear,conv1,conv8,resnet20] [--methods plain,new,fused] [--json PATH]
+        [--isa native|avx512|avx2|generic] [--load N]
+
+Every table names the CPU model, its vector ISA and the flags the C kernels were built with;
+``--isa avx2`` builds the AVX2 code an AVX2-only CPU gets, ``--load N`` times beside N busy
+processes (the oversubscribed machine). The fused method is also timed forward-only (no grad),
+for the backward / forward ratio.
 
 GPU section (runs when CUDA is available, after the CPU section; ``--gpu-only`` skips the CPU
 one): the same four cases on the GPU (ResNet-20 at --resnet-batch, default 128), methods
@@ -141,8 +147,11 @@ def setup_linear(args, device="cpu", size=(256, 784, 256)):
     layer = NRPMLinear.from_dense(dense, NRPMSettings("L1", 3, 1e-3), lam=LAM)
     x = torch.rand(batch, d_in, device=device, requires_grad=True)
 
-    def step(method):
+    def step(method, backward=True):
         x.grad = None
+        if not backward:  # the forward pass alone (no autograd graph)
+            with torch.no_grad():
+                return (dense if method == "plain" else layer)(x), None
         if method == "plain":
             out = dense(x)
         elif method == "direct":
@@ -162,8 +171,11 @@ def setup_conv(args, batch, device="cpu", size=(64, 32)):
     layer = NRPMConv2d.from_dense(dense, NRPMSettings("L1", 3, 1e-3), lam=LAM)
     x = torch.rand(batch, channels, side, side, device=device, requires_grad=True)
 
-    def step(method):
+    def step(method, backward=True):
         x.grad = None
+        if not backward:  # the forward pass alone (no autograd graph)
+            with torch.no_grad():
+                return (dense if method == "plain" else layer)(x), None
         if method == "plain":
             out = dense(x)
         elif method == "direct":
@@ -199,9 +211,12 @@ def setup_resnet(args, device="cpu", batch=None):
         h.remove()
     terms *= batch
 
-    def step(method):
+    def step(method, backward=True):
         x.grad = None
         net = plain if method == "plain" else model
+        if not backward:  # the forward pass alone (no autograd graph)
+            with torch.no_grad():
+                return net(x), None
         out = net(x)
         out.square().sum().backward()
         return out.detach(), x.grad
@@ -287,6 +302,17 @@ def machine_throughput(threads: int) -> dict:
     return {"elementwise_per_s": elem, "matmul_flops": flops}
 
 
+def machine_description() -> dict:
+    """The CPU model, its vector ISA and the flags the fused kernels were built with (printed with
+    every table: timings from different CPUs are only comparable as ratios)."""
+    feats = cpu_kernels.cpu_features()
+    lib = cpu_kernels.library()
+    flags = " ".join(lib.flags) if lib is not None else "not built"
+    built = f"kernels built for {lib.isa}: {flags}" if lib is not None else "kernels not built"
+    return {**feats, "kernel_isa": getattr(lib, "isa", None), "kernel_flags": flags,
+            "text": f"{feats['model']} ({feats['machine']}, vector ISA {feats['isa']}; {built})"}
+
+
 def ops_per_term(K: int) -> int:
     """Arithmetic per product term of one forward + backward (counted from kernels.py).
 
@@ -307,6 +333,8 @@ def cpu_section(args) -> dict:
     """The CPU table (plain, direct, previous, new, compiled); returns its rows for --json."""
     torch.set_num_threads(args.threads)
     thr = machine_throughput(args.threads)
+    cpu = machine_description()
+    print(f"# CPU: {cpu['text']}", flush=True)
     print(f"# machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
           f"elementwise (addcmul, L2-resident) {thr['elementwise_per_s'] / 1e9:.2f} G/s, "
           f"matmul {thr['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
@@ -326,18 +354,26 @@ def cpu_section(args) -> dict:
             outs[m] = step(m)
             results[m]["first"] = time.perf_counter() - t
         times = {m: [] for m in methods}
-        cpu = {m: [] for m in methods}
+        cpu_times = {m: [] for m in methods}
         for _ in range(args.runs):
             for m in methods:
                 _use(m, prev)
                 t, c = time.perf_counter(), time.process_time()
                 step(m)
                 times[m].append(time.perf_counter() - t)
-                cpu[m].append(time.process_time() - c)
+                cpu_times[m].append(time.process_time() - c)
         _use("fused", prev)
         for m in methods:
             results[m]["time"] = statistics.median(times[m])
-            results[m]["cpu_time"] = statistics.median(cpu[m])
+            results[m]["cpu_time"] = statistics.median(cpu_times[m])
+        if "fused" in methods:  # the forward pass alone, for backward / forward
+            _use("fused", prev)
+            forward = []
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                step("fused", backward=False)
+                forward.append(time.perf_counter() - t)
+            results["fused"]["forward_time"] = statistics.median(forward)
         ref_m = "new" if "new" in outs else None
         if ref_m:
             for m in methods:
@@ -363,8 +399,9 @@ def cpu_section(args) -> dict:
                 for m, r in results.items() if m != "plain" and "cpu_time" in r), flush=True)
 
     print()
-    print(f"NRPM forward+backward, float32, CPU ({os.cpu_count()} cores, {args.threads} threads, shared and noisy: "
-          f"compare ratios). Time: median of {args.runs}; memory: peak resident growth of a fresh process.")
+    print(f"NRPM forward+backward, float32, CPU: {cpu['text']} ({os.cpu_count()} cores, {args.threads} threads"
+          f"{f', {args.load} competing busy process(es)' if args.load else ''}; compare ratios). Time: median of "
+          f"{args.runs}; memory: peak resident growth of a fresh process.")
     print()
     names = {"plain": "plain", "direct": "direct", "before": "before", "previous": "previous", "new": "eager",
              "compiled": "compiled", "fused": "fused (C)"}
@@ -372,13 +409,17 @@ def cpu_section(args) -> dict:
              if any(m in r for *_, r, _ in rows)]
     best = "fused" if "fused" in shown else "new"
     print("| case | " + " | ".join(names[m] for m in shown) + f" | {names[best]} vs direct | {names[best]} vs eager "
-          f"| {names[best]} / plain | bound: unfused | bound: fused | {names[best]} / fused bound |")
-    print("|" + " --- |" * (len(shown) + 7))
+          f"| {names[best]} / plain | bound: unfused | bound: fused | {names[best]} / fused bound "
+          f"| fused forward | fused backward / forward |")
+    print("|" + " --- |" * (len(shown) + 9))
     for case, title, terms, K, r, lower in rows:
         g = r.get
+        fwd = g("fused", {}).get("forward_time")
+        bwd_fwd = (g("fused")["time"] - fwd) / fwd if fwd else math.nan
         print(f"| {title} | " + " | ".join(_cell(g(m)) for m in shown)
               + f" | {_ratio(g('direct'), g(best))} | {_ratio(g('new'), g(best))} | {_ratio(g(best), g('plain'))} "
-              f"| {lower[0]:.3g} s | {lower[1]:.3g} s | {g(best, {}).get('time', math.nan) / lower[1]:.0f}× |")
+              f"| {lower[0]:.3g} s | {lower[1]:.3g} s | {g(best, {}).get('time', math.nan) / lower[1]:.1f}× "
+              f"| {'—' if not fwd else f'{fwd:.3g} s'} | {bwd_fwd:.1f}× |")
     print()
     print(f"Roofline-style bounds: terms × {ops_per_term(1)} (K=1) or {ops_per_term(3)} (K=3) operations per term "
           f"(forward+backward, see ops_per_term) over (unfused) the measured L2-resident elementwise rate, "
@@ -389,7 +430,7 @@ def cpu_section(args) -> dict:
         errs = {m: v.get("maxrel") for m, v in r.items() if v.get("maxrel") is not None}
         firsts = {m: round(v["first"], 2) for m, v in r.items() if "first" in v}
         print(f"- {case}: max |Δ| / max |y| vs eager: {errs}; first-call times (s, compile included): {firsts}")
-    return {"device": "cpu", "threads": args.threads, "runs": args.runs, "throughput": thr,
+    return {"device": "cpu", "cpu": cpu, "threads": args.threads, "load": args.load, "runs": args.runs, "throughput": thr,
             "cases": [{"case": c, "title": t, "terms": n, "K": K, "results": r,
                        "bound_unfused_s": lo[0], "bound_fused_s": lo[1]} for c, t, n, K, r, lo in rows]}
 
@@ -589,19 +630,31 @@ def main():
                    help="run the GPU section's code on CPU in Triton's interpreter, tiny shapes (a check, no numbers)")
     p.add_argument("--gpu-compile", action="store_true",
                    help="only the static sm_90 report: compile the Triton kernels without a GPU, count SASS")
+    p.add_argument("--isa", choices=["native", *cpu_kernels.ISA_FLAGS],
+                   help="build the fused C kernels for this target (sets ROBUST_SURGERY_NRPM_CPU_ISA; avx2 on an "
+                        "AVX-512 CPU reproduces an AVX2-only machine's code)")
+    p.add_argument("--load", type=int, default=0,
+                   help="run the CPU section beside N busy-looping processes (a loaded machine)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--child-runs", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.isa:
+        os.environ[cpu_kernels.ISA_ENV] = args.isa  # child processes inherit it
     if args.child:
         return child(args)
     report = {"torch": torch.__version__}
     if args.gpu_compile:
         report["sm90_static"] = gpu_compile_section(args)
     elif not args.gpu_only and not args.gpu_smoke:
-        report["cpu"] = cpu_section(args)
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+        try:
+            report["cpu"] = cpu_section(args)
+        finally:
+            for sp in spinners:
+                sp.kill()
     if args.gpu_compile:
         pass
     elif args.gpu_smoke or (not args.no_gpu and torch.cuda.is_available()):

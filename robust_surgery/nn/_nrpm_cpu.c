@@ -7,8 +7,9 @@
  * documents the layouts:
  *   rows gathered from xp (see the entry points), w (G, O, D), z tensors (G, R, O), contiguous;
  *   zs, ss: (K, G, R, O) = z_1..z_K and the weight sums S_0..S_{K-1} (kept for backward).
- * Rows are shared out over OpenMP threads; in backward each thread adds its weight gradient into
- * its own slice of gw_scratch (threads, G, O, D), summed by the caller.
+ * Rows are shared out over OpenMP threads dynamically; in backward each of a fixed number of work
+ * partitions adds its weight gradient into its own slice of gw_scratch (parts, G, O, D), summed by
+ * the caller, so the result does not depend on the thread count.
  *
  * The file includes itself once per dtype (REAL = float, double).
  */
@@ -66,34 +67,41 @@
 
 #else /* NRPM_BODY: the kernels for one REAL type */
 
-/* phi(dist) and phi'(dist); phi' = 0 where a clamp is active or tied (torch's subgradient). */
+/* phi(dist) and phi'(dist); phi' = 0 where a clamp is active or tied (torch's subgradient).
+ * Every value is computed before it is selected, so each ?: is a blend, not a branch: without
+ * masked vector operations (AVX2, NEON) a branch keeps the d loops scalar. */
 static inline __attribute__((always_inline)) REAL NAME(phi)(REAL dist, const int norm, REAL eps, REAL gamma,
                                                             REAL delta, REAL *dw)
 {
-    REAL t, v, c;
-    switch (norm) {
-    case 0: /* L2 */
-        *dw = 0;
-        return 1;
-    case 1: /* L1 */
-        t = 1 / (dist + eps);
-        *dw = -t * t;
+    const REAL zero = 0, one = 1;
+    if (norm == 0) { /* L2 */
+        *dw = zero;
+        return one;
+    }
+    if (norm == 1) { /* L1 */
+        const REAL t = one / (dist + eps), d1 = -t * t;
+        *dw = d1;
         return t;
-    case 2: /* MCP */
-        t = 1 / (dist + eps);
-        v = t - 1 / gamma;
-        *dw = v > eps ? -t * t : 0;
-        return v > eps ? v : eps;
-    case 3: /* Huber */
-        t = delta / (dist + eps);
-        *dw = t < 1 ? -t * t / delta : 0;
-        return t < 1 ? t : 1;
-    default: /* HM */
-        t = 1 / (dist + eps);
-        c = delta / (gamma - delta);
-        v = c * (gamma * t - 1);
-        *dw = (v > eps && v < 1) ? -(c * gamma) * t * t : 0;
-        return v < eps ? eps : (v > 1 ? 1 : v);
+    }
+    if (norm == 2) { /* MCP */
+        const REAL t = one / (dist + eps), v = t - one / gamma, d1 = -t * t;
+        const int active = v > eps;
+        *dw = active ? d1 : zero;
+        return active ? v : eps;
+    }
+    if (norm == 3) { /* Huber */
+        const REAL t = delta / (dist + eps), d1 = -t * t / delta;
+        const int active = t < one;
+        *dw = active ? d1 : zero;
+        return active ? t : one;
+    }
+    { /* HM */
+        const REAL t = one / (dist + eps), c = delta / (gamma - delta);
+        const REAL v = c * (gamma * t - one), d1 = -(c * gamma) * t * t;
+        const int lo = v < eps, hi = v > one;
+        *dw = (lo || hi) ? zero : d1;
+        const REAL upper = hi ? one : v;
+        return lo ? eps : upper;
     }
 }
 
@@ -253,9 +261,9 @@ static inline __attribute__((always_inline)) void NAME(bwd_row)(
  * one item's group block and loff the offset of each output position's window; for dense rows
  * x (G, R, D) an "item" is one row (Lp = 1, loff = {0}, koff = 0..D-1). Each row is gathered into
  * a small per-thread buffer, then runs the row kernels above; backward scatters the row's input
- * gradient back the same way. Backward shares out whole (group, item) blocks over threads, so no
- * two threads add into the same place, or, with fewer blocks than threads, single rows with a
- * private input gradient per thread. */
+ * gradient back the same way. Backward shares out whole (group, item) blocks, so no two threads add
+ * into the same place, or, for few blocks (one image), single rows with a private input gradient
+ * per partition. */
 static inline __attribute__((always_inline)) void NAME(gather)(REAL *restrict buf, const REAL *restrict base,
                                                                const int64_t *restrict koff, int64_t D)
 {
@@ -274,7 +282,7 @@ void NAME(nrpm_forward)(const REAL *xp, const int64_t *koff, const int64_t *loff
     {
         NRPM_FLUSH_DENORMALS_BEGIN
         REAL *buf = (REAL *)malloc((size_t)D * sizeof(REAL));
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided) /* rows are independent: any schedule gives the same numbers */
         for (int64_t gr = 0; gr < rows; gr++) {
             const int64_t g = gr / R, r = gr % R, b = r / Lp, l = r % Lp;
             NAME(gather)(buf, xp + b * item_stride + g * group_stride + loff[l], koff, D);
@@ -292,41 +300,59 @@ void NAME(nrpm_forward)(const REAL *xp, const int64_t *koff, const int64_t *loff
 void NAME(nrpm_backward)(const REAL *xp, const int64_t *koff, const int64_t *loff, const REAL *w,
                               const REAL *z0, const REAL *zs, const REAL *ss, const REAL *grad, REAL *gxp,
                               REAL *gw_scratch, REAL *gz0, int64_t G, int64_t B, int64_t Lp, int64_t O, int64_t D,
-                              int64_t item_stride, int64_t group_stride, int64_t gx_stride, int K, int norm,
-                              double eps, double gamma, double delta, int need_x, int need_w, int threads)
+                              int64_t item_stride, int64_t group_stride, int64_t gx_stride, int64_t parts, int K,
+                              int norm, double eps, double gamma, double delta, int need_x, int need_w, int threads)
 {
-    /* gx_stride 0: threads share gxp and take whole (group, item) blocks of rows; otherwise (fewer
-     * blocks than threads) they take single rows and thread t adds into its own gxp + t * gx_stride */
+    /* The work units (whole (group, item) blocks of rows, or, with gx_stride > 0, single rows) are
+     * cut into `parts` fixed, contiguous partitions; partition p adds its weight gradient into its
+     * own slice gw_scratch + p * G*O*D (and, with gx_stride, its input gradient into gxp + p *
+     * gx_stride), and the caller sums the slices in order. Partitions go to threads dynamically, so
+     * a thread slowed by another process hands its share to the others, and the result depends on
+     * neither the thread count nor the schedule: bit for bit the same with 1 thread or 16. */
     const int64_t R = B * Lp, plane = G * R * O;
     const int64_t per = gx_stride ? 1 : Lp, units = gx_stride ? G * R : G * B;
     const REAL e = (REAL)eps, ga = (REAL)gamma, de = (REAL)delta;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         NRPM_FLUSH_DENORMALS_BEGIN
-        const int64_t tid = NRPM_THREAD_ID();
         REAL *buf = (REAL *)malloc(2 * (size_t)D * sizeof(REAL));
         REAL *gbuf = buf + D;
-        REAL *gwt = gw_scratch + tid * G * O * D;
-        REAL *gxt = gxp + tid * gx_stride;
-#pragma omp for schedule(static)
-        for (int64_t unit = 0; unit < units; unit++) {
-            for (int64_t j = 0; j < per; j++) {
-                const int64_t gr = unit * per + j; /* = g * R + b * Lp + l */
-                const int64_t g = gr / R, b = (gr % R) / Lp, l = gr % Lp;
-                const int64_t at = b * item_stride + g * group_stride + loff[l];
-                NAME(gather)(buf, xp + at, koff, D);
-                if (need_x)
-                    for (int64_t d = 0; d < D; d++)
-                        gbuf[d] = 0;
-#define NRPM_BWD(N)                                                                                         \
-    NAME(bwd_row)(buf, w + g * O * D, z0 + gr * O, zs + gr * O, ss + gr * O, grad + gr * O, need_x ? gbuf : NULL, \
-                  gwt + g * O * D, gz0 + gr * O, O, D, K, plane, need_x, need_w, N, e, ga, de)
-                NRPM_DISPATCH(norm, NRPM_BWD)
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t part = 0; part < parts; part++) {
+            REAL *gwt = gw_scratch + part * G * O * D;
+            REAL *gxt = gxp + part * gx_stride;
+            const int64_t first = part * units / parts, last = (part + 1) * units / parts;
+            for (int64_t unit = first; unit < last; unit++) {
+                for (int64_t j = 0; j < per; j++) {
+                    const int64_t gr = unit * per + j; /* = g * R + b * Lp + l */
+                    const int64_t g = gr / R, b = (gr % R) / Lp, l = gr % Lp;
+                    const int64_t at = b * item_stride + g * group_stride + loff[l];
+                    NAME(gather)(buf, xp + at, koff, D);
+                    if (need_x)
+                        for (int64_t d = 0; d < D; d++)
+                            gbuf[d] = 0;
+/* need_x / need_w are compile-time constants in each call, so no loop has a branch: without
+ * masked stores (AVX2, NEON) a conditional store inside the d loop keeps it scalar. */
+#define NRPM_BWD_CALL(N, NX, NW)                                                                            \
+    NAME(bwd_row)(buf, w + g * O * D, z0 + gr * O, zs + gr * O, ss + gr * O, grad + gr * O, NX ? gbuf : NULL,  \
+                  gwt + g * O * D, gz0 + gr * O, O, D, K, plane, NX, NW, N, e, ga, de)
+#define NRPM_BWD(N)                    \
+    if (need_x && need_w)              \
+        NRPM_BWD_CALL(N, 1, 1);        \
+    else if (need_x)                   \
+        NRPM_BWD_CALL(N, 1, 0);        \
+    else if (need_w)                   \
+        NRPM_BWD_CALL(N, 0, 1);        \
+    else                               \
+        NRPM_BWD_CALL(N, 0, 0);
+                    NRPM_DISPATCH(norm, NRPM_BWD)
 #undef NRPM_BWD
-                if (need_x) {
-                    REAL *gbase = gxt + at;
-                    for (int64_t d = 0; d < D; d++)
-                        gbase[koff[d]] += gbuf[d];
+#undef NRPM_BWD_CALL
+                    if (need_x) {
+                        REAL *gbase = gxt + at;
+                        for (int64_t d = 0; d < D; d++)
+                            gbase[koff[d]] += gbuf[d];
+                    }
                 }
             }
         }

@@ -14,13 +14,18 @@ with the terms only ever in vector registers, in ``_nrpm_cpu.c``:
 Convolutions never unfold their input: the kernel gathers each row's D patch values from the
 padded input into a small per-thread buffer (offsets from :func:`conv_geometry`) and backward
 scatters the row's input gradient back the same way, so neither the unfolded input nor its
-gradient exists. Dense rows (Linear) are the degenerate case (:func:`dense_geometry`). Rows are shared out over ``torch.get_num_threads()`` OpenMP threads (conv
-backward: whole (group, item) blocks, so that no two threads add into the same input place; with
-fewer blocks than threads, single rows and a private input gradient per thread).
+gradient exists. Dense rows (Linear) are the degenerate case (:func:`dense_geometry`). Rows are shared out over
+``torch.get_num_threads()`` OpenMP threads dynamically, so a thread slowed down by another
+process on its core hands work to the others. Backward cuts its work into a fixed number of
+partitions (:func:`backward_partitions`; conv: whole (group, item) blocks, so that no two
+threads add into the same input place; for a single image, rows with a private input gradient
+per partition), each with its own weight-gradient slice, summed in order: the gradients are
+the same bit for bit for any thread count.
 
 Build: on first use the C file is compiled with the system C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``; ``-O3 -march=native -mprefer-vector-width=512 -fopenmp``, falling back to
-fewer flags) into a cache
+``gcc`` or ``clang``; ``-O3 -fno-trapping-math -march=native -fopenmp``, with
+``-mprefer-vector-width=512`` on AVX-512 CPUs, falling back to fewer flags; another target with
+``ROBUST_SURGERY_NRPM_CPU_ISA=avx512|avx2|generic``, see :data:`ISA_FLAGS`) into a cache
 folder (``$ROBUST_SURGERY_CACHE/kernels``, default ``~/.cache/robust_surgery/kernels``), keyed by the source, flags and CPU model, and loaded with ctypes;
 it takes about a second and happens once per machine. Without a working compiler, a warning
 says so once and the eager path runs (same numbers, slower).
@@ -50,16 +55,25 @@ from .kernels import Switch
 
 SOURCE = Path(__file__).with_name("_nrpm_cpu.c")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-FLAG_SETS = (  # the first that builds wins; 512-bit vectors: backward about 1.2x faster on AVX-512 CPUs
-    ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-fopenmp-simd"],
-    ["-O2"],
-)
+ISA_ENV = "ROBUST_SURGERY_NRPM_CPU_ISA"
+# Instruction-set targets (ROBUST_SURGERY_NRPM_CPU_ISA): "native" (default) builds for this CPU,
+# with 512-bit vectors where it has AVX-512 (backward about 1.2x faster there); the others build
+# a fixed target, to test or to ship: "avx512" (x86-64-v4), "avx2" (x86-64-v3: AVX2 + FMA),
+# "generic" (the compiler's baseline: SSE2 on x86-64, NEON on aarch64).
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+    "avx2": ["-march=x86-64-v3"],
+    "generic": [],
+}
+# -fno-trapping-math lets the compiler turn the reweighting's clamps into vector blends on ISAs
+# without masked operations (AVX2, NEON); it changes no result (nothing here traps or reads the
+# floating-point flags), unlike -ffast-math, which is not used.
+_COMMON = ["-O3", "-fno-trapping-math"]
+
 
 switch = Switch("ROBUST_SURGERY_NRPM_CPU_KERNEL", default=True)
 _lib: Optional[ctypes.CDLL] = None
+_lib_isa: Optional[str] = None
 _build_error: Optional[str] = None
 calls = {"forward": 0, "backward": 0}  # kernel calls in this process (tests check dispatch)
 
@@ -99,12 +113,74 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> dict:
+    """What this CPU offers: its model name, architecture and vector ISA ("avx512", "avx2", "sse2",
+    "sve", "neon" or "unknown"), read from /proc/cpuinfo (printed with every kernel timing)."""
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "cpu model") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("cpu family", "model") and key not in ids:
+                ids[key] = value.strip()
+            elif key in ("flags", "features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    if ids:  # virtual machines often hide the exact model name: family/model tell the generation
+        model = f"{model} (family {ids.get('cpu family', '?')}, model {ids.get('model', '?')})"
+    if "avx512f" in flags:
+        isa = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    elif "sve" in flags:
+        isa = "sve"
+    elif "asimd" in flags or platform.machine() in ("aarch64", "arm64"):
+        isa = "neon"
+    elif "sse2" in flags:
+        isa = "sse2"
+    else:
+        isa = "unknown"
+    return {"model": model, "machine": platform.machine(), "isa": isa}
+
+
+def selected_isa() -> str:
+    """The ISA target the kernels are built for: $ROBUST_SURGERY_NRPM_CPU_ISA, default "native"."""
+    isa = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
+    if isa != "native" and isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r} is not a kernel target; choose native, {', '.join(ISA_FLAGS)}")
+    return isa
+
+
+def flag_sets(isa: str) -> list[list[str]]:
+    """Compiler flag sets for ``isa``, best first; the first that builds wins."""
+    if isa == "native":
+        first = ["-march=native", "-mprefer-vector-width=512"] if cpu_features()["isa"] == "avx512" else ["-march=native"]
+        targets = [first, ["-march=native"], []]
+    else:
+        targets = [ISA_FLAGS[isa]]
+        if isa != "generic":
+            targets.append([])  # the compiler's baseline when the target is not supported
+    sets, seen = [], set()
+    for target in targets:
+        for tail in (["-fopenmp"], ["-fopenmp-simd"], []):
+            flags = [*_COMMON, *target, *tail]
+            if tuple(flags) not in seen:
+                seen.add(tuple(flags))
+                sets.append(flags)
+    return sets
+
+
 class _CompileError(Exception):
     pass
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or find in the cache) and load the kernel library; RuntimeError saying why on failure."""
+def _build(isa: str | None = None) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernel library for ``isa`` (default
+    :func:`selected_isa`); RuntimeError saying why on failure."""
+    isa = isa or selected_isa()
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
@@ -116,7 +192,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"cannot create the kernel cache folder {folder} ({err}); set ROBUST_SURGERY_CACHE") from err
     machine = b"\0".join([src, cc.encode(), _cpu_model().encode(), platform.platform().encode()])
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets(isa):
         key = hashlib.sha256(machine + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
         lib = folder / f"nrpm_cpu_{key}.so"
         if not lib.exists():
@@ -130,17 +206,40 @@ def _build() -> ctypes.CDLL:
                 errors.append(str(err))
                 continue
         try:
-            return _declare(ctypes.CDLL(str(lib)))
+            loaded = _declare(_load_passive(lib))
         except OSError as err:
             errors.append(f"{' '.join(flags)}: loading {lib} failed: {err}")
+            continue
+        loaded.flags = flags
+        loaded.isa = isa
+        return loaded
     raise RuntimeError("compiling the NRPM CPU kernel failed: " + " | ".join(errors))
+
+
+def _load_passive(lib: Path) -> ctypes.CDLL:
+    """Load the library with its OpenMP threads waiting passively (unless the user chose a policy).
+
+    The kernels' OpenMP runtime is the system's libgomp, loaded here, next to torch's own copy. By
+    default libgomp threads spin for a while after each parallel region; on a busy machine (another
+    job on the cores) the spinning threads of two runtimes take the cores from the threads doing the
+    work, and 2 threads run slower than 1. Passive threads sleep at once: the kernels are one call
+    per layer and pass (milliseconds), so the microseconds of waking them cost nothing measurable.
+    libgomp reads the policy when it is loaded, so it is set only for that moment.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return ctypes.CDLL(str(lib))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(lib))
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     signatures = {
         "nrpm_forward": [p] * 8 + [i64] * 7 + [i, i, f, f, f, i, i],
-        "nrpm_backward": [p] * 11 + [i64] * 8 + [i, i, f, f, f, i, i, i],
+        "nrpm_backward": [p] * 11 + [i64] * 9 + [i, i, f, f, f, i, i, i],
     }
     for suffix in DTYPES.values():
         for name, args in signatures.items():
@@ -151,8 +250,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel library, building it on first call; None (after one warning) when it cannot be built."""
-    global _lib, _build_error
+    """The loaded kernel library for :func:`selected_isa`, building it on first call; None (after
+    one warning) when it cannot be built. ``library().flags`` are the flags it was built with."""
+    global _lib, _build_error, _lib_isa
+    isa = selected_isa()
+    if isa != _lib_isa:  # another target was asked for (tests, benchmarks): build that one
+        _lib, _build_error, _lib_isa = None, None, isa
     if _lib is None and _build_error is None:
         try:
             _lib = _build()
@@ -254,19 +357,37 @@ def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad:
     threads = torch.get_num_threads()
     x, w, z0, zs, sums, grad = (t.detach().contiguous() for t in (x, w, z0, zs, sums, grad))
     geo = dense_geometry(x) if geo is None else geo
-    # fewer (group, item) blocks than threads (one image, say): rows go to threads one by one, and
-    # each thread adds its input gradient into a private copy, summed here
-    private = need_x and threads > 1 and G * geo["B"] < threads
-    gx = torch.zeros((threads if private else 1, *x.shape), dtype=x.dtype) if need_x else grad
-    gw_parts = torch.zeros((threads, G, O, D), dtype=w.dtype) if need_w else grad
+    private, parts = backward_partitions(G, geo["B"], geo["Lp"], O, D, x.numel(), x.element_size(), need_x, need_w)
+    gx = torch.zeros((parts if private else 1, *x.shape), dtype=x.dtype) if need_x else grad
+    gw_parts = torch.zeros((parts, G, O, D), dtype=w.dtype) if need_w else grad
     gz0 = torch.empty_like(grad)
     fn = getattr(library(), f"nrpm_backward_{DTYPES[x.dtype]}")
     fn(_ptr(x), _ptr(geo["koff"]), _ptr(geo["loff"]), _ptr(w), _ptr(z0), _ptr(zs), _ptr(sums), _ptr(grad),
        _ptr(gx), _ptr(gw_parts), _ptr(gz0), G, geo["B"], geo["Lp"], O, D, geo["item"], geo["group"],
-       x.numel() if private else 0, settings.K, *_scalars(settings), int(need_x), int(need_w), threads)
+       x.numel() if private else 0, parts, settings.K, *_scalars(settings), int(need_x), int(need_w), threads)
     calls["backward"] += 1
     gx = (gx.sum(0) if private else gx[0]) if need_x else None
     return gx, (gw_parts.sum(0) if need_w else None), gz0
+
+
+PARTITIONS = 16  # backward work partitions: enough for 2-16 threads to share out under load
+PARTITION_BYTES = 256 << 20  # the most memory the partitions' private gradients may take
+
+
+def backward_partitions(G: int, B: int, Lp: int, O: int, D: int, x_numel: int, itemsize: int, need_x: bool,
+                        need_w: bool) -> tuple[bool, int]:
+    """How backward cuts its work: (private input gradients?, number of partitions).
+
+    Units are whole (group, item) blocks, or single rows when there are fewer than
+    :data:`PARTITIONS` blocks (one image), each partition then adding its input gradient into a
+    private copy. The count depends on the shapes alone, never on the thread count or the load,
+    so the summed gradients are the same bit for bit however the partitions were scheduled.
+    """
+    private = need_x and G * B < PARTITIONS
+    units = G * B * Lp if private else G * B
+    per_part = itemsize * ((G * O * D if need_w else 0) + (x_numel if private else 0))
+    fits = PARTITION_BYTES // per_part if per_part else PARTITIONS
+    return private, int(max(1, min(units, PARTITIONS, fits)))
 
 
 class PatternMatchFn(torch.autograd.Function):
