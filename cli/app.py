@@ -67,7 +67,8 @@ def convert(
     non_strict: bool = typer.Option(False, "--non-strict", help="Load weights that match the architecture and ignore the rest."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live (else $ROBUST_SURGERY_DATA)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    data: Optional[str] = typer.Option(None, "--data", help="Paradigms 2-3: training data (mnist, cifar10 or a path).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
+    recalibrate_bn: int = typer.Option(0, "--recalibrate-bn", help="After converting, re-estimate every BatchNorm's running statistics on N clean training batches of --data (no training step; recorded in the manifest)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (mnist, cifar10 or a path): for --recalibrate-bn and paradigms 2-3.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     adversarial: str = typer.Option("fgsm", "--adversarial", help="fgsm, pgd or none (clean batches).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     train_eps: Optional[float] = typer.Option(None, "--train-eps", help="Adversarial budget while training (default 0.2; --eps means this in paradigms 2-3).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     epochs: int = typer.Option(1, "--epochs", help="Epochs.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
@@ -91,6 +92,10 @@ def convert(
     import robust_surgery as rs
 
     out = check_out(out or _default_out(model), ".safetensors", "output (-o)")
+    if recalibrate_bn < 0:
+        fail(f"--recalibrate-bn takes a number of batches >= 1 (0: off), got {recalibrate_bn}", code=2)
+    if recalibrate_bn and not data:
+        fail("--recalibrate-bn N runs N clean training batches: give them with --data (mnist, cifar10 or a path)", code=2)
     if paradigm in (2, 3) and not data:
         fail(f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) fine-tunes: give the training data with --data "
              "(mnist, cifar10 or a path), or convert with --paradigm 1", code=2)
@@ -125,6 +130,12 @@ def convert(
     with err.status("converting"):
         converted = rs.convert(net, paradigm, gamma=gamma, delta=delta, exclude=exclude, overrides=overrides,
                                **settings)
+    if recalibrate_bn:
+        with err.status(f"recalibrating BatchNorm on {recalibrate_bn} batches of {data}"):
+            rec = rs.recalibrate_batchnorm(converted, data, recalibrate_bn,
+                                           data_root=str(data_root) if data_root else None)
+        err.print(f"recalibrated {rec['batchnorm_layers']} BatchNorm layers on {rec['points']} {data} training points "
+                  f"({rec['seconds']:.0f} s)")
     if used:
         err.print(f"NRPM settings from the {model} preset ({rs.preset_note(net)}): "
                   + ", ".join(f"{k}={settings[k]}" for k in used) + "; flags override")

@@ -33,6 +33,7 @@ from .nn import (
     reweight_names,
 )
 from .presets import preset_for, preset_note, register_preset
+from .recalibrate import recalibrate_batchnorm
 from .report import ConversionReport, conversion_report, inspect_model
 from .surgery import (
     PARADIGMS,
@@ -72,7 +73,7 @@ __all__ = [
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "register_builder",
     "ModelLoadError", "UntrustedCodeError", "OutputPathError", "StateMismatchError", "NonFiniteError",
-    "preset_for", "preset_note", "register_preset",
+    "preset_for", "preset_note", "register_preset", "recalibrate_batchnorm",
     "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "finetune",
     *_LAZY,
 ]

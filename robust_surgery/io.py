@@ -143,7 +143,8 @@ def _load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool
 _LAYER_FIELDS = {"type": str, "norm": str, "K": int, "eps": (int, float), "gamma": (int, float),
                  "delta": (int, float), "lam": (int, float)}
 _MANIFEST_FIELDS = {"format": str, "package_version": str, "torch_version": str, "arch": str, "arch_kwargs": dict,
-                    "paradigm": int, "source": dict, "training": dict, "layers": dict, "created": str}
+                    "paradigm": int, "source": dict, "training": dict, "recalibration": dict, "layers": dict,
+                    "created": str}
 _TYPE_WORDS = {str: "a string", int: "a whole number", dict: "an object", (int, float): "a number"}
 
 
@@ -259,7 +260,8 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
     if missing or unexpected:
         raise ModelLoadError(f"{path} does not match its recorded architecture {spec}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-    set_meta(model, **{k: manifest[k] for k in ("arch", "arch_kwargs", "source", "training") if manifest.get(k) is not None})
+    set_meta(model, **{k: manifest[k] for k in ("arch", "arch_kwargs", "source", "training", "recalibration")
+                       if manifest.get(k) is not None})
     if not manifest.get("arch"):
         set_meta(model, arch=spec)
     if manifest.get("paradigm"):
@@ -378,6 +380,7 @@ def build_manifest(model: nn.Module, **extra) -> dict:
         "paradigm": meta.get("paradigm"),
         "source": meta.get("source"),
         "training": meta.get("training"),
+        "recalibration": meta.get("recalibration"),
         "layers": _layer_manifest(model),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

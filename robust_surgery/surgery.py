@@ -208,6 +208,9 @@ def convert(
     types: Iterable[type] | None = None,
     memory_budget: int | None = None,
     inplace: bool = False,
+    recalibrate: int = 0,
+    recalibrate_data=None,
+    data_root=None,
 ) -> nn.Module:
     """Replace the Linear/Conv layers of ``model`` by NRPM layers; return the converted model.
 
@@ -218,13 +221,18 @@ def convert(
     per-layer settings (``{"fc3": {"lam": 1.0}}``; ``None`` skips the layer); an exact name wins
     over patterns, else the first matching pattern. ``paradigm`` 2 marks only λ trainable, 3
     everything (training itself is :func:`robust_surgery.finetune`). ``inplace=False`` leaves
-    ``model`` untouched. Raises :class:`NoLayerMatchedError` when nothing is selected.
+    ``model`` untouched. ``recalibrate=N`` then re-estimates every BatchNorm's running statistics
+    on N clean batches of ``recalibrate_data`` (a training set name, path or images; see
+    :func:`robust_surgery.recalibrate.recalibrate_batchnorm`), recorded in the manifest. Raises
+    :class:`NoLayerMatchedError` when nothing is selected.
     """
     if not isinstance(model, nn.Module):
         hint = (f"; load it first: robust_surgery.convert(robust_surgery.load_model({model!r}), ...)"
                 if isinstance(model, str) else "")
         raise TypeError(f"convert takes an nn.Module, got a {type(model).__name__}{hint}")
     paradigm = _check_paradigm(paradigm)
+    if recalibrate and recalibrate_data is None:
+        raise ValueError("recalibrate=N needs the clean training data to run: recalibrate_data='cifar10' (CLI: --data)")
     base = LayerConfig(NRPMSettings(norm=norm, K=K, eps=eps, gamma=gamma, delta=delta), _check_lam(lam), memory_budget)
     include_p = _as_patterns(include, "include")
     exclude_p = _as_patterns(exclude, "exclude") or []
@@ -297,6 +305,10 @@ def convert(
             new = _CONVERTERS[type(module)](module, cfg)
             converted[id(module)] = new
         _replace_child(model, fqn, new)
+    if recalibrate:
+        from .recalibrate import recalibrate_batchnorm
+
+        recalibrate_batchnorm(model, recalibrate_data, recalibrate, data_root=data_root)
     return apply_paradigm(model, paradigm)
 
 

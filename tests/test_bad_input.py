@@ -147,6 +147,7 @@ CASES = [
     ("--input-shape not numbers", ["convert", "zoo:mnist-mlp-rs", "--input-shape", "a,b"], 1, r"--input-shape must be numbers"),
     ("--override names nothing", ["convert", "zoo:mnist-mlp-rs", "--override", '{"fc9": {"lam": 1}}'], 1, r"override 'fc9' names no convertible layer"),
     ("--override not JSON", ["convert", "zoo:mnist-mlp-rs", "--override", "{fc1: 1}"], 2, r"--override must be JSON"),
+    ("--recalibrate-bn without --data", ["convert", "zoo:cifar-resnet20", "--recalibrate-bn", "5"], 2, r"--recalibrate-bn N runs N clean training batches: give them with --data"),
     ("--exclude everything", ["convert", "zoo:mnist-mlp-rs", "--exclude", "fc*"], 1, r"no layer was selected with exclude=\['fc\*'\]"),
     # paths
     ("-o is a folder", ["convert", "zoo:mnist-mlp-rs", "-o", "{a}"], 1, r"must be a file ending in .safetensors"),
