@@ -321,7 +321,7 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help="mnist, cifar10, or a path (ImageFolder tree or .pt with images/labels)."),
-    attack: str = typer.Option("fgsm,pgd", "--attack", help="Comma-separated: fgsm, pgd, cw, autoattack, square."),
+    attack: str = typer.Option("fgsm,pgd", "--attack", help="Comma-separated: fgsm, pgd, cw, autoattack, square; on converted models also transfer (PGD with the λ = 1 network's gradients) and bpda (PGD through the straight-through surrogate), at every ε."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets, comma-separated, fractions allowed: 0,0.1,0.3 or 8/255 (default: the data set's standard)."),
     threat: str = typer.Option("Linf", "--threat", help="Linf or L2."),
     n: Optional[int] = typer.Option(None, "--n", "--n-examples", help="Evaluate the first N test points (--n-examples under torchrun, whose own options --n would clash with)."),

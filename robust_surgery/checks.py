@@ -97,7 +97,7 @@ def run_checks(report, *, grad_zero: int, nondeterministic_batches: int) -> list
 
     # 7. transfer from the original network and the BPDA surrogate
     for name, label in (("transfer", "transfer from λ = 1 is not stronger"), ("bpda", "BPDA is not stronger")):
-        r = _find(report, v, check=name)
+        r = _find(report, v, check=name) or _find(report, v, attack="pgd", eps=e, source=name, check=None)
         if r and direct_pgd:
             out.append(CheckResult(label, r["robust_acc"] >= direct_pgd["robust_acc"] - tol,
                                    f"{name} PGD {r['robust_acc']:.1f} % vs direct PGD {direct_pgd['robust_acc']:.1f} % "

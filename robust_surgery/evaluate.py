@@ -30,6 +30,7 @@ from .runrecord import RECORD_VERSION, nrpm_settings, pack_record, resume_file, 
 
 __all__ = ["Job", "EvalReport", "evaluate", "default_eps", "format_eps", "parse_eps"]
 
+SOURCE_ATTACKS = ("transfer", "bpda")  # PGD with the gradients of the λ = 1 network / the straight-through surrogate
 _DEFAULT_EPS = {("mnist", "Linf"): (0.3,), ("mnist", "L2"): (2.0,), ("cifar10", "Linf"): (8 / 255,),
                 ("cifar10", "L2"): (0.5,)}
 
@@ -137,9 +138,11 @@ class EvalReport:
         return list(self.clean)
 
     def robust_acc(self, variant: str, attack: str, eps: float) -> float:
-        """Robust accuracy (percent) of one direct attack at one ε."""
+        """Robust accuracy (percent) of one attack at one ε: an attack name (direct), or
+        ``"transfer"`` / ``"bpda"`` (PGD with the λ = 1 network's / the surrogate's gradients)."""
+        source, name = (attack, "pgd") if attack in SOURCE_ATTACKS else ("direct", attack)
         for r in self.results:
-            if r["model"] == variant and r["attack"] == attack and r["eps"] == eps and r["source"] == "direct" \
+            if r["model"] == variant and r["attack"] == name and r["eps"] == eps and r["source"] == source \
                     and r.get("check") is None:
                 return r["robust_acc"]
         raise KeyError(f"no result for {variant}/{attack}@{eps}")
@@ -187,8 +190,9 @@ class EvalReport:
             clean = f"{100.0 * self.clean[v] / self.n:.1f}"
             seen = []
             for r in self.results:
-                if r["model"] == v and r["source"] == "direct" and r.get("check") is None and r["attack"] not in seen:
-                    seen.append(r["attack"])
+                label = r["attack"] if r["source"] == "direct" else r["source"]
+                if r["model"] == v and r.get("check") is None and label not in seen:
+                    seen.append(label)
             for a in seen:
                 cells = []
                 for e in self.eps:
@@ -249,11 +253,15 @@ def _plan(attacks: Sequence[str], eps: Sequence[float], threat: str, variants: l
         base.update(kw)
         return AttackConfig(name, e, **base)
 
-    jobs = [Job(v, cfg(a, e)) for v in variants for a in attacks for e in eps]
+    # "transfer" and "bpda" are PGD whose gradients come from the λ = 1 network or the straight-through
+    # surrogate (SOURCE_ATTACKS); they attack the converted model itself, at every ε
+    jobs = [Job(v, cfg("pgd", e), source=a) if a in SOURCE_ATTACKS else Job(v, cfg(a, e))
+            for v in variants for a in attacks for e in eps if a not in SOURCE_ATTACKS or v == "nrpm"]
     if checks:
         main = variants[0]
         e = max(eps)
-        have = {(j.cfg.name, j.cfg.eps) for j in jobs if j.variant == main}
+        have = {(j.cfg.name, j.cfg.eps) for j in jobs if j.variant == main and j.source == "direct"}
+        keys = {j.key for j in jobs}
         for name in ("fgsm", "pgd"):
             if (name, e) not in have:
                 jobs.append(Job(main, cfg(name, e), check=f"{name}-at-max-eps"))
@@ -262,8 +270,10 @@ def _plan(attacks: Sequence[str], eps: Sequence[float], threat: str, variants: l
         huge = 1.0 if threat == "Linf" else math.sqrt(x_numel)
         jobs.append(Job(main, cfg("pgd", huge, alpha=2.5 * huge / steps), worst=False, check="huge-eps"))
         if main == "nrpm":
-            jobs.append(Job(main, cfg("pgd", e), source="transfer", check="transfer"))
-            jobs.append(Job(main, cfg("pgd", e), source="bpda", check="bpda"))
+            for source in SOURCE_ATTACKS:
+                job = Job(main, cfg("pgd", e), source=source, check=source)
+                if job.key not in keys:  # asked for with --attack already: the check reads that row
+                    jobs.append(job)
     return jobs
 
 
@@ -398,9 +408,9 @@ def evaluate(
     attacks = [a.strip().lower() for a in attacks if a.strip()]
     if not attacks:
         raise ValueError(f"no attack given (--attack is empty): name at least one of {', '.join(ATTACKS)}")
-    unknown = [a for a in attacks if a not in ATTACKS]
+    unknown = [a for a in attacks if a not in ATTACKS + SOURCE_ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(ATTACKS)}")
+        raise ValueError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(ATTACKS + SOURCE_ATTACKS)}")
     if threat not in ("Linf", "L2"):
         raise ValueError(f"threat must be Linf or L2, got {threat!r}")
     if isinstance(eps, (int, float)):
@@ -418,6 +428,9 @@ def evaluate(
         eps = default_eps(dataset, threat)
     eps = sorted({float(e) for e in eps})
     converted = any(isinstance(m, NRPMLayer) for m in model.modules())
+    if not converted and any(a in SOURCE_ATTACKS for a in attacks):
+        raise ValueError("the transfer and bpda attacks take their gradients from a converted model's λ = 1 network "
+                         "or straight-through surrogate; this model has no NRPM layers (use fgsm, pgd, ...)")
     if compare_original and not converted:
         raise ValueError("compare_original needs a converted model (one with NRPM layers); this model has none")
     if checks is None:

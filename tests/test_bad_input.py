@@ -332,9 +332,18 @@ def test_sigterm_during_a_save_leaves_no_temporary_file(tmp_path):
     """
     p = _python(code, tmp_path)
     assert p.stdout.readline().strip() == "ready"
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(f.name.endswith(".tmp") for f in tmp_path.iterdir()):
-        time.sleep(0.005)
+    def early_in_a_write() -> bool:  # a temporary file exists and most of its ~290 MB is still to come
+        for f in tmp_path.iterdir():
+            try:
+                if f.name.endswith(".tmp") and f.stat().st_size < 100 << 20:
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not early_in_a_write():
+        time.sleep(0.002)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM

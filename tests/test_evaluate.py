@@ -215,3 +215,23 @@ def test_two_gloo_processes_give_the_single_process_counts(tmp_path, shared_data
     assert dist["models"] == one["models"]
     assert [(r["key"], r["robust_count"]) for r in dist["results"]] == [(r["key"], r["robust_count"]) for r in one["results"]]
     assert dist["n_examples"] == one["n_examples"] == 70  # no padding
+
+
+def test_transfer_and_bpda_at_every_eps_count_in_the_worst_case():
+    """--attack transfer,bpda: PGD with the λ = 1 network's and the surrogate's gradients at every ε,
+    shown as their own rows, part of the per-point worst case, read by the report card (no second run)."""
+    from robust_surgery.evaluate import _plan
+
+    plain = rs.load_model("zoo:mnist-mlp-rs")
+    model = rs.convert(plain, **rs.preset_for(plain))
+    rep = rs.evaluate(model, "mnist", attacks=["fgsm", "pgd", "transfer", "bpda"], eps=[0.1, 0.3], n=48, steps=5)
+    for e in (0.1, 0.3):
+        accs = [rep.robust_acc("nrpm", a, e) for a in ("fgsm", "pgd", "transfer", "bpda")]
+        assert rep.worst("nrpm")[e] <= min(accs)
+    checks = {c.name: c for c in rep.checks}
+    assert f"transfer PGD {rep.robust_acc('nrpm', 'transfer', 0.3):.1f} %" in checks["transfer from λ = 1 is not stronger"].detail
+    jobs = _plan(["pgd", "transfer", "bpda"], [0.1, 0.3], "Linf", ["nrpm"], True, 5, None, 1, 100, 784)
+    assert sorted(j.key for j in jobs if j.source != "direct") == [
+        "nrpm/bpda:pgd-s5@0.1", "nrpm/bpda:pgd-s5@0.3", "nrpm/transfer:pgd-s5@0.1", "nrpm/transfer:pgd-s5@0.3"]
+    with pytest.raises(ValueError, match="transfer and bpda attacks take their gradients from a converted model"):
+        rs.evaluate(plain, "mnist", attacks=["transfer"], eps=[0.1], n=8)
