@@ -370,8 +370,12 @@ def backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs, sums, grad:
     return gx, (gw_parts.sum(0) if need_w else None), gz0
 
 
-PARTITIONS = 16  # backward work partitions: enough for 2-16 threads to share out under load
+# backward work partitions: at least 16 (enough for a few threads to share the work out under load)
+# and one per CPU of the machine, so every core can take part; never the thread count, so that the
+# gradients do not change with it
+PARTITIONS = max(16, os.cpu_count() or 1)
 PARTITION_BYTES = 256 << 20  # the most memory the partitions' private gradients may take
+PRIVATE_BELOW = 4  # fewer (group, item) blocks than this: rows are the units, input gradients private
 
 
 def backward_partitions(G: int, B: int, Lp: int, O: int, D: int, x_numel: int, itemsize: int, need_x: bool,
@@ -379,11 +383,12 @@ def backward_partitions(G: int, B: int, Lp: int, O: int, D: int, x_numel: int, i
     """How backward cuts its work: (private input gradients?, number of partitions).
 
     Units are whole (group, item) blocks, or single rows when there are fewer than
-    :data:`PARTITIONS` blocks (one image), each partition then adding its input gradient into a
-    private copy. The count depends on the shapes alone, never on the thread count or the load,
-    so the summed gradients are the same bit for bit however the partitions were scheduled.
+    :data:`PRIVATE_BELOW` blocks (one image, say), each partition then adding its input gradient
+    into a private copy (memory: partitions × the input). The count depends on the shapes and the
+    machine alone, never on the thread count or the load, so the summed gradients are the same
+    bit for bit however the partitions were scheduled.
     """
-    private = need_x and G * B < PARTITIONS
+    private = need_x and G * B < PRIVATE_BELOW
     units = G * B * Lp if private else G * B
     per_part = itemsize * ((G * O * D if need_w else 0) + (x_numel if private else 0))
     fits = PARTITION_BYTES // per_part if per_part else PARTITIONS
