@@ -1,0 +1,154 @@
+"""Full-data paradigm table with the worst case over adaptive attacks (resumable).
+
+For one zoo model: the original network, paradigm 1 (the preset's settings), paradigm 2 (λ
+only), paradigm 3 (everything) and classical adversarial training of the original network with
+the same loop, budget and epochs (converted at λ = 1, so only the ordinary weights move). The
+fine-tuned rows train on the whole training split (the last --val-n points held out to pick the
+best epoch) with PGD (--train-steps steps, random start, step 2.5·ε/steps) at --train-eps, the
+loss mixing clean and adversarial cross-entropy (--adv-weight).
+
+Evaluation, per row: clean accuracy on the whole test set; on the first --n-eval test points at
+every ε of --eps: FGSM, PGD (--pgd-steps, --restarts), AutoAttack (standard), Square, and on
+converted rows transfer (PGD from the λ = 1 network) and BPDA, with the report card; the
+headline is the per-point worst case. Everything is resumable: each trained model is saved as
+OUT/<row>.safetensors (training checkpoints in OUT/ckpt-<row>/), each evaluation keeps its
+per-point state in OUT/<row>.state and its report in OUT/<row>.json (RobustBench field names);
+rerun the same command to continue. OUT/table.md is the summary.
+
+    python benchmarks/paradigms_full.py --model mlp --out benchmarks/results/paradigms-full-mlp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import robust_surgery as rs
+from robust_surgery._json import strict
+from robust_surgery.evaluate import format_eps, parse_eps
+
+MODELS = {
+    # name: (zoo spec, data set, paradigm-1 settings)
+    "mlp": ("zoo:mnist-mlp", "mnist", dict(norm="L1", K=1, eps=5e-5, lam=0.6)),
+    "lenet": ("zoo:mnist-lenet", "mnist", dict(norm="L1", K=1, eps=1e-3, lam=0.6)),
+    "resnet20": ("zoo:cifar-resnet20", "cifar10", dict(norm="L1", K=1, eps=5e-4, lam=0.8)),
+}
+ROWS = ("original", "paradigm-1", "paradigm-3", "adversarial-training", "paradigm-2")
+
+
+def build_row(row: str, args, out: Path):
+    """The model of one row: loaded from OUT/<row>.safetensors when it exists, else built (and trained)."""
+    spec, data, p1 = MODELS[args.model]
+    path = out / f"{row}.safetensors"
+    if path.exists():
+        return rs.load(path), json.loads((out / f"{row}.train.json").read_text()) if (out / f"{row}.train.json").exists() else {}
+    base = rs.load_model(spec)
+    info: dict = {}
+    if row == "original":
+        return base, info
+    if row == "paradigm-1":
+        model = rs.convert(base, 1, **p1)
+    else:
+        start = rs.convert(base, 1, lam=1.0) if row == "adversarial-training" else rs.convert(base, 1, **p1)
+        paradigm = 2 if row == "paradigm-2" else 3
+        lr = args.lr_lambda if paradigm == 2 else args.lr_all
+        t = time.process_time()
+        w = time.time()
+        model, history = rs.finetune(
+            start, data, paradigm, adversarial="pgd", eps=args.train_eps, pgd_steps=args.train_steps,
+            epochs=args.epochs, lr=lr, optimizer="adam", schedule="cosine", batch_size=args.batch_size,
+            val_n=args.val_n, adv_weight=args.adv_weight, seed=0, checkpoint_dir=out / f"ckpt-{row}",
+            log=out / f"{row}.log.json", progress=True)
+        info = {"train_cpu_s": round(time.process_time() - t, 1), "train_wall_s": round(time.time() - w, 1),
+                "kept_epoch": rs.meta.get_meta(model)["training"]["kept_epoch"], "paradigm": paradigm, "lr": lr,
+                "lam": {n: round(m.lam_value, 4) for n, m in rs.nrpm_layers(model)}}
+    rs.save(model, path)
+    (out / f"{row}.train.json").write_text(json.dumps(info, indent=1))
+    return model, info
+
+
+def evaluate_row(row: str, model, args, out: Path) -> dict:
+    _, data, _ = MODELS[args.model]
+    report_path = out / f"{row}.json"
+    if report_path.exists():
+        return json.loads(report_path.read_text())
+    t = time.time()
+    clean = rs.evaluate(model, data, attacks=["fgsm"], eps=[0.0], checks=False, batch_size=500)
+    converted = bool(rs.nrpm_layers(model))
+    attacks = ["fgsm", "pgd", "autoattack", "square"] + (["transfer", "bpda"] if converted else [])
+    rep = rs.evaluate(model, data, attacks=attacks, eps=args.eps, n=args.n_eval, steps=args.pgd_steps,
+                      restarts=args.restarts, batch_size=args.eval_batch, state=out / f"{row}.state", progress=True)
+    d = rep.to_dict()
+    v = rep.variants[0]
+    result = {
+        "row": row, **d, "clean_acc_full_test": 100.0 * clean.clean[clean.variants[0]] / clean.n,
+        "clean_n_full_test": clean.n, "eval_wall_s": round(time.time() - t, 1),
+        "by_attack": {a: {format_eps(e): rep.robust_acc(v, a, e) for e in rep.eps} for a in attacks},
+        "worst": {format_eps(e): w for e, w in rep.worst(v).items()},
+        "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in rep.checks],
+    }
+    report_path.write_text(json.dumps(strict(result), indent=1))
+    return result
+
+
+def write_table(results: dict, args, out: Path) -> str:
+    eps = [format_eps(e) for e in args.eps]
+    cols = ["clean (10k)"] + [f"{a} {e}" for e in eps for a in ("fgsm", "pgd", "autoattack", "square", "transfer", "bpda")] \
+        + [f"**worst {e}**" for e in eps]
+    lines = ["| row | train wall s | " + " | ".join(cols) + " | report card |", "|" + " --- |" * (len(cols) + 3)]
+    for row, (r, info) in results.items():
+        cells = [f"{r['clean_acc_full_test']:.1f}"]
+        for e in eps:
+            for a in ("fgsm", "pgd", "autoattack", "square", "transfer", "bpda"):
+                val = r["by_attack"].get(a, {}).get(e)
+                cells.append("—" if val is None else f"{val:.1f}")
+        cells += [f"**{r['worst'][e]:.1f}**" for e in eps]
+        failed = [c["name"] for c in r["checks"] if c["passed"] is False]
+        card = "—" if not r["checks"] else ("all pass" if not failed else "FAIL: " + "; ".join(failed))
+        lines.append(f"| {row} | {info.get('train_wall_s', 0)} | " + " | ".join(cells) + f" | {card} |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=list(MODELS), default="mlp")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-eps", type=float, default=0.3)
+    ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--adv-weight", type=float, default=0.5)
+    ap.add_argument("--lr-lambda", type=float, default=0.05)
+    ap.add_argument("--lr-all", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--val-n", type=int, default=1000)
+    ap.add_argument("--eps", type=parse_eps, default=(0.1, 0.3))
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--pgd-steps", type=int, default=50)
+    ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--eval-batch", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from robust_surgery.nn import cpu_kernels
+
+    (args.out / "settings.json").write_text(json.dumps({**{k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(args).items()},
+                                                       "cpu": cpu_kernels.cpu_features(),
+                                                       "torch": torch.__version__}, indent=1))
+    results = {}
+    for row in args.rows.split(","):
+        model, info = build_row(row, args, args.out)
+        results[row] = (evaluate_row(row, model, args, args.out), info)
+        print(write_table(results, args, args.out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
