@@ -1,4 +1,4 @@
-"""Reproduce purification.md's synthetic table: clean vs adversarial vs noise-trained networks on
+"""Reproduce the reference synthetic table (docs/purification.md): clean vs adversarial vs noise-trained networks on
 the sparse-coding task, purity in the true, ICA and random bases, robust accuracy, the
 checkpoint-pair decomposition, purity against the training ε, and the inheritance dose-response.
 

@@ -70,7 +70,7 @@ def mnist_mlp_rs() -> nn.Module:
     return LinearMLP()
 
 
-# The release's MLP script: L1, K = 1, ε = 5e-5, λ = 0.6 (nrpm.md). Our retrained copy has the same
+# The release's MLP script: L1, K = 1, ε = 5e-5, λ = 0.6 (docs/cli.md, Presets). Our retrained copy has the same
 # architecture and input scale, so the same settings fit it.
 for _name in ("mnist-mlp", "mnist-mlp-rs"):
     register_preset(_name, norm="L1", K=1, eps=5e-5, lam=0.6,

@@ -1,6 +1,6 @@
 """Robustness evaluation: attacks over an ε sweep, the sanity report card, sharding, resuming.
 
-Robust accuracy (``../shared/reference/evaluation.md``) is the fraction of points classified
+Robust accuracy (``docs/cli.md``, ``surgery evaluate``) is the fraction of points classified
 correctly on the clean input **and** after every attack run at that ε; the headline number
 is the worst over all attacks, per point. Points are processed in fixed global batches: batch
 ``b`` is attacked with seed ``seed + b`` whatever process runs it, so sharded runs

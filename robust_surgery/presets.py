@@ -1,7 +1,7 @@
 """Recommended NRPM settings per zoo model (like timm's ``pretrained_cfg``, for surgery).
 
 The NRPM release tunes its settings per model (every released script runs K = 1, with ε = 5e-5
-for the MLP, 1e-3 for LeNet, 5e-4 for testing ResNets; nrpm.md). ε is an absolute threshold on
+for the MLP, 1e-3 for LeNet, 5e-4 for testing ResNets; ``docs/cli.md``, Presets). ε is an absolute threshold on
 the product terms, so a value right for one network can make another nearly linear: on the
 released MLP, λ = 0.6 and K = 1 give FGSM(0.2) accuracy 19 % with ε = 5e-5 but 3 % with ε = 1e-3.
 A preset records what works for a model; ``surgery convert`` uses it for every knob not given

@@ -1,4 +1,4 @@
-"""Purification diagnostics of a trained model (purification.md): is a layer made of pure units?
+"""Purification diagnostics of a trained model (``docs/purification.md``): is a layer made of pure units?
 
 - :func:`purification_report`: per-unit purity of one layer in a feature basis (true, ICA,
   dictionary or a file) beside the random orthonormal control, plus the basis-free diagnostics,

@@ -1,4 +1,4 @@
-"""Per-unit purity scores of a layer in a feature basis (purification.md), and the bases.
+"""Per-unit purity scores of a layer in a feature basis (``docs/purification.md``), and the bases.
 
 A unit with weight w (its fan-in, flattened) reads the features of a basis A (columns = atoms,
 scaled for unit-variance sources) through its feature response r = Aᵀ w. Scores of r, n atoms:

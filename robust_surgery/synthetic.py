@@ -1,4 +1,4 @@
-"""A synthetic sparse-coding task where the true features are known (purification.md).
+"""A synthetic sparse-coding task where the true features are known (``docs/purification.md``).
 
 x = M z + noise with M a random orthonormal d x d dictionary (columns = atoms), z exactly ``k``
 active features per sample, |z_i| ~ U[0.8, 1] with a random sign; the label is

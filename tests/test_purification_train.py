@@ -41,7 +41,7 @@ def test_pretrain_refuses_converted_models():
 
 def test_adversarial_training_purifies_in_the_true_basis_but_not_in_a_random_one():
     """The theory's effect, small: d = 32, 3 active features, 64 hidden units, 2000 samples, 20 epochs
-    (purification.md uses d = 64, 256 units, 10k samples, 40 epochs). Measured: clean PR 26.0,
+    (the reference experiment, docs/purification.md, uses d = 64, 256 units, 10k samples, 40 epochs). Measured: clean PR 26.0,
     adversarial 17.6 in the true basis; 10.4 and 11.1 in a random one."""
     torch.set_num_threads(1)
     task = SparseCodingTask(d=32, k=3, n_train=2000, n_test=500, seed=0)

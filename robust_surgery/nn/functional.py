@@ -3,7 +3,7 @@
 Nonlinear Robust Pattern Matching (NRPM) replaces the sum of the D product terms
 ``u_d = a_d * x_d`` of a Linear or Conv output unit (the *linear pattern match*, LPM) by a
 robust location estimate of the same terms, computed by K steps of iteratively reweighted
-least squares (IRLS), and mixes the two (``../shared/reference/nrpm.md``)::
+least squares (IRLS), and mixes the two (``docs/design.md`` states it in words)::
 
     z0 = z_LPM = sum_d u_d
     repeat K times:

@@ -1,7 +1,7 @@
 """Fast execution of the NRPM IRLS: chunked forward, analytic chunked backward.
 
 The math is stated (and kept readable) in :mod:`robust_surgery.nn.functional` and
-``../shared/reference/nrpm.md``; this module only runs it fast and within a memory budget.
+``docs/design.md``; this module only runs it fast and within a memory budget.
 
 Per output unit, with terms ``u_d = x_d a_d``, ``c_k = z_k / D``, ``r_d = u_d - c_k``,
 ``s_d = sign(r_d)``, ``w_d = φ(|r_d|)``, ``S = Σ w_d`` and ``z_{k+1} = D Σ w_d u_d / max(S, 1e-12)``,

@@ -2,7 +2,7 @@
 
 AR (white-box), BAR (black-box, zeroth-order) and R2DL (dictionary learning for sequences) share
 one shape: an input transformation (the program), a frozen source model and an output label
-mapping. See ../shared/reference/reprogramming.md for the specification.
+mapping. ``docs/reprogramming.md`` describes the methods and their settings.
 
 Image reprogramming (AR, BAR)::
 

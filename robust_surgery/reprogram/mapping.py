@@ -1,6 +1,6 @@
 """Output label mappings of reprogramming: target class j <- a set S_j of source classes.
 
-h_j(F) = mean of the source probabilities F_s over s in S_j (reprogramming.md). Every target
+h_j(F) = mean of the source probabilities F_s over s in S_j (``docs/reprogramming.md``). Every target
 class gets the same number m of source labels, so a mapping is one ``(n_target, m)`` index
 tensor; source labels are never shared between target classes.
 """
