@@ -182,18 +182,12 @@ def _adversarial(text: str):
 def _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
                          n_train, val_n, checkpoint_dir, log, keep, adv_weight) -> None:
     """Refuse bad training settings and unusable checkpoint/log paths before any work starts."""
-    from robust_surgery.fileutil import check_output_path
-    from robust_surgery.finetune import FinetuneConfig
+    from robust_surgery.finetune import FinetuneConfig, check_finetune_paths
 
     FinetuneConfig(paradigm=paradigm, adversarial=_adversarial(adversarial), eps=train_eps, epochs=epochs, lr=lr,
                    optimizer=optimizer, schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n,
                    n_train=n_train, keep=keep, adv_weight=adv_weight)
-    if checkpoint_dir is not None:
-        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
-            fail(f"the checkpoint folder (--checkpoint-dir) {checkpoint_dir} is a file; give a folder")
-        check_output_path(checkpoint_dir / "finetune-last.pt", make_parents=True, what="checkpoint")
-    if log is not None:
-        check_output_path(log, make_parents=True, what="log file (--log)")
+    check_finetune_paths(checkpoint_dir, log)
 
 
 def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,

@@ -44,8 +44,7 @@ def register_builder(name: str, factory: Callable[..., nn.Module]) -> Callable[.
     """Let files name ``factory`` as ``name`` (``"mypkg.models:build_net"``) without ``trust_code``.
 
     Registering is the consent, given in code: a script that registers its own factories loads
-    its own saved files as it loads the package's. Returns ``factory`` (usable as a decorator
-    through ``functools.partial``).
+    its own saved files as it loads the package's. Returns ``factory``.
     """
     if not callable(factory):
         raise TypeError(f"register_builder needs a callable factory, got {type(factory).__name__}")

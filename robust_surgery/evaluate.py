@@ -301,9 +301,6 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size, steps, restarts,
         raise ValueError(f"data must be images (N, C, H, W) with labels (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
     if y.is_floating_point() or (len(y) and int(y.min()) < 0):
         raise ValueError("labels must be class indices 0, 1, 2, ... (integers)")
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise NonFiniteError(f"{bad} of the {len(x)} images hold NaN or infinite pixels; give finite pixels in [0, 1]")
     if (mean is None) != (std is None):
         raise ValueError("give both --mean and --std (per channel), or neither")
     if mean is not None:
@@ -447,11 +444,14 @@ def evaluate(
     n_batches = math.ceil(N / batch_size)
 
     # per-point results, filled batch by batch (and kept in the state file)
-    record = _record(model, x, y, jobs, threat=threat, batch_size=batch_size, seed=seed, mean=mean, std=std)
-    st = {"record": pack_record(record), "done": [], "clean": {v: torch.zeros(N, dtype=torch.int8) for v in variants},
+    state_path = Path(f"{state}.rank{rank}") if state and world > 1 else (Path(state) if state else None)
+    # the run's record (weights and data digests, every setting) matters only to a state file
+    record = _record(model, x, y, jobs, threat=threat, batch_size=batch_size, seed=seed, mean=mean,
+                     std=std) if state_path else None
+    st = {"record": pack_record(record) if record else None, "done": [],
+          "clean": {v: torch.zeros(N, dtype=torch.int8) for v in variants},
           "robust": {j.key: torch.zeros(N, dtype=torch.int8) for j in jobs},
           "grad_zero": torch.zeros(N, dtype=torch.int8), "nondeterministic": 0}
-    state_path = Path(f"{state}.rank{rank}") if state and world > 1 else (Path(state) if state else None)
     if state_path and state_path.exists():
         fix = "delete it or give another --state"
         saved = resume_file(state_path, record, "state file", fix)

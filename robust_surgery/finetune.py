@@ -28,7 +28,7 @@ from .nn.layers import NRPMLayer
 from .runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
 from .surgery import apply_paradigm
 
-__all__ = ["FinetuneConfig", "finetune", "load_train_val"]
+__all__ = ["FinetuneConfig", "check_finetune_paths", "finetune", "load_train_val"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,19 @@ def lr_at_epoch(cfg: FinetuneConfig, epoch: int) -> float:
     return cfg.lr
 
 
+def check_finetune_paths(checkpoint_dir, log) -> Path | None:
+    """Refuse an unusable ``checkpoint_dir`` (a file) or ``log`` path before any work starts;
+    return the checkpoint file's path (None without ``checkpoint_dir``)."""
+    ckpt = Path(checkpoint_dir) / "finetune-last.pt" if checkpoint_dir is not None else None
+    if ckpt is not None:
+        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise OutputPathError(f"the checkpoint folder (--checkpoint-dir) {checkpoint_dir} is a file; give a folder")
+        check_output_path(ckpt, make_parents=True, what="checkpoint")
+    if log is not None:
+        check_output_path(log, make_parents=True, what="log file (--log)")
+    return ckpt
+
+
 def _record(model: nn.Module, cfg: FinetuneConfig, train, val) -> dict:
     """Everything that changes a fine-tuning run's result (see :mod:`robust_surgery.runrecord`):
     the starting model's manifest (architecture, paradigm, NRPM settings per layer, provenance),
@@ -236,13 +249,7 @@ def finetune(
                         "(robust_surgery.load('converted.safetensors'))")
     if not any(isinstance(m, NRPMLayer) for m in model.modules()):
         raise ValueError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
-    ckpt = Path(checkpoint_dir) / "finetune-last.pt" if checkpoint_dir else None
-    if checkpoint_dir is not None:
-        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
-            raise OutputPathError(f"the checkpoint folder (--checkpoint-dir) {checkpoint_dir} is a file; give a folder")
-        check_output_path(ckpt, make_parents=True, what="checkpoint")
-    if log is not None:
-        check_output_path(log, make_parents=True, what="log file (--log)")
+    ckpt = check_finetune_paths(checkpoint_dir, log)
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
     dev = torch.device(device) if device else next(model.parameters()).device
     apply_paradigm(model, cfg.paradigm)
@@ -256,7 +263,8 @@ def finetune(
         n_classes = target(xt[:1].to(dev)).shape[1]
     check_labels_fit(torch.cat([yt, yv]), n_classes)
 
-    record = _record(model, cfg, (xt, yt), (xv, yv))
+    # the run's record (digests of the start and the data, every setting) matters only to a checkpoint
+    record = _record(model, cfg, (xt, yt), (xv, yv)) if ckpt else None
     history: list[dict] = []
     best = {"score": -1.0, "state": None, "epoch": None, "start": None}
     start = 0
