@@ -29,7 +29,9 @@ import torch
 
 import robust_surgery as rs
 from robust_surgery._json import strict
+from robust_surgery.nn import cpu_kernels
 from robust_surgery.evaluate import format_eps, parse_eps
+from robust_surgery.model_zoo.hardened import HARDENED, HardenRecipe, harden
 
 MODELS = {
     # name: (zoo spec, data set, paradigm-1 settings)
@@ -37,7 +39,17 @@ MODELS = {
     "lenet": ("zoo:mnist-lenet", "mnist", dict(norm="L1", K=1, eps=1e-3, lam=0.6)),
     "resnet20": ("zoo:cifar-resnet20", "cifar10", dict(norm="L1", K=1, eps=5e-4, lam=0.8)),
 }
+ATTACK_COLUMNS = ("fgsm", "pgd", "autoattack", "apgd", "square", "transfer", "bpda")
 ROWS = ("original", "paradigm-1", "paradigm-3", "adversarial-training", "paradigm-2")
+
+
+def row_recipe(row: str, args) -> HardenRecipe:
+    """The hardening recipe of a paradigm-3 or adversarial-training row (the zoo's recipe when the
+    settings match one: then the row's model is that zoo model)."""
+    spec, _, p1 = MODELS[args.model]
+    return HardenRecipe(spec[4:], p1 if row == "paradigm-3" else None, eps=args.train_eps, steps=args.train_steps,
+                        epochs=args.epochs, lr=args.lr_all, batch_size=args.batch_size, adv_weight=args.adv_weight,
+                        val_n=args.val_n)
 
 
 def build_row(row: str, args, out: Path):
@@ -46,25 +58,27 @@ def build_row(row: str, args, out: Path):
     path = out / f"{row}.safetensors"
     if path.exists():
         return rs.load(path), json.loads((out / f"{row}.train.json").read_text()) if (out / f"{row}.train.json").exists() else {}
-    base = rs.load_model(spec)
     info: dict = {}
     if row == "original":
-        return base, info
+        return rs.load_model(spec), info
     if row == "paradigm-1":
-        model = rs.convert(base, 1, **p1)
-    else:
-        start = rs.convert(base, 1, lam=1.0) if row == "adversarial-training" else rs.convert(base, 1, **p1)
-        paradigm = 2 if row == "paradigm-2" else 3
-        lr = args.lr_lambda if paradigm == 2 else args.lr_all
-        t = time.process_time()
-        w = time.time()
+        model = rs.convert(rs.load_model(spec), 1, **p1)
+    elif row in ("paradigm-3", "adversarial-training"):
+        recipe = row_recipe(row, args)
+        model, metrics = harden(recipe, checkpoint_dir=out / f"ckpt-{row}", log=out / f"{row}.log.json")
+        same = [name for name, r in HARDENED.items() if r == recipe]
+        info = {k: metrics[k] for k in ("train_cpu_s", "train_wall_s", "kept_epoch", "lam", "recipe")}
+        info.update(paradigm=3, lr=recipe.lr, zoo=same[0] if same else None)
+    else:  # paradigm 2: λ alone, from paradigm 1
+        start = rs.convert(rs.load_model(spec), 1, **p1)
+        t, w = time.process_time(), time.time()
         model, history = rs.finetune(
-            start, data, paradigm, adversarial="pgd", eps=args.train_eps, pgd_steps=args.train_steps,
-            epochs=args.epochs, lr=lr, optimizer="adam", schedule="cosine", batch_size=args.batch_size,
+            start, data, 2, adversarial="pgd", eps=args.train_eps, pgd_steps=args.train_steps,
+            epochs=args.epochs, lr=args.lr_lambda, optimizer="adam", schedule="cosine", batch_size=args.batch_size,
             val_n=args.val_n, adv_weight=args.adv_weight, seed=0, checkpoint_dir=out / f"ckpt-{row}",
             log=out / f"{row}.log.json", progress=True)
         info = {"train_cpu_s": round(time.process_time() - t, 1), "train_wall_s": round(time.time() - w, 1),
-                "kept_epoch": rs.meta.get_meta(model)["training"]["kept_epoch"], "paradigm": paradigm, "lr": lr,
+                "kept_epoch": rs.meta.get_meta(model)["training"]["kept_epoch"], "paradigm": 2, "lr": args.lr_lambda,
                 "lam": {n: round(m.lam_value, 4) for n, m in rs.nrpm_layers(model)}}
     rs.save(model, path)
     (out / f"{row}.train.json").write_text(json.dumps(info, indent=1))
@@ -75,11 +89,15 @@ def evaluate_row(row: str, model, args, out: Path) -> dict:
     _, data, _ = MODELS[args.model]
     report_path = out / f"{row}.json"
     if report_path.exists():
-        return json.loads(report_path.read_text())
+        result = json.loads(report_path.read_text())
+        if "worst_first_batch" not in result and (out / f"{row}.state").exists():
+            result["worst_first_batch"] = first_batch_worst(out / f"{row}.state", result["results"], args.eval_batch)
+            report_path.write_text(json.dumps(strict(result), indent=1))
+        return result
     t = time.time()
     clean = rs.evaluate(model, data, attacks=["fgsm"], eps=[0.0], checks=False, batch_size=500)
     converted = bool(rs.nrpm_layers(model))
-    attacks = ["fgsm", "pgd", "autoattack", "square"] + (["transfer", "bpda"] if converted else [])
+    attacks = args.attacks.split(",") + (["transfer", "bpda"] if converted else [])
     rep = rs.evaluate(model, data, attacks=attacks, eps=args.eps, n=args.n_eval, steps=args.pgd_steps,
                       restarts=args.restarts, batch_size=args.eval_batch, state=out / f"{row}.state", progress=True)
     d = rep.to_dict()
@@ -90,20 +108,37 @@ def evaluate_row(row: str, model, args, out: Path) -> dict:
         "by_attack": {a: {format_eps(e): rep.robust_acc(v, a, e) for e in rep.eps} for a in attacks},
         "worst": {format_eps(e): w for e, w in rep.worst(v).items()},
         "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in rep.checks],
+        "worst_first_batch": first_batch_worst(out / f"{row}.state", d["results"], args.eval_batch),
+        "cpu": cpu_kernels.cpu_features(), "threads": torch.get_num_threads(),
     }
     report_path.write_text(json.dumps(strict(result), indent=1))
     return result
 
 
+def first_batch_worst(state: Path, results: list[dict], batch: int) -> dict:
+    """Per ε, how many of the first ``batch`` points survive every attack (read from the per-point
+    state): evaluating those points alone (``n=batch``) must give the same count, as the slow zoo
+    test checks, since every batch seeds its attacks by its index."""
+    st = torch.load(state, weights_only=True)
+    out = {}
+    for r in results:
+        if r["in_worst"] and r["model"] == results[0]["model"]:
+            key = r["eps_str"]
+            hit = st["robust"][r["key"]][:batch].bool()
+            out[key] = out.get(key, hit) & hit
+    return {k: int(v.sum()) for k, v in out.items()}
+
+
 def write_table(results: dict, args, out: Path) -> str:
     eps = [format_eps(e) for e in args.eps]
-    cols = ["clean (10k)"] + [f"{a} {e}" for e in eps for a in ("fgsm", "pgd", "autoattack", "square", "transfer", "bpda")] \
+    used = [a for a in ATTACK_COLUMNS if any(a in r["by_attack"] for r, _ in results.values())]
+    cols = ["clean (10k)"] + [f"{a} {e}" for e in eps for a in used] \
         + [f"**worst {e}**" for e in eps]
     lines = ["| row | train wall s | " + " | ".join(cols) + " | report card |", "|" + " --- |" * (len(cols) + 3)]
     for row, (r, info) in results.items():
         cells = [f"{r['clean_acc_full_test']:.1f}"]
         for e in eps:
-            for a in ("fgsm", "pgd", "autoattack", "square", "transfer", "bpda"):
+            for a in used:
                 val = r["by_attack"].get(a, {}).get(e)
                 cells.append("—" if val is None else f"{val:.1f}")
         cells += [f"**{r['worst'][e]:.1f}**" for e in eps]
@@ -132,12 +167,14 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--pgd-steps", type=int, default=50)
     ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--attacks", default="fgsm,pgd,autoattack,square",
+                    help="direct attacks of every row (transfer and bpda join on converted rows); "
+                         "apgd instead of autoattack where the standard version does not fit the time")
     ap.add_argument("--eval-batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    from robust_surgery.nn import cpu_kernels
 
     (args.out / "settings.json").write_text(json.dumps({**{k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()},

@@ -315,7 +315,7 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help="mnist, cifar10, or a path (ImageFolder tree or .pt with images/labels)."),
-    attack: str = typer.Option("fgsm,pgd", "--attack", help="Comma-separated: fgsm, pgd, cw, autoattack, square; on converted models also transfer (PGD with the λ = 1 network's gradients) and bpda (PGD through the straight-through surrogate), at every ε."),
+    attack: str = typer.Option("fgsm,pgd", "--attack", help="Comma-separated: fgsm, pgd, cw, autoattack, apgd (APGD-CE + APGD-DLR), square; on converted models also transfer (PGD with the λ = 1 network's gradients) and bpda (PGD through the straight-through surrogate), at every ε."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets, comma-separated, fractions allowed: 0,0.1,0.3 or 8/255 (default: the data set's standard)."),
     threat: str = typer.Option("Linf", "--threat", help="Linf or L2."),
     n: Optional[int] = typer.Option(None, "--n", "--n-examples", help="Evaluate the first N test points (--n-examples under torchrun, whose own options --n would clash with)."),
@@ -430,7 +430,7 @@ def zoo_train(
     out = check_out(out or Path(f"{name}.trained.safetensors"), ".safetensors", "output (-o)")
     model, metrics = train_zoo_model(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                      data_root=str(data_root) if data_root else None, n_train=n_train)
-    rs.save(model, out, arch=f"zoo:{name}", training=metrics)
+    rs.save(model, out, arch=metrics.get("arch", f"zoo:{name}"), training=metrics)
     if as_json:
         print_json({"output": str(out), **metrics})
         return

@@ -7,6 +7,9 @@ One module per family; ``checkpoints/`` holds the small embedded weights trained
 """
 from . import cifar_resnet, mnist_lenet, mnist_mlp, tiny_resnet  # noqa: F401  (registration)
 from . import text_sentiment  # noqa: F401  (registration; the encoder itself needs the [text] extra)
+from . import hardened  # noqa: E402  (hardened models register after the bases they start from)
 from .common import Normalize
 
-__all__ = ["Normalize", "cifar_resnet", "mnist_lenet", "mnist_mlp", "tiny_resnet"]
+hardened._register_shipped()
+
+__all__ = ["Normalize", "cifar_resnet", "hardened", "mnist_lenet", "mnist_mlp", "tiny_resnet"]

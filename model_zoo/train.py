@@ -23,6 +23,7 @@ from robust_surgery.data import load_mnist
 from robust_surgery.loops import evaluate_accuracy, training_progress
 from robust_surgery.zoo import ZooError, get_entry
 
+from .hardened import HARDENED, harden
 from .text_sentiment import train_sentiment_head
 
 __all__ = ["HEAD_FITS", "RECIPES", "evaluate_accuracy", "save_state_dict_safetensors", "train_zoo_model", "trainable"]
@@ -43,7 +44,7 @@ HEAD_FITS: dict[str, Callable] = {"minilm-sentiment": train_sentiment_head}
 
 def trainable() -> list[str]:
     """Names :func:`train_zoo_model` can train."""
-    return sorted([*RECIPES, *HEAD_FITS])
+    return sorted([*RECIPES, *HEAD_FITS, *HARDENED])
 
 
 def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_root) -> tuple[nn.Module, dict]:
@@ -55,6 +56,20 @@ def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_roo
                          f"{', '.join(given)} do not apply; drop them (only --seed and --data-root do)")
     model, metrics = HEAD_FITS[name](data_root, seed)
     return model, {**metrics, "test_n": metrics["n_test"], "torch": torch.__version__,
+                   "threads": torch.get_num_threads()}
+
+
+def _harden(name: str, *, epochs, lr, batch_size, seed: int, data_root, n_train, progress: bool):
+    """Run the hardening recipe of ``name`` (options given override the recipe's)."""
+    import dataclasses
+
+    changes = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    recipe = dataclasses.replace(HARDENED[name], seed=seed, **changes)
+    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
+        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {changes}")
+    model, metrics = harden(recipe, data_root=data_root, n_train=n_train, progress=progress)
+    # saved files name the base architecture: rs.load rebuilds the NRPM layers from the manifest
+    return model, {**metrics, "name": name, "arch": f"zoo:{recipe.base}", "torch": torch.__version__,
                    "threads": torch.get_num_threads()}
 
 
@@ -78,13 +93,18 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
                     n_train: int | None = None) -> tuple[nn.Module, dict]:
     """Train zoo architecture ``name`` from scratch on MNIST train (60000 images, [0,1] pixels).
 
-    Unset ``epochs``/``lr``/``batch_size`` take :data:`RECIPES` [name]. :data:`HEAD_FITS` models
+    Unset ``epochs``/``lr``/``batch_size`` take :data:`RECIPES` [name]. :data:`HARDENED` models
+    (``mnist-lenet-p3``, ``cifar-resnet20-at``, ...) run their hardening recipe from the pretrained
+    base instead (:func:`robust_surgery.model_zoo.hardened.harden`). :data:`HEAD_FITS` models
     (``minilm-sentiment``) refit their head on the frozen encoder instead (their own data;
     ``seed`` and ``data_root`` only). Returns (model in eval
     mode, metrics) with per-epoch mean train loss, test accuracy in percent on the 10000 test
     images, test_correct, seconds and the recipe. Progress goes to stderr. ``n_train``: train on
     the first n training images only (quick checks).
     """
+    if name in HARDENED:
+        return _harden(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, data_root=data_root,
+                       n_train=n_train, progress=progress)
     entry = get_entry(name)
     if name in HEAD_FITS:
         return _fit_head(name, epochs=epochs, lr=lr, batch_size=batch_size, n_train=n_train, seed=seed,
@@ -157,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(writes the head alone)")
     model, metrics = train_zoo_model(args.name, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                      seed=args.seed, data_root=args.data_root, device="cpu")
-    meta = {k: v for k, v in metrics.items() if k not in ("train_loss", "seconds")}  # reproducible bytes
-    meta["train_loss"] = ",".join(f"{v:.5f}" for v in metrics["train_loss"])
+    timings = ("train_loss", "seconds", "history", "train_cpu_s", "train_wall_s")
+    meta = {k: v for k, v in metrics.items() if k not in timings}  # reproducible bytes
+    if "train_loss" in metrics:
+        meta["train_loss"] = ",".join(f"{v:.5f}" for v in metrics["train_loss"])
     path = save_state_dict_safetensors(model, args.out, metadata=meta)
     from robust_surgery.zoo import sha256_file
 

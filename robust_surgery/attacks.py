@@ -26,7 +26,7 @@ __all__ = [
     "within_budget",
 ]
 
-ATTACKS = ("fgsm", "pgd", "cw", "autoattack", "square")
+ATTACKS = ("fgsm", "pgd", "cw", "autoattack", "apgd", "square")
 THREATS = ("Linf", "L2")
 
 
@@ -162,6 +162,10 @@ def build_attack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int
         return torchattacks.CW(target, c=1.0, kappa=0.0, steps=max(steps, 50), lr=0.01)
     if cfg.name == "autoattack":
         return torchattacks.AutoAttack(target, norm=cfg.threat, eps=eps, version="standard", n_classes=n_classes, seed=seed)
+    if cfg.name == "apgd":  # AutoAttack's untargeted pair (APGD-CE, then APGD-DLR on what survives)
+        return torchattacks.MultiAttack([
+            torchattacks.APGD(target, norm=cfg.threat, eps=eps, steps=100, loss=loss, seed=seed, n_restarts=1)
+            for loss in ("ce", "dlr")])
     if cfg.name == "square":
         return torchattacks.Square(target, norm=cfg.threat, eps=eps, n_queries=cfg.queries, n_restarts=1, seed=seed)
     raise ValueError(cfg.name)

@@ -390,7 +390,8 @@ def evaluate(
     ``(images (N, C, H, W) in [0, 1], labels (N,))`` pair; ``n`` takes the first n points.
     attacks: ``fgsm``, ``pgd`` (random start, ``steps``, step ``alpha`` = 2.5·ε/steps by default,
     ``restarts``), ``cw`` (L2; success only within ε), ``autoattack`` (standard, seeded),
-    ``square`` (``queries``). ``threat``: ``Linf`` or ``L2``. ``compare_original`` also evaluates
+    ``apgd`` (AutoAttack's APGD-CE then APGD-DLR, 100 steps each: its untargeted half, for when
+    the standard version does not fit the time), ``square`` (``queries``). ``threat``: ``Linf`` or ``L2``. ``compare_original`` also evaluates
     the λ = 1 network of a converted model. ``checks`` (default: on for converted models) adds
     the sanity report card. ``state``: a file keeping per-point results so an interrupted run
     resumes; ``max_batches`` stops after that many new batches (a partial report). Under

@@ -177,6 +177,23 @@ def test_cw_and_autoattack_run_and_are_not_weaker_than_pgd(mnist):
     assert 0.0 <= l2.robust_acc("model", "cw", 1.5) <= 100.0 * l2.clean["model"] / 40
 
 
+def test_apgd_is_autoattacks_untargeted_pair_on_the_points_it_keeps(mnist):
+    """``apgd`` = APGD-CE, then APGD-DLR on the survivors: the count equals running torchattacks by hand."""
+    import torchattacks
+
+    model = rs.load_model("zoo:mnist-mlp-rs")
+    x, y = mnist[0][:40], mnist[1][:40]
+    r = rs.evaluate(model, (x, y), attacks=["apgd"], eps=[0.1], batch_size=40, checks=False)
+    robust = torch.ones(40, dtype=torch.bool)
+    for loss in ("ce", "dlr"):
+        keep = robust.nonzero().flatten()
+        adv = torchattacks.APGD(model, eps=0.1, steps=100, loss=loss, seed=0)(x[keep], y[keep])
+        with torch.no_grad():
+            robust[keep] &= model(adv).argmax(1) == y[keep]
+    assert r.robust_acc("model", "apgd", 0.1) == 100.0 * int(robust.sum()) / 40
+    assert r.robust_acc("model", "apgd", 0.1) < 100.0 * r.clean["model"] / 40
+
+
 def test_resume_gives_the_same_numbers(small_nrpm, mnist, tmp_path):
     data = (mnist[0][:50], mnist[1][:50])
     kw = dict(attacks=["fgsm", "pgd"], eps=[0.1, 0.2], steps=4, batch_size=16, checks=False, seed=3)
