@@ -55,20 +55,19 @@ def fail(message: str, code: int = 1):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from robust_surgery import ModelLoadError, NoLayerMatchedError
+    """What the CLI prints as one line: the library's :class:`~robust_surgery.errors.UserError`,
+    and the OS errors of opening a path the user named (missing, a folder, no permission)."""
+    from robust_surgery.errors import UserError
 
-    errors: list[type[BaseException]] = [ModelLoadError, NoLayerMatchedError, ValueError, FileNotFoundError,
-                                         PermissionError, TypeError, KeyError, IsADirectoryError,
-                                         NotADirectoryError]
-    return tuple(errors)
+    return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def guard(fn):
-    """Turn every error into one red ``error:`` line on stderr and exit code 1 (no traceback).
+    """Print a user error as one red ``error:`` line on stderr, exit code 1 (no traceback).
 
-    The library's errors say what is wrong and how to fix it; anything else is reported as an
-    internal error in one line (``ROBUST_SURGERY_DEBUG=1`` shows the traceback). Ctrl-C exits
-    130 with a line saying so.
+    The library's errors (``UserError``) say what is wrong and how to fix it. Any other
+    exception is a bug and propagates with its traceback. ``ROBUST_SURGERY_DEBUG=1`` shows the
+    traceback of user errors too. Ctrl-C exits 130 with a line saying so.
     """
 
     @functools.wraps(fn)
@@ -83,18 +82,11 @@ def guard(fn):
         except _user_errors() as e:
             if os.environ.get("ROBUST_SURGERY_DEBUG"):
                 raise
-            text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            fail(str(text))
+            fail(str(e))
         except EOFError as e:
             if os.environ.get("ROBUST_SURGERY_DEBUG"):
                 raise
             fail(f"a file ended early ({e or 'end of file'}): it is empty or truncated")
-        except Exception as e:  # a bug of ours, or a library error we did not foresee: still one line
-            if os.environ.get("ROBUST_SURGERY_DEBUG"):
-                raise
-            first = (str(e).strip().splitlines() or [""])[0]
-            fail(f"internal error ({type(e).__name__}: {first}); please report it. Rerun with "
-                 "ROBUST_SURGERY_DEBUG=1 to see the traceback")
 
     return wrapper
 

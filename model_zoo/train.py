@@ -25,6 +25,7 @@ from robust_surgery.zoo import ZooError, get_entry
 
 from .hardened import HARDENED, harden
 from .text_sentiment import train_sentiment_head
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["HEAD_FITS", "RECIPES", "evaluate_accuracy", "save_state_dict_safetensors", "train_zoo_model", "trainable"]
 
@@ -52,7 +53,7 @@ def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_roo
     given = [flag for flag, val in (("--epochs", epochs), ("--lr", lr), ("--batch-size", batch_size),
                                     ("--n-train", n_train)) if val is not None]
     if given:
-        raise ValueError(f"{name}'s head is fitted by cross-validated logistic regression on frozen embeddings: "
+        raise InvalidInputError(f"{name}'s head is fitted by cross-validated logistic regression on frozen embeddings: "
                          f"{', '.join(given)} do not apply; drop them (only --seed and --data-root do)")
     model, metrics = HEAD_FITS[name](data_root, seed)
     return model, {**metrics, "test_n": metrics["n_test"], "torch": torch.__version__,
@@ -66,7 +67,7 @@ def _harden(name: str, *, epochs, lr, batch_size, seed: int, data_root, n_train,
     changes = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
     recipe = dataclasses.replace(HARDENED[name], seed=seed, **changes)
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {changes}")
+        raise InvalidInputError(f"epochs and batch_size must be >= 1 and lr > 0, got {changes}")
     model, metrics = harden(recipe, data_root=data_root, n_train=n_train, progress=progress)
     # saved files name the base architecture: rs.load rebuilds the NRPM layers from the manifest
     return model, {**metrics, "name": name, "arch": f"zoo:{recipe.base}", "torch": torch.__version__,
@@ -118,7 +119,7 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
         if val is not None:
             recipe[key] = val
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0:
-        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {recipe}")
+        raise InvalidInputError(f"epochs and batch_size must be >= 1 and lr > 0, got {recipe}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     x_train, y_train = load_mnist("train", data_root)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from torch import nn
 
-from .errors import ModelLoadError, UntrustedCodeError
+from .errors import InvalidTypeError, ModelLoadError, UntrustedCodeError
 from .meta import set_meta
 
 __all__ = ["BUILDERS", "register_builder", "is_spec", "build_arch", "reading_file", "ARCH_HELP", "SPEC_PREFIXES"]
@@ -47,7 +47,7 @@ def register_builder(name: str, factory: Callable[..., nn.Module]) -> Callable[.
     its own saved files as it loads the package's. Returns ``factory``.
     """
     if not callable(factory):
-        raise TypeError(f"register_builder needs a callable factory, got {type(factory).__name__}")
+        raise InvalidTypeError(f"register_builder needs a callable factory, got {type(factory).__name__}")
     BUILDERS[name] = factory
     return factory
 

@@ -14,6 +14,8 @@ import torch
 import torchattacks
 from torch import nn
 
+from .errors import InvalidInputError, InvalidTypeError
+
 __all__ = [
     "ATTACKS",
     "THREATS",
@@ -40,7 +42,7 @@ def check_unit_range(x: torch.Tensor) -> None:
                              "images in [0, 1]")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(
+        raise InvalidInputError(
             f"inputs must be images in [0, 1] for the attacks (got min {lo:.4g}, max {hi:.4g}). Pass raw "
             "[0, 1] images and let the model normalise inside, or give --mean/--std (Python: mean=, std=)."
         )
@@ -49,7 +51,7 @@ def check_unit_range(x: torch.Tensor) -> None:
 def check_labels_fit(y: torch.Tensor, n_classes: int) -> None:
     """Raise a clear error unless every label of ``y`` is a class index below ``n_classes`` (the model's outputs)."""
     if len(y) and int(y.max()) >= n_classes:
-        raise ValueError(f"the labels reach {int(y.max())} but the model has {n_classes} outputs (classes 0.."
+        raise InvalidInputError(f"the labels reach {int(y.max())} but the model has {n_classes} outputs (classes 0.."
                          f"{n_classes - 1}): the data does not fit this model (wrong data set or model?)")
 
 
@@ -67,7 +69,7 @@ def _logits(out) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if torch.is_tensor(logits):
         return logits
-    raise TypeError(
+    raise InvalidTypeError(
         f"the model returned a {type(out).__name__} the attacks cannot use; it must return logits (N, classes), "
         "a tuple/list whose first item is the logits, or a dict with a 'logits' entry"
     )
@@ -83,7 +85,7 @@ class AttackTarget(nn.Module):
         super().__init__()
         self.model = model
         if (mean is None) != (std is None):
-            raise ValueError("give both mean and std (per channel), or neither")
+            raise InvalidInputError("give both mean and std (per channel), or neither")
         self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -92,7 +94,7 @@ class AttackTarget(nn.Module):
             x = (x - self.mean) / self.std
         out = _logits(self.model(x))
         if out.dim() != 2:
-            raise TypeError(f"the model's logits must have shape (N, classes), got {tuple(out.shape)}")
+            raise InvalidTypeError(f"the model's logits must have shape (N, classes), got {tuple(out.shape)}")
         return out
 
 
@@ -129,15 +131,15 @@ class AttackConfig:
 
     def __post_init__(self):
         if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}: choose from {', '.join(ATTACKS)}")
+            raise InvalidInputError(f"unknown attack {self.name!r}: choose from {', '.join(ATTACKS)}")
         if self.threat not in THREATS:
-            raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
+            raise InvalidInputError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
         if not math.isfinite(self.eps) or self.eps < 0:
-            raise ValueError(f"eps must be a finite budget >= 0, got {self.eps}")
+            raise InvalidInputError(f"eps must be a finite budget >= 0, got {self.eps}")
         if self.steps < 1 or self.restarts < 1 or self.queries < 1:
-            raise ValueError(f"steps, restarts and queries must be >= 1, got {self.steps}, {self.restarts}, {self.queries}")
+            raise InvalidInputError(f"steps, restarts and queries must be >= 1, got {self.steps}, {self.restarts}, {self.queries}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"alpha (the step size) must be a finite number > 0, got {self.alpha}")
+            raise InvalidInputError(f"alpha (the step size) must be a finite number > 0, got {self.alpha}")
 
     @property
     def key(self) -> str:
@@ -168,7 +170,7 @@ def build_attack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int
             for loss in ("ce", "dlr")])
     if cfg.name == "square":
         return torchattacks.Square(target, norm=cfg.threat, eps=eps, n_queries=cfg.queries, n_restarts=1, seed=seed)
-    raise ValueError(cfg.name)
+    raise InvalidInputError(cfg.name)
 
 
 def within_budget(x: torch.Tensor, x_adv: torch.Tensor, cfg: AttackConfig, slack: float = 1e-5) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .fileutil import atomic_path
+from .errors import InvalidInputError, MissingFileError
 
 __all__ = [
     "DATASETS",
@@ -61,11 +62,11 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".t
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(MissingFileError):
     """A data set or checkpoint was not found in any data root (the message lists where we looked)."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InvalidInputError):
     """A data file exists but is corrupt or not in the expected format."""
 
 
@@ -201,7 +202,7 @@ def _try_download(dataset_cls_name: str, split: str) -> str | None:
 def _check_split(split: str) -> str:
     s = str(split).lower()
     if s not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidInputError(f"split must be 'train' or 'test', got {split!r}")
     return s
 
 
@@ -632,7 +633,7 @@ def load_dataset(spec: str | os.PathLike, split: str = "test", root: str | os.Pa
             valid = list(DATASETS)
             close = difflib.get_close_matches(str(spec).lower(), valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(
+            raise InvalidInputError(
                 f"Unknown data set '{spec}': it is neither a built-in name nor an existing path.{hint} "
                 f"Valid: {', '.join(repr(v) for v in valid)}, a path to an ImageFolder directory, "
                 "or a .pt file with {'images', 'labels'}."
@@ -641,8 +642,8 @@ def load_dataset(spec: str | os.PathLike, split: str = "test", root: str | os.Pa
     if n is not None:
         n = int(n)
         if n <= 0:
-            raise ValueError(f"n must be a positive number of points, got {n}")
+            raise InvalidInputError(f"n must be a positive number of points, got {n}")
         if n > len(x):
-            raise ValueError(f"n={n} but data set '{spec}' ({split}) has only {len(x)} points")
+            raise InvalidInputError(f"n={n} but data set '{spec}' ({split}) has only {len(x)} points")
         x, y = x[:n].contiguous(), y[:n].contiguous()
     return TensorDataset(x, y)

@@ -1,11 +1,18 @@
 """The errors robust-surgery raises on bad input: each message names the problem and the fix.
 
-Every class derives from :class:`ValueError` (or :class:`TypeError`), so code written against
-the plain built-ins keeps working; the CLI prints any of them as one ``error:`` line.
+Every one derives from :class:`UserError`: the input (a file, a setting, a data set, a path)
+is wrong, not the code. The CLI prints a ``UserError`` as one ``error:`` line and exits 1; any
+other exception is a bug and shows its traceback. Each class also derives from the built-in
+that fits (:class:`ValueError`, :class:`TypeError`, :class:`FileNotFoundError`), so code written
+against the built-ins keeps working.
 """
 from __future__ import annotations
 
 __all__ = [
+    "UserError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "MissingFileError",
     "ModelLoadError",
     "UntrustedCodeError",
     "OutputPathError",
@@ -15,7 +22,23 @@ __all__ = [
 ]
 
 
-class ModelLoadError(ValueError):
+class UserError(Exception):
+    """Base of every error caused by the user's input; its message says what to change."""
+
+
+class InvalidInputError(UserError, ValueError):
+    """A value given (a setting, a spec, the contents of a file) is not valid here."""
+
+
+class InvalidTypeError(UserError, TypeError):
+    """An argument of the wrong kind was given (a path where a model was expected, ...)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or lacks a part it must hold)."""
+
+
+class ModelLoadError(InvalidInputError):
     """A model could not be loaded; the message says what was wrong and how to fix it."""
 
 
@@ -26,7 +49,7 @@ class UntrustedCodeError(ModelLoadError):
     """
 
 
-class OutputPathError(ValueError):
+class OutputPathError(InvalidInputError):
     """An output path cannot be written (missing folder, a folder or device in the way, disk full...)."""
 
 
@@ -34,9 +57,9 @@ class OutputFolderMissingError(OutputPathError, FileNotFoundError):
     """The folder an output should go to does not exist (also a :class:`FileNotFoundError`)."""
 
 
-class StateMismatchError(ValueError):
+class StateMismatchError(InvalidInputError):
     """A resume file (evaluation state, fine-tuning checkpoint) belongs to a run with other settings."""
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(InvalidInputError):
     """A number that must be finite (a budget, a pixel, a model output) is NaN or infinite."""

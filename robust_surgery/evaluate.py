@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import ATTACKS, AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range, within_budget
-from .errors import NonFiniteError, StateMismatchError
+from .errors import InvalidInputError, InvalidTypeError, NonFiniteError, StateMismatchError
 from .checks import CheckResult, run_checks
 from .fileutil import atomic_path, check_output_path
 from .loops import work_progress
@@ -40,7 +40,7 @@ def default_eps(dataset: str, threat: str) -> tuple[float, ...]:
     try:
         return _DEFAULT_EPS[(dataset, threat)]
     except KeyError:
-        raise ValueError(f"no default ε for dataset {dataset!r} under {threat}; give eps=... (--eps)") from None
+        raise InvalidInputError(f"no default ε for dataset {dataset!r} under {threat}; give eps=... (--eps)") from None
 
 
 def parse_eps(text: str) -> tuple[float, ...]:
@@ -57,9 +57,9 @@ def parse_eps(text: str) -> tuple[float, ...]:
             else:
                 out.append(float(part))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"--eps takes numbers or fractions separated by commas (0,0.1,8/255), got {part!r}") from None
+            raise InvalidInputError(f"--eps takes numbers or fractions separated by commas (0,0.1,8/255), got {part!r}") from None
     if not out:
-        raise ValueError("--eps is empty: give budgets such as 0,0.1,8/255")
+        raise InvalidInputError("--eps is empty: give budgets such as 0,0.1,8/255")
     return tuple(check_budgets(out))
 
 
@@ -70,11 +70,11 @@ def check_budgets(eps: Sequence[float], what: str = "eps") -> list[float]:
         try:
             e = float(e)
         except (TypeError, ValueError):
-            raise TypeError(f"{what} takes numbers, got {e!r}") from None
+            raise InvalidTypeError(f"{what} takes numbers, got {e!r}") from None
         if not math.isfinite(e):
             raise NonFiniteError(f"{what} must be finite budgets, got {e}")
         if e < 0:
-            raise ValueError(f"{what} must be >= 0 (a budget is a distance), got {e:g}")
+            raise InvalidInputError(f"{what} must be >= 0 (a budget is a distance), got {e:g}")
         out.append(e)
     return out
 
@@ -234,10 +234,10 @@ def _resolve_data(data, n: int | None, data_root) -> tuple[torch.Tensor, torch.T
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
     else:
-        raise TypeError("data must be 'mnist', 'cifar10', a path, a TensorDataset or an (images, labels) pair")
+        raise InvalidTypeError("data must be 'mnist', 'cifar10', a path, a TensorDataset or an (images, labels) pair")
     if n is not None:
         if n > len(x):
-            raise ValueError(f"n = {n} is more than the {len(x)} points available")
+            raise InvalidInputError(f"n = {n} is more than the {len(x)} points available")
         x, y = x[:n], y[:n]
     return x, y, "custom"
 
@@ -294,25 +294,25 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size, steps, restarts,
     for name, value in (("batch_size (--batch-size)", batch_size), ("steps (--steps)", steps),
                         ("restarts (--restarts)", restarts), ("queries (--queries)", queries)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+            raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
     if alpha is not None and not (math.isfinite(float(alpha)) and alpha > 0):
-        raise ValueError(f"alpha (--alpha, the PGD step) must be a finite number > 0, got {alpha!r}")
+        raise InvalidInputError(f"alpha (--alpha, the PGD step) must be a finite number > 0, got {alpha!r}")
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"data must be images (N, C, H, W) with labels (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InvalidInputError(f"data must be images (N, C, H, W) with labels (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
     if y.is_floating_point() or (len(y) and int(y.min()) < 0):
-        raise ValueError("labels must be class indices 0, 1, 2, ... (integers)")
+        raise InvalidInputError("labels must be class indices 0, 1, 2, ... (integers)")
     if (mean is None) != (std is None):
-        raise ValueError("give both --mean and --std (per channel), or neither")
+        raise InvalidInputError("give both --mean and --std (per channel), or neither")
     if mean is not None:
         channels = x.shape[1]
         for name, values in (("--mean", mean), ("--std", std)):
             if len(values) != channels:
-                raise ValueError(f"{name} has {len(values)} values but the images have {channels} channel(s); "
+                raise InvalidInputError(f"{name} has {len(values)} values but the images have {channels} channel(s); "
                                  f"give one per channel")
             if not all(math.isfinite(float(v)) for v in values):
                 raise NonFiniteError(f"{name} values must be finite, got {list(values)}")
         if any(float(v) <= 0 for v in std):
-            raise ValueError(f"--std values must be > 0 (they divide the pixels), got {list(std)}")
+            raise InvalidInputError(f"--std values must be > 0 (they divide the pixels), got {list(std)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,24 +399,24 @@ def evaluate(
     """
     t0 = time.time()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"evaluate takes an nn.Module, got a {type(model).__name__}; load it first "
+        raise InvalidTypeError(f"evaluate takes an nn.Module, got a {type(model).__name__}; load it first "
                         "(robust_surgery.load_model('zoo:...' or a file))")
     if isinstance(attacks, str) or not all(isinstance(a, str) for a in attacks):
-        raise TypeError(f"attacks takes a list of attack names such as ['fgsm', 'pgd'], got {attacks!r}")
+        raise InvalidTypeError(f"attacks takes a list of attack names such as ['fgsm', 'pgd'], got {attacks!r}")
     attacks = [a.strip().lower() for a in attacks if a.strip()]
     if not attacks:
-        raise ValueError(f"no attack given (--attack is empty): name at least one of {', '.join(ATTACKS)}")
+        raise InvalidInputError(f"no attack given (--attack is empty): name at least one of {', '.join(ATTACKS)}")
     unknown = [a for a in attacks if a not in ATTACKS + SOURCE_ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(ATTACKS + SOURCE_ATTACKS)}")
+        raise InvalidInputError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(ATTACKS + SOURCE_ATTACKS)}")
     if threat not in ("Linf", "L2"):
-        raise ValueError(f"threat must be Linf or L2, got {threat!r}")
+        raise InvalidInputError(f"threat must be Linf or L2, got {threat!r}")
     if isinstance(eps, (int, float)):
-        raise TypeError(f"eps takes a list of budgets such as [0.1, 0.3], got the number {eps!r}")
+        raise InvalidTypeError(f"eps takes a list of budgets such as [0.1, 0.3], got the number {eps!r}")
     if eps is not None:
         eps = check_budgets(eps)
         if not eps:
-            raise ValueError("eps is empty: give budgets such as 0,0.1,8/255")
+            raise InvalidInputError("eps is empty: give budgets such as 0,0.1,8/255")
     if state is not None:
         check_output_path(state, make_parents=True, what="state file (--state)")
     x, y, dataset = _resolve_data(data, n, data_root)
@@ -427,18 +427,18 @@ def evaluate(
     eps = sorted({float(e) for e in eps})
     converted = any(isinstance(m, NRPMLayer) for m in model.modules())
     if not converted and any(a in SOURCE_ATTACKS for a in attacks):
-        raise ValueError("the transfer and bpda attacks take their gradients from a converted model's λ = 1 network "
+        raise InvalidInputError("the transfer and bpda attacks take their gradients from a converted model's λ = 1 network "
                          "or straight-through surrogate; this model has no NRPM layers (use fgsm, pgd, ...)")
     if compare_original and not converted:
-        raise ValueError("compare_original needs a converted model (one with NRPM layers); this model has none")
+        raise InvalidInputError("compare_original needs a converted model (one with NRPM layers); this model has none")
     if checks is None:
         checks = converted
     if checks and max(eps) == 0:
-        raise ValueError("the sanity checks need an ε > 0 (they attack at the largest ε); add one or turn checks off")
+        raise InvalidInputError("the sanity checks need an ε > 0 (they attack at the largest ε); add one or turn checks off")
     variants = (["nrpm", "original"] if compare_original else ["nrpm"]) if converted else ["model"]
     N = len(x)
     if N == 0:
-        raise ValueError("no points to evaluate")
+        raise InvalidInputError("no points to evaluate")
     dev = torch.device(device) if device else next(model.parameters(), torch.empty(0)).device
     jobs = _plan(attacks, eps, threat, variants, checks, steps, alpha, restarts, queries, x[0].numel())
     rank, world = _dist_info()

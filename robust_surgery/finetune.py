@@ -20,7 +20,7 @@ from torch import nn
 
 from ._json import strict_dumps
 from .attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
-from .errors import NonFiniteError, OutputPathError
+from .errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
 from .fileutil import atomic_path, check_output_path
 from .loops import check_finite_loss, evaluate_accuracy, training_progress
 from .meta import set_meta
@@ -64,34 +64,34 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if self.paradigm not in (2, 3):
-            raise ValueError(f"fine-tuning is paradigm 2 (λ only) or 3 (everything), got {self.paradigm!r}")
+            raise InvalidInputError(f"fine-tuning is paradigm 2 (λ only) or 3 (everything), got {self.paradigm!r}")
         if self.adversarial not in (None, "fgsm", "pgd"):
-            raise ValueError(f"adversarial must be None, 'fgsm' or 'pgd', got {self.adversarial!r}")
+            raise InvalidInputError(f"adversarial must be None, 'fgsm' or 'pgd', got {self.adversarial!r}")
         if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+            raise InvalidInputError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not 0.0 <= self.adv_weight <= 1.0:
-            raise ValueError(f"adv_weight is the adversarial share of the loss, in [0, 1]; got {self.adv_weight!r}")
+            raise InvalidInputError(f"adv_weight is the adversarial share of the loss, in [0, 1]; got {self.adv_weight!r}")
         if self.keep not in ("best", "last"):
-            raise ValueError(f"keep must be 'best' (best validated epoch, the start included) or 'last', got {self.keep!r}")
+            raise InvalidInputError(f"keep must be 'best' (best validated epoch, the start included) or 'last', got {self.keep!r}")
         if self.schedule not in ("constant", "cosine", "step"):
-            raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
+            raise InvalidInputError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
         for name, value in (("epochs (--epochs)", self.epochs), ("batch_size (--batch-size)", self.batch_size),
                             ("pgd_steps (--pgd-steps)", self.pgd_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+                raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
         if isinstance(self.val_n, bool) or not isinstance(self.val_n, int) or self.val_n < 0:
-            raise ValueError(f"val_n (--val-n) must be a whole number >= 0, got {self.val_n!r}")
+            raise InvalidInputError(f"val_n (--val-n) must be a whole number >= 0, got {self.val_n!r}")
         if self.n_train is not None and (not isinstance(self.n_train, int) or self.n_train < 1):
-            raise ValueError(f"n_train (--n-train) must be a whole number >= 1, got {self.n_train!r}")
+            raise InvalidInputError(f"n_train (--n-train) must be a whole number >= 1, got {self.n_train!r}")
         for name, value in (("lr (--lr)", self.lr), ("eps (--train-eps)", self.eps), ("momentum", self.momentum),
                             ("weight_decay", self.weight_decay), ("adv_weight (--adv-weight)", self.adv_weight)):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise NonFiniteError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0 or self.eps < 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and eps, momentum, weight_decay >= 0; got lr {self.lr}, eps {self.eps}, "
+            raise InvalidInputError(f"lr must be > 0 and eps, momentum, weight_decay >= 0; got lr {self.lr}, eps {self.eps}, "
                              f"momentum {self.momentum}, weight_decay {self.weight_decay}")
         if self.threat not in ("Linf", "L2"):
-            raise ValueError(f"threat must be Linf or L2, got {self.threat!r}")
+            raise InvalidInputError(f"threat must be Linf or L2, got {self.threat!r}")
 
 
 def load_train_val(data, val_n: int, n_train: int | None, data_root=None):
@@ -107,7 +107,7 @@ def load_train_val(data, val_n: int, n_train: int | None, data_root=None):
     else:
         x, y = data
     if val_n >= len(x):
-        raise ValueError(f"val_n = {val_n} leaves no training points (the split has {len(x)})")
+        raise InvalidInputError(f"val_n = {val_n} leaves no training points (the split has {len(x)})")
     xt, yt = x[: len(x) - val_n], y[: len(y) - val_n]
     xv, yv = x[len(x) - val_n:], y[len(y) - val_n:]
     if n_train is not None:
@@ -245,17 +245,17 @@ def finetune(
                          schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
                          keep=keep, adv_weight=adv_weight)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"finetune takes an nn.Module, got a {type(model).__name__}; load it first "
+        raise InvalidTypeError(f"finetune takes an nn.Module, got a {type(model).__name__}; load it first "
                         "(robust_surgery.load('converted.safetensors'))")
     if not any(isinstance(m, NRPMLayer) for m in model.modules()):
-        raise ValueError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
+        raise InvalidInputError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
     ckpt = check_finetune_paths(checkpoint_dir, log)
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
     dev = torch.device(device) if device else next(model.parameters()).device
     apply_paradigm(model, cfg.paradigm)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("nothing to train: the model has no trainable parameters for this paradigm")
+        raise InvalidInputError("nothing to train: the model has no trainable parameters for this paradigm")
     opt = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
            if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     target = AttackTarget(model).to(dev).eval()

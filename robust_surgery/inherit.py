@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .purification import load_images
+from .errors import InvalidInputError
 
 __all__ = ["EncoderHead", "InheritReport", "compare_encoders", "inherit", "random_encoder", "relabel",
            "train_linear_head"]
@@ -42,7 +43,7 @@ class EncoderHead(nn.Module):
             self._module = encoder.get_submodule(layer)
         except AttributeError:
             names = [n for n, _ in encoder.named_modules() if n]
-            raise ValueError(f"no module {layer!r} in the encoder; modules: {', '.join(names[:15])}") from None
+            raise InvalidInputError(f"no module {layer!r} in the encoder; modules: {', '.join(names[:15])}") from None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -65,7 +66,7 @@ class EncoderHead(nn.Module):
         finally:
             handle.remove()
         if "f" not in store:
-            raise ValueError(f"module {self.layer!r} did not run in the encoder's forward pass")
+            raise InvalidInputError(f"module {self.layer!r} did not run in the encoder's forward pass")
         return store["f"].flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,11 +89,11 @@ def relabel(labels: torch.Tensor, how: str | None) -> torch.Tensor:
         try:
             table = torch.tensor([int(v) for v in how[4:].split(",")])
         except ValueError:
-            raise ValueError(f"relabel map must be integers separated by commas, got {how[4:]!r}") from None
+            raise InvalidInputError(f"relabel map must be integers separated by commas, got {how[4:]!r}") from None
         if len(table) <= int(labels.max()):
-            raise ValueError(f"relabel map has {len(table)} entries but the labels go up to {int(labels.max())}")
+            raise InvalidInputError(f"relabel map has {len(table)} entries but the labels go up to {int(labels.max())}")
         return table[labels]
-    raise ValueError(f"unknown relabelling {how!r}: use parity, half, vehicles, map:a,b,... or none")
+    raise InvalidInputError(f"unknown relabelling {how!r}: use parity, half, vehicles, map:a,b,... or none")
 
 
 def random_encoder(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -175,7 +176,7 @@ def _downstream(data, downstream, n_train: int, n_test: int, data_root):
         try:
             seed = 1 if downstream in (None, "") else int(downstream)
         except ValueError:
-            raise ValueError(f"on synthetic data the downstream task is the seed of another label vector (an integer), "
+            raise InvalidInputError(f"on synthetic data the downstream task is the seed of another label vector (an integer), "
                              f"got {downstream!r}") from None
         new = task.with_labels(seed)
         _, _, yt = new.features("train")
@@ -215,7 +216,7 @@ def compare_encoders(encoders: Mapping[str, nn.Module], data, layer: str, *, dow
                      extra: Mapping[str, Callable[[nn.Module], dict]] | None = None) -> InheritReport:
     """:func:`inherit` for every named encoder on the same downstream split, as one :class:`InheritReport`."""
     if not encoders:
-        raise ValueError("give at least one encoder")
+        raise InvalidInputError("give at least one encoder")
     split = _downstream(data, downstream, n_train, n_test, data_root)
     _, _, task = load_images(data, 1, "test", data_root)
     name = task.spec() if task is not None else (data if isinstance(data, str) else "custom")

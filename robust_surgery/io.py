@@ -21,12 +21,12 @@ from torch import nn
 
 from .archspec import ARCH_HELP as _ARCH_HELP
 from .archspec import build_arch, is_spec, looks_like_factory, reading_file
-from .errors import ModelLoadError, UntrustedCodeError
+from .errors import InvalidTypeError, ModelLoadError, UntrustedCodeError
 from ._json import strict_dumps
 from .fileutil import atomic_path, check_output_path, file_sha256
 from .meta import get_meta, set_meta
 from .nn.layers import NRPMLayer
-from .surgery import apply_paradigm, convert
+from .surgery import apply_paradigm, convert, unconvert
 
 __all__ = [
     "ModelLoadError",
@@ -234,6 +234,10 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
             model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
     else:  # the user named the architecture of a file that records none
         model = build_arch(spec, pretrained=False, data_root=data_root)
+    if any(isinstance(m, NRPMLayer) for m in model.modules()):
+        # an architecture that comes converted (a hardened zoo entry such as zoo:mnist-lenet-p3):
+        # back to its plain layers, so the manifest's layers convert it exactly as it was saved
+        model = unconvert(model, inplace=True)
     layers: dict[str, dict] = manifest.get("layers") or {}
     if layers:
         unknown = [name for name in layers if not _has_submodule(model, name)]
@@ -306,7 +310,7 @@ def load_model(
     mode, its provenance (arch, source path and SHA-256) recorded for the manifest of a later save.
     """
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"load_model takes a file path or a spec string, got a {type(source).__name__}")
+        raise InvalidTypeError(f"load_model takes a file path or a spec string, got a {type(source).__name__}")
     if data_root is not None:
         from .data import check_data_root
 

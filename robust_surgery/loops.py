@@ -47,5 +47,5 @@ def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float) -> N
     if not torch.isfinite(loss):
         from .errors import NonFiniteError
 
-        raise NonFiniteError(f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
+        raise NonFiniteError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
                              f"nothing was saved. Lower --lr (now {lr:g}) or check the data")

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from .errors import InvalidInputError
+
 
 _PRESETS: dict[str, dict[str, Any]] = {}
 _KEYS = ("norm", "K", "eps", "lam", "gamma", "delta", "include", "exclude")
@@ -23,7 +25,7 @@ def register_preset(zoo_name: str, *, note: str = "", **settings) -> None:
     """Record the recommended :func:`convert` keywords (norm, K, eps, lam, ..., include) for a zoo model."""
     bad = sorted(set(settings) - set(_KEYS))
     if bad:
-        raise ValueError(f"preset for {zoo_name!r}: unknown settings {bad}; valid: {', '.join(_KEYS)}")
+        raise InvalidInputError(f"preset for {zoo_name!r}: unknown settings {bad}; valid: {', '.join(_KEYS)}")
     _PRESETS[zoo_name] = {**settings, "_note": note}
 
 

@@ -25,6 +25,7 @@ from .finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_e
 from .loops import check_finite_loss, evaluate_accuracy, training_progress
 from .meta import set_meta
 from .synthetic import SparseCodingTask, parse_synthetic_spec
+from .errors import InvalidInputError
 
 __all__ = ["ADVERSARIAL", "PretrainConfig", "eps_at", "noise_batch", "pretrain", "resolve_train_data"]
 
@@ -59,18 +60,18 @@ class PretrainConfig:
 
     def __post_init__(self):
         if self.adversarial not in ADVERSARIAL:
-            raise ValueError(f"adversarial must be none, fgsm, pgd or noise, got {self.adversarial!r}")
+            raise InvalidInputError(f"adversarial must be none, fgsm, pgd or noise, got {self.adversarial!r}")
         if self.threat not in THREATS:
-            raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
+            raise InvalidInputError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
         # the optimiser, schedule and size checks are fine-tuning's (same fields, same messages)
         FinetuneConfig(paradigm=3, adversarial=None, eps=self.eps, epochs=self.epochs, lr=self.lr,
                        optimizer=self.optimizer, schedule=self.schedule, batch_size=self.batch_size, val_n=self.val_n)
         if not 0 <= self.ramp < 1:
-            raise ValueError(f"ramp is the fraction of training over which ε grows, in [0, 1); got {self.ramp}")
+            raise InvalidInputError(f"ramp is the fraction of training over which ε grows, in [0, 1); got {self.ramp}")
         if self.adversarial and self.eps == 0:
-            raise ValueError(f"adversarial={self.adversarial!r} needs a budget eps > 0")
+            raise InvalidInputError(f"adversarial={self.adversarial!r} needs a budget eps > 0")
         if self.pgd_steps < 1:
-            raise ValueError(f"pgd_steps must be >= 1, got {self.pgd_steps}")
+            raise InvalidInputError(f"pgd_steps must be >= 1, got {self.pgd_steps}")
 
 
 def eps_at(cfg: PretrainConfig, step: int, total_steps: int) -> float:
@@ -135,7 +136,7 @@ def pretrain(
                          epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                          batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train)
     if any(type(m).__name__.startswith("NRPM") for m in model.modules()):
-        raise ValueError("pretrain trains plain models; for an NRPM-converted model use robust_surgery.finetune "
+        raise InvalidInputError("pretrain trains plain models; for an NRPM-converted model use robust_surgery.finetune "
                          "(surgery finetune)")
     (xt, yt), (xv, yv) = load_train_val(resolve_train_data(data, data_root), cfg.val_n, cfg.n_train, data_root)
     dev = torch.device(device) if device else next(model.parameters()).device

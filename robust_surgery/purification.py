@@ -25,6 +25,7 @@ from torch import nn
 from .purity import (BASES, Basis, PurityScores, dictionary_basis, ica_basis, layer_units, load_basis_file,
                      purity_scores, random_orthonormal_basis)
 from .synthetic import SparseCodingTask, parse_synthetic_spec
+from .errors import InvalidInputError
 
 __all__ = [
     "PurificationReport",
@@ -54,7 +55,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         module = None
     if module is None or not isinstance(module, _LAYER_TYPES):
         shown = ", ".join(layers[:12]) + (" ..." if len(layers) > 12 else "")
-        raise ValueError(f"no Linear/Conv layer named {name!r} in the model; layers: {shown}")
+        raise InvalidInputError(f"no Linear/Conv layer named {name!r} in the model; layers: {shown}")
     return module
 
 
@@ -72,7 +73,7 @@ def load_images(data, n: int | None = 2000, split: str = "test", data_root=None)
         x, y = load_dataset(data, split, root=data_root).tensors
     if n is not None:
         if n < 1:
-            raise ValueError(f"n must be a positive number of inputs, got {n}")
+            raise InvalidInputError(f"n must be a positive number of inputs, got {n}")
         x, y = x[:n], y[:n]
     return x, y, task
 
@@ -103,7 +104,7 @@ def layer_input_patches(model: nn.Module, layer: str, images: torch.Tensor, n_pa
     """
     module = get_layer(model, layer)
     if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
-        raise ValueError("patches are implemented for Linear and Conv2d layers")
+        raise InvalidInputError("patches are implemented for Linear and Conv2d layers")
     chunks: list[torch.Tensor] = []
 
     def grab(_name, mod, inp, _out):
@@ -140,7 +141,7 @@ def learn_basis(kind: str, patches: torch.Tensor, *, n_atoms: int | None = None,
         return dictionary_basis(patches, n_atoms, seed=seed)
     if kind == "random":
         return random_orthonormal_basis(patches.shape[1], seed)
-    raise ValueError(f"unknown basis {kind!r}: use one of {', '.join(BASES)} or a file")
+    raise InvalidInputError(f"unknown basis {kind!r}: use one of {', '.join(BASES)} or a file")
 
 
 def next_layer_weights(model: nn.Module, layer: str) -> torch.Tensor | None:
@@ -208,7 +209,7 @@ def checkpoint_pair(before: torch.Tensor | nn.Module, after: torch.Tensor | nn.M
     w = layer_units(before) if isinstance(before, nn.Module) else before.detach().float()
     w2 = layer_units(after) if isinstance(after, nn.Module) else after.detach().float()
     if w.shape != w2.shape:
-        raise ValueError(f"the two checkpoints' layers differ in shape: {tuple(w.shape)} vs {tuple(w2.shape)}; "
+        raise InvalidInputError(f"the two checkpoints' layers differ in shape: {tuple(w.shape)} vs {tuple(w2.shape)}; "
                          "compare the same layer of the same architecture")
     w, w2 = w.double(), w2.double()
     beta = (w * w2).sum(1) / (w2 * w2).sum(1).clamp_min(1e-30)
@@ -305,10 +306,10 @@ def _resolve_basis(spec, patches: torch.Tensor, task: SparseCodingTask | None, l
         return Basis("given", spec.float())
     if spec == "true":
         if task is None:
-            raise ValueError("--basis true needs synthetic data (the true dictionary is known only there); "
+            raise InvalidInputError("--basis true needs synthetic data (the true dictionary is known only there); "
                              "for real data use ica, dict, random or a file")
         if not isinstance(layer_module, nn.Linear) or layer_module.in_features != task.d:
-            raise ValueError(f"the true basis has atoms of dimension {task.d}; it applies to the first Linear layer "
+            raise InvalidInputError(f"the true basis has atoms of dimension {task.d}; it applies to the first Linear layer "
                              f"(fc1 of the synthetic MLP), which reads the features")
         return Basis("true", task.dictionary, {"synthetic": task.spec()})
     if spec in ("ica", "dict", "random"):
@@ -395,7 +396,7 @@ def plot_purity_histograms(groups: Mapping[str, PurityScores | Sequence[PuritySc
         for s in items:
             per_basis.setdefault(s.basis, []).append((label, getattr(s, score).float()))
     if not per_basis:
-        raise ValueError("nothing to plot: give at least one report or set of scores")
+        raise InvalidInputError("nothing to plot: give at least one report or set of scores")
     plt, fig, axes = _figure(1, len(per_basis), figsize=(3.6 * len(per_basis), 3.0), dpi=100, squeeze=False)
     for ax, (basis, rows) in zip(axes[0], per_basis.items()):
         lo = min(float(v.min()) for _, v in rows)
@@ -427,10 +428,10 @@ def plot_filters(layers: Mapping[str, torch.Tensor | nn.Module], path, max_units
         if w.dim() == 2:
             side = int(round(math.sqrt(w.shape[1])))
             if side * side != w.shape[1]:
-                raise ValueError(f"cannot show {label}: a Linear layer's rows must be square images, got {w.shape[1]} inputs")
+                raise InvalidInputError(f"cannot show {label}: a Linear layer's rows must be square images, got {w.shape[1]} inputs")
             w = w.view(-1, 1, side, side)
         if w.dim() != 4 or w.shape[1] not in (1, 3):
-            raise ValueError(f"cannot show {label}: kernels must be (U, 1 or 3, kh, kw), got {tuple(w.shape)}")
+            raise InvalidInputError(f"cannot show {label}: kernels must be (U, 1 or 3, kh, kw), got {tuple(w.shape)}")
         w = w[:max_units]
         lo = w.flatten(1).amin(1).view(-1, 1, 1, 1)
         hi = w.flatten(1).amax(1).view(-1, 1, 1, 1)

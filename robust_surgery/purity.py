@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InvalidInputError, MissingFileError
+
 __all__ = [
     "BASES",
     "Basis",
@@ -44,7 +46,7 @@ _TINY = 1e-30
 
 def _check_r(r: torch.Tensor) -> torch.Tensor:
     if r.dim() not in (1, 2) or r.shape[-1] < 1:
-        raise ValueError(f"feature responses must be a vector (n,) or a matrix (units, n), got shape {tuple(r.shape)}")
+        raise InvalidInputError(f"feature responses must be a vector (n,) or a matrix (units, n), got shape {tuple(r.shape)}")
     return r.double()
 
 
@@ -58,7 +60,7 @@ def top_k_energy(r: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Fraction of Σ r² in the ``k`` largest r² (last axis of r): 1 pure ... k/n flat."""
     e = _check_r(r) ** 2
     if not 1 <= k <= e.shape[-1]:
-        raise ValueError(f"k must be between 1 and the number of atoms {e.shape[-1]}, got {k}")
+        raise InvalidInputError(f"k must be between 1 and the number of atoms {e.shape[-1]}, got {k}")
     return e.topk(k, dim=-1).values.sum(-1) / e.sum(-1).clamp_min(_TINY)
 
 
@@ -67,7 +69,7 @@ def hoyer(r: torch.Tensor) -> torch.Tensor:
     r = _check_r(r)
     n = r.shape[-1]
     if n < 2:
-        raise ValueError("Hoyer sparsity needs at least 2 atoms")
+        raise InvalidInputError("Hoyer sparsity needs at least 2 atoms")
     ratio = r.abs().sum(-1) / r.norm(dim=-1).clamp_min(_TINY)
     return (math.sqrt(n) - ratio) / (math.sqrt(n) - 1)
 
@@ -133,12 +135,12 @@ def purity_scores(units: torch.Tensor, basis: torch.Tensor, *, name: str = "basi
     unit_weights: optional (U,) weights for the weighted mean. The response is r = Aᵀ w, (U, n).
     """
     if units.dim() != 2 or basis.dim() != 2:
-        raise ValueError(f"units must be (U, D) and basis (D, n); got {tuple(units.shape)} and {tuple(basis.shape)}")
+        raise InvalidInputError(f"units must be (U, D) and basis (D, n); got {tuple(units.shape)} and {tuple(basis.shape)}")
     if units.shape[1] != basis.shape[0]:
-        raise ValueError(f"the basis has atoms of dimension {basis.shape[0]} but the layer's units read "
+        raise InvalidInputError(f"the basis has atoms of dimension {basis.shape[0]} but the layer's units read "
                          f"{units.shape[1]} inputs; learn or load a basis for this layer's fan-in")
     if unit_weights is not None and unit_weights.shape != (units.shape[0],):
-        raise ValueError(f"unit_weights must have shape ({units.shape[0]},), got {tuple(unit_weights.shape)}")
+        raise InvalidInputError(f"unit_weights must have shape ({units.shape[0]},), got {tuple(unit_weights.shape)}")
     r = units.detach().double() @ basis.detach().double()
     n = r.shape[1]
     return PurityScores(basis=name, pr=participation_ratio(r), top1=top_k_energy(r, 1), top3=top_k_energy(r, min(3, n)),
@@ -156,10 +158,10 @@ def layer_units(layer: nn.Module) -> torch.Tensor:
         return layer.weight.detach().float()
     if isinstance(layer, nn.modules.conv._ConvNd):
         if layer.groups != 1:
-            raise ValueError("purity of grouped/depthwise convolutions is not supported: their units read "
+            raise InvalidInputError("purity of grouped/depthwise convolutions is not supported: their units read "
                              "different input channels; pick a layer with groups = 1")
         return layer.weight.detach().flatten(1).float()
-    raise ValueError(f"purity needs a Linear or Conv layer, got {type(layer).__name__}")
+    raise InvalidInputError(f"purity needs a Linear or Conv layer, got {type(layer).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,13 +185,13 @@ def random_orthonormal_basis(dim: int, seed: int = 0) -> Basis:
 
 def _check_patches(patches: torch.Tensor, n_atoms: int | None) -> tuple[np.ndarray, int]:
     if patches.dim() != 2:
-        raise ValueError(f"patches must be (N, D), got shape {tuple(patches.shape)}")
+        raise InvalidInputError(f"patches must be (N, D), got shape {tuple(patches.shape)}")
     n, dim = patches.shape
     k = dim if n_atoms is None else int(n_atoms)
     if not 1 <= k <= dim:
-        raise ValueError(f"n_atoms must be between 1 and the patch dimension {dim}, got {k}")
+        raise InvalidInputError(f"n_atoms must be between 1 and the patch dimension {dim}, got {k}")
     if n < 2 * k:
-        raise ValueError(f"{n} patches are too few to learn {k} atoms; give at least {2 * k} (more data or --n)")
+        raise InvalidInputError(f"{n} patches are too few to learn {k} atoms; give at least {2 * k} (more data or --n)")
     return patches.detach().double().cpu().numpy(), k
 
 
@@ -237,12 +239,12 @@ def load_basis_file(path) -> Basis:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"basis file {path} not found; --basis takes ica, dict, random, true or a file "
+        raise MissingFileError(f"basis file {path} not found; --basis takes ica, dict, random, true or a file "
                                 "(.pt, .npy, .txt) holding a D x n matrix of atoms as columns")
     if path.is_dir():
-        raise ValueError(f"basis file {path} is a folder; give a .pt, .npy or .txt file")
+        raise InvalidInputError(f"basis file {path} is a folder; give a .pt, .npy or .txt file")
     if path.stat().st_size == 0:
-        raise ValueError(f"basis file {path} is empty (0 bytes); it must hold a D x n matrix of atoms as columns")
+        raise InvalidInputError(f"basis file {path} is empty (0 bytes); it must hold a D x n matrix of atoms as columns")
     try:
         if path.suffix == ".npy":
             atoms = torch.from_numpy(np.load(path, allow_pickle=False))
@@ -252,11 +254,11 @@ def load_basis_file(path) -> Basis:
             obj = torch.load(path, weights_only=True, map_location="cpu")
             atoms = obj.get("atoms") if isinstance(obj, dict) else obj
     except Exception as e:  # numpy and torch raise many types for a damaged file
-        raise ValueError(f"basis file {path} could not be read ({type(e).__name__}: "
+        raise InvalidInputError(f"basis file {path} could not be read ({type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0]}); it must hold a D x n matrix of atoms "
                          "(.pt tensor or dict with 'atoms', .npy, .txt/.csv)") from None
     if not torch.is_tensor(atoms) or atoms.dim() != 2 or atoms.numel() == 0:
-        raise ValueError(f"{path} must hold a 2-D matrix (D, n) of atoms as columns")
+        raise InvalidInputError(f"{path} must hold a 2-D matrix (D, n) of atoms as columns")
     if not torch.isfinite(atoms).all():
-        raise ValueError(f"{path}: the basis holds NaN or infinite values")
+        raise InvalidInputError(f"{path}: the basis holds NaN or infinite values")
     return Basis(f"file:{path.name}", atoms.float(), {"path": str(path)})

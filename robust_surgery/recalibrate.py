@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .meta import set_meta
+from .errors import InvalidInputError
 
 __all__ = ["recalibrate_batchnorm", "batchnorm_layers"]
 
@@ -49,12 +50,12 @@ def recalibrate_batchnorm(model: nn.Module, data, batches: int = 50, *, batch_si
     (``recalibration``): batches, batch size, points, seed, BatchNorm layers, seconds.
     """
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ValueError(f"recalibration needs a whole number of batches >= 1 (--recalibrate-bn N), got {batches!r}")
+        raise InvalidInputError(f"recalibration needs a whole number of batches >= 1 (--recalibrate-bn N), got {batches!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        raise InvalidInputError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     bns = batchnorm_layers(model)
     if not bns:
-        raise ValueError("the model has no BatchNorm layer with running statistics: there is nothing to recalibrate")
+        raise InvalidInputError("the model has no BatchNorm layer with running statistics: there is nothing to recalibrate")
     t0 = time.time()
     x = _training_images(data, data_root)
     from .attacks import check_unit_range

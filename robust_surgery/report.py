@@ -14,6 +14,7 @@ from torch import nn
 
 from .nn.layers import NRPMLayer, linear_mode
 from .surgery import LayerConfig, convertible_types
+from .errors import InvalidInputError
 
 __all__ = ["LayerCost", "ConversionReport", "conversion_report", "inspect_model"]
 
@@ -117,7 +118,7 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
         return {}
     input_shape = tuple(input_shape)
     if not input_shape or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_shape):
-        raise ValueError(f"the input shape must be whole numbers >= 1 such as 3,32,32 (C,H,W, no batch), "
+        raise InvalidInputError(f"the input shape must be whole numbers >= 1 such as 3,32,32 (C,H,W, no batch), "
                          f"got {input_shape}")
     found: dict[str, int] = {}
     hooks = []
@@ -139,7 +140,7 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
                 model(x)
             except (RuntimeError, ValueError, IndexError) as e:
                 first = (str(e).strip().splitlines() or [""])[0]
-                raise ValueError(f"the model cannot run on one input of shape {input_shape} (--input-shape, Python "
+                raise InvalidInputError(f"the model cannot run on one input of shape {input_shape} (--input-shape, Python "
                                  f"input_shape=): {first}. Give the shape the model takes, channels first, "
                                  "without the batch") from None
     finally:

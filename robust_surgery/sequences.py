@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .data import DataFormatError, find_data_file
+from .errors import InvalidInputError, MissingFileError
 
 __all__ = [
     "AMINO_ACIDS",
@@ -149,7 +150,7 @@ def load_peptide_task(spec: str | os.PathLike, data_root: str | os.PathLike | No
     if path.is_dir():
         missing = [f for f in ("seqs.fasta", "classes.txt") if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path}: a task folder needs seqs.fasta and classes.txt; missing {', '.join(missing)}")
+            raise MissingFileError(f"{path}: a task folder needs seqs.fasta and classes.txt; missing {', '.join(missing)}")
         return _load_folder_task(path, path.name, None)
     if path.is_file():
         seqs, labels = [], []
@@ -164,7 +165,7 @@ def load_peptide_task(spec: str | os.PathLike, data_root: str | os.PathLike | No
         if not seqs:
             raise DataFormatError(f"{path}: no 'sequence<TAB>label' lines")
         return _task(path.stem, seqs, labels, None, str(path))
-    raise ValueError(f"unknown peptide task {str(spec)!r}: use one of {', '.join(PEPTIDE_TASKS)}, a folder with "
+    raise InvalidInputError(f"unknown peptide task {str(spec)!r}: use one of {', '.join(PEPTIDE_TASKS)}, a folder with "
                      "seqs.fasta and classes.txt, or a 'sequence<TAB>label' file")
 
 
@@ -198,7 +199,7 @@ def stratified_split(labels: torch.Tensor, test_fraction: float = 0.2, seed: int
     from ``numpy.random.default_rng(seed)``, so a split depends only on the labels and the seed.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InvalidInputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     y = np.asarray(torch.as_tensor(labels))
     rng = np.random.default_rng(seed)
     test = []
@@ -219,12 +220,12 @@ def encode_sequences(sequences, alphabet: str = AMINO_ACIDS, max_len: int = 64) 
     their first ``max_len`` letters; ``L`` is the longest kept length.
     """
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise InvalidInputError(f"max_len must be >= 1, got {max_len}")
     index = {ch: i for i, ch in enumerate(alphabet)}
     other = len(alphabet)
     rows = [[index.get(ch, other) for ch in s.upper()[:max_len]] for s in sequences]
     if not rows or min(len(r) for r in rows) == 0:
-        raise ValueError("encode_sequences needs at least one sequence and no empty ones")
+        raise InvalidInputError("encode_sequences needs at least one sequence and no empty ones")
     return pad_token_rows(rows)
 
 

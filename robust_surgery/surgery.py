@@ -19,6 +19,7 @@ from torch import nn
 from .meta import get_meta, set_meta
 from .nn.functional import NRPMSettings
 from .nn.layers import NRPMConv1d, NRPMConv2d, NRPMConv3d, NRPMLayer, NRPMLinear
+from .errors import InvalidInputError, InvalidTypeError
 
 __all__ = [
     "LayerConfig",
@@ -39,7 +40,7 @@ PARADIGMS = {
 }
 
 
-class NoLayerMatchedError(ValueError):
+class NoLayerMatchedError(InvalidInputError):
     """Raised when ``convert`` selects no layer at all."""
 
 
@@ -108,7 +109,7 @@ def _as_patterns(value, name: str) -> list[str] | None:
     if isinstance(value, str):
         value = [p for p in value.split(",") if p.strip()]
     elif not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} takes layer names or patterns: a string ('fc1,layer1.*') or a list of strings, "
+        raise InvalidTypeError(f"{name} takes layer names or patterns: a string ('fc1,layer1.*') or a list of strings, "
                         f"got {value!r}")
     patterns = [p.strip() for p in value]
     for p in patterns:
@@ -116,7 +117,7 @@ def _as_patterns(value, name: str) -> list[str] | None:
             try:
                 re.compile(p[3:])
             except re.error as e:
-                raise ValueError(f"{name} pattern {p!r} is not a valid regular expression: {e}") from None
+                raise InvalidInputError(f"{name} pattern {p!r} is not a valid regular expression: {e}") from None
     return patterns
 
 
@@ -142,7 +143,7 @@ def _layer_config(fqn: str, base: LayerConfig, overrides: Mapping[str, Mapping] 
         return None
     unknown = set(chosen) - _SETTING_KEYS
     if unknown:
-        raise ValueError(f"override for {fqn!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_SETTING_KEYS)}")
+        raise InvalidInputError(f"override for {fqn!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_SETTING_KEYS)}")
     lam = chosen.get("lam", base.lam)
     settings = replace(base.settings, **{k: v for k, v in chosen.items() if k != "lam"})
     return LayerConfig(settings, _check_lam(lam), base.memory_budget)
@@ -152,9 +153,9 @@ def _check_lam(lam) -> float:
     try:
         lam = float(lam)
     except (TypeError, ValueError):
-        raise ValueError(f"lam (λ) must be a number in [0, 1], got {lam!r}") from None
+        raise InvalidInputError(f"lam (λ) must be a number in [0, 1], got {lam!r}") from None
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam (λ) must be in [0, 1] (1 = the original layer, 0 = pure NRPM), got {lam}")
+        raise InvalidInputError(f"lam (λ) must be in [0, 1] (1 = the original layer, 0 = pure NRPM), got {lam}")
     return lam
 
 
@@ -174,7 +175,7 @@ def nrpm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _check_paradigm(paradigm) -> int:
     if paradigm not in PARADIGMS:
-        raise ValueError(f"paradigm must be 1, 2 or 3 ({'; '.join(f'{k}: {v}' for k, v in PARADIGMS.items())}), got {paradigm!r}")
+        raise InvalidInputError(f"paradigm must be 1, 2 or 3 ({'; '.join(f'{k}: {v}' for k, v in PARADIGMS.items())}), got {paradigm!r}")
     return int(paradigm)
 
 
@@ -229,19 +230,19 @@ def convert(
     if not isinstance(model, nn.Module):
         hint = (f"; load it first: robust_surgery.convert(robust_surgery.load_model({model!r}), ...)"
                 if isinstance(model, str) else "")
-        raise TypeError(f"convert takes an nn.Module, got a {type(model).__name__}{hint}")
+        raise InvalidTypeError(f"convert takes an nn.Module, got a {type(model).__name__}{hint}")
     paradigm = _check_paradigm(paradigm)
     if recalibrate and recalibrate_data is None:
-        raise ValueError("recalibrate=N needs the clean training data to run: recalibrate_data='cifar10' (CLI: --data)")
+        raise InvalidInputError("recalibrate=N needs the clean training data to run: recalibrate_data='cifar10' (CLI: --data)")
     base = LayerConfig(NRPMSettings(norm=norm, K=K, eps=eps, gamma=gamma, delta=delta), _check_lam(lam), memory_budget)
     include_p = _as_patterns(include, "include")
     exclude_p = _as_patterns(exclude, "exclude") or []
     if overrides is not None and not isinstance(overrides, Mapping):
-        raise TypeError(f"overrides must be a mapping of layer name/pattern to settings, got {type(overrides).__name__}")
+        raise InvalidTypeError(f"overrides must be a mapping of layer name/pattern to settings, got {type(overrides).__name__}")
     wanted = tuple(types) if types is not None else convertible_types()
     for t in wanted:
         if t not in _CONVERTERS:
-            raise ValueError(f"no converter registered for {t.__name__}; add one with @robust_surgery.register_converter({t.__name__})")
+            raise InvalidInputError(f"no converter registered for {t.__name__}; add one with @robust_surgery.register_converter({t.__name__})")
 
     if not inplace:
         model = copy.deepcopy(model)
@@ -250,10 +251,10 @@ def convert(
     if overrides:
         for pattern in overrides:
             if not isinstance(pattern, str):
-                raise TypeError(f"overrides keys are layer names or patterns (strings), got {pattern!r}")
+                raise InvalidTypeError(f"overrides keys are layer names or patterns (strings), got {pattern!r}")
             if not any(_pattern_matches(pattern, n) for n, _ in candidates):
                 names = ", ".join(n for n, _ in candidates[:20]) or "none"
-                raise ValueError(f"override {pattern!r} names no convertible layer of this model (layers: {names}); "
+                raise InvalidInputError(f"override {pattern!r} names no convertible layer of this model (layers: {names}); "
                                  "check the name (exact, glob like 'layer1.*', or 're:<regex>')")
     include_hits = {p: 0 for p in include_p or []}
     plan: list[tuple[str, nn.Module, LayerConfig]] = []

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
+
 __all__ = ["SPAN", "FromPixels", "BinaryLogits", "SparseCodingTask", "oracle_mlp", "parse_synthetic_spec",
            "sparse_coding_mlp"]
 
@@ -44,12 +46,12 @@ class SparseCodingTask:
 
     def __post_init__(self):
         if self.d < 2 or not 1 <= self.k <= self.d:
-            raise ValueError(f"synthetic task needs d >= 2 and 1 <= k <= d, got d={self.d}, k={self.k}")
+            raise InvalidInputError(f"synthetic task needs d >= 2 and 1 <= k <= d, got d={self.d}, k={self.k}")
         if self.noise < 0 or self.n_train < 1 or self.n_test < 1:
-            raise ValueError("synthetic task needs noise >= 0 and n_train, n_test >= 1")
+            raise InvalidInputError("synthetic task needs noise >= 0 and n_train, n_test >= 1")
         need = 2 * (self.k ** 0.5 + 6 * self.noise)  # |x_i| <= ‖z‖ ≤ √k per coordinate, plus noise
         if self.span < need:
-            raise ValueError(f"span {self.span} is too small to keep the inputs in [0, 1]; use at least {need:.2f}")
+            raise InvalidInputError(f"span {self.span} is too small to keep the inputs in [0, 1]; use at least {need:.2f}")
 
     @property
     def dictionary(self) -> torch.Tensor:
@@ -76,7 +78,7 @@ class SparseCodingTask:
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x n x d in feature units, z n x d, labels n in {0, 1}) of ``split`` ('train' or 'test')."""
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise InvalidInputError(f"split must be 'train' or 'test', got {split!r}")
         n, seed = (self.n_train, 1) if split == "train" else (self.n_test, 2)
         z = self.sample_codes(n, self.seed * 1000 + seed)
         g = torch.Generator().manual_seed(self.seed * 1000 + seed + 500)
@@ -90,7 +92,7 @@ class SparseCodingTask:
         x, _, y = self.features(split)
         p = (0.5 + x / self.span).view(len(x), 1, 1, self.d)
         if float(p.min()) < 0 or float(p.max()) > 1:
-            raise ValueError("synthetic inputs left [0, 1]; lower the noise or raise span")
+            raise InvalidInputError("synthetic inputs left [0, 1]; lower the noise or raise span")
         return p, y
 
     def pixel_eps(self, eps: float) -> float:
@@ -116,12 +118,12 @@ def parse_synthetic_spec(spec: str) -> SparseCodingTask | None:
     for item in filter(None, (s.strip() for s in spec.partition(":")[2].split(","))):
         key, eq, value = item.partition("=")
         if not eq or key not in fields:
-            raise ValueError(f"synthetic data spec item {item!r} not understood; use synthetic:key=value,... with "
+            raise InvalidInputError(f"synthetic data spec item {item!r} not understood; use synthetic:key=value,... with "
                              f"keys {', '.join(fields)}")
         try:
             kwargs[key] = float(value) if key in ("noise", "span") else int(value)
         except ValueError:
-            raise ValueError(f"synthetic data spec: {key} must be a number, got {value!r}") from None
+            raise InvalidInputError(f"synthetic data spec: {key} must be a number, got {value!r}") from None
     return SparseCodingTask(**kwargs)
 
 

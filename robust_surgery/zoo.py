@@ -23,6 +23,7 @@ from .data import DATASETS as _IMAGE_DATASETS
 from .data import DataNotFoundError, DatasetInfo, resolve_data_root
 from .fileutil import file_sha256 as sha256_file
 from .meta import get_meta
+from .errors import InvalidInputError
 
 __all__ = [
     "ChecksumError",
@@ -49,7 +50,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-class ZooError(ValueError):
+class ZooError(InvalidInputError):
     """A zoo request cannot be served (unknown model, incompatible checkpoint, ...)."""
 
 

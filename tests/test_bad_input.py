@@ -370,3 +370,41 @@ def test_diverging_training_stops_and_saves_nothing(tmp_path):
         rs.finetune(_converted_mlp(), (x, y), 3, adversarial=None, lr=1e30, epochs=1, val_n=16, batch_size=16,
                     checkpoint_dir=tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "finetune-last.pt").exists()
+
+
+def test_every_library_error_class_is_a_user_error():
+    """The CLI's one-line errors are exactly the UserError family (plus OS errors on user paths)."""
+    from robust_surgery import errors
+    from robust_surgery.data import DataFormatError, DataNotFoundError
+    from robust_surgery.model_zoo.minilm import MiniLMNotInstalledError
+    from robust_surgery.reprogram.query import QueryBudgetExceeded
+    from robust_surgery.surgery import NoLayerMatchedError
+    from robust_surgery.zoo import ChecksumError, ZooError
+
+    classes = [getattr(errors, n) for n in errors.__all__] + [
+        DataFormatError, DataNotFoundError, MiniLMNotInstalledError, QueryBudgetExceeded, NoLayerMatchedError,
+        ChecksumError, ZooError]
+    assert all(issubclass(c, errors.UserError) for c in classes)
+    # and each keeps the built-in that code written against plain Python catches
+    assert issubclass(ZooError, ValueError) and issubclass(DataNotFoundError, FileNotFoundError)
+    assert issubclass(errors.InvalidTypeError, TypeError)
+    with pytest.raises(ValueError, match="must be in"):
+        rs.set_lam(rs.convert(torch.nn.Sequential(torch.nn.Linear(2, 2))), 1.5)
+
+
+def test_a_bug_shows_its_traceback_and_a_user_error_one_line(monkeypatch):
+    """A UserError is one `error:` line; any other exception is a bug and is not hidden."""
+    def bug(*a, **k):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(rs, "inspect_model", bug)
+    res = runner.invoke(app, ["inspect", "zoo:mnist-mlp-rs"])
+    assert res.exit_code == 1 and isinstance(res.exception, KeyError) and "error:" not in res.output
+
+    def user_error(*a, **k):
+        raise rs.errors.InvalidInputError("the input is wrong; do this instead")
+
+    monkeypatch.setattr(rs, "inspect_model", user_error)
+    res = runner.invoke(app, ["inspect", "zoo:mnist-mlp-rs"])
+    assert res.exit_code == 1 and not isinstance(res.exception, rs.errors.UserError)
+    assert res.output.strip().splitlines() == ["error: the input is wrong; do this instead"]

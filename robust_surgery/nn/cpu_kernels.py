@@ -52,6 +52,7 @@ import torch
 from ..fileutil import atomic_path
 from .functional import builtin_norm_code
 from .kernels import Switch
+from ..errors import InvalidInputError
 
 SOURCE = Path(__file__).with_name("_nrpm_cpu.c")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -150,7 +151,7 @@ def selected_isa() -> str:
     """The ISA target the kernels are built for: $ROBUST_SURGERY_NRPM_CPU_ISA, default "native"."""
     isa = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
     if isa != "native" and isa not in ISA_FLAGS:
-        raise ValueError(f"{ISA_ENV}={isa!r} is not a kernel target; choose native, {', '.join(ISA_FLAGS)}")
+        raise InvalidInputError(f"{ISA_ENV}={isa!r} is not a kernel target; choose native, {', '.join(ISA_FLAGS)}")
     return isa
 
 

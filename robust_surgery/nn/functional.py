@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels as _kernels
+from ..errors import InvalidInputError
 
 __all__ = [
     "NRPMSettings",
@@ -82,7 +83,7 @@ def register_reweight_derivative(name: str) -> Callable[[Reweight], Reweight]:
 
     def wrap(fn: Reweight) -> Reweight:
         if name not in REWEIGHTS:
-            raise ValueError(f"unknown norm {name!r}: register the reweighting function first")
+            raise InvalidInputError(f"unknown norm {name!r}: register the reweighting function first")
         REWEIGHT_DERIVATIVES[name] = fn
         return fn
 
@@ -198,18 +199,18 @@ class NRPMSettings:
 
     def __post_init__(self):
         if self.norm not in REWEIGHTS:
-            raise ValueError(
+            raise InvalidInputError(
                 f"unknown norm {self.norm!r}: choose one of {', '.join(REWEIGHTS)} "
                 "(or add one with robust_surgery.register_reweight)"
             )
         if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 0:
-            raise ValueError(f"K must be a whole number >= 0 (IRLS steps), got {self.K!r}")
+            raise InvalidInputError(f"K must be a whole number >= 0 (IRLS steps), got {self.K!r}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
-            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
+            raise InvalidInputError(f"eps must be a positive finite number, got {self.eps!r}")
         if not self.gamma > 0 or not self.delta > 0:
-            raise ValueError(f"gamma and delta must be positive, got gamma={self.gamma}, delta={self.delta}")
+            raise InvalidInputError(f"gamma and delta must be positive, got gamma={self.gamma}, delta={self.delta}")
         if self.norm == "HM" and not self.gamma > self.delta:
-            raise ValueError(f"norm 'HM' needs gamma > delta, got gamma={self.gamma}, delta={self.delta}")
+            raise InvalidInputError(f"norm 'HM' needs gamma > delta, got gamma={self.gamma}, delta={self.delta}")
 
     @property
     def is_linear(self) -> bool:
@@ -243,9 +244,9 @@ def default_memory_budget() -> int:
     try:
         value = int(float(mb) * 2**20)
     except ValueError:
-        raise ValueError(f"ROBUST_SURGERY_NRPM_BUDGET_MB must be a number of MiB, got {mb!r}") from None
+        raise InvalidInputError(f"ROBUST_SURGERY_NRPM_BUDGET_MB must be a number of MiB, got {mb!r}") from None
     if value <= 0:
-        raise ValueError(f"ROBUST_SURGERY_NRPM_BUDGET_MB must be positive, got {mb!r}")
+        raise InvalidInputError(f"ROBUST_SURGERY_NRPM_BUDGET_MB must be positive, got {mb!r}")
     return value
 
 
@@ -372,7 +373,7 @@ def conv_padding_pairs(padding, kernel: Sequence[int], dilation: Sequence[int]) 
                 total = d * (k - 1)
                 pairs += [total // 2, total - total // 2]
             return pairs
-        raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+        raise InvalidInputError(f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
     pads = _ntuple(padding, n)
     return [p for p in reversed(pads) for _ in range(2)]
 
@@ -400,7 +401,7 @@ def nrpm_conv(
     """
     n = weight.dim() - 2
     if x.dim() != n + 2:
-        raise ValueError(f"a {n}-d convolution needs input of shape (B, C, {n} spatial dims), got {tuple(x.shape)}")
+        raise InvalidInputError(f"a {n}-d convolution needs input of shape (B, C, {n} spatial dims), got {tuple(x.shape)}")
     kernel = tuple(weight.shape[2:])
     stride, dilation = _ntuple(stride, n), _ntuple(dilation, n)
     pads = conv_padding_pairs(padding, kernel, dilation)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .functional import NRPMSettings, nrpm_conv, nrpm_linear
+from ..errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "lam_to_logit", "linear_mode", "straight_through_mode"]
 
@@ -22,7 +23,7 @@ def lam_to_logit(lam: float) -> float:
     """logit(λ) for λ in [0, 1] (±inf at the ends, so sigmoid gives 0 and 1 exactly)."""
     lam = float(lam)
     if not 0.0 <= lam <= 1.0 or math.isnan(lam):
-        raise ValueError(f"lam (λ) must be in [0, 1], got {lam}")
+        raise InvalidInputError(f"lam (λ) must be in [0, 1], got {lam}")
     if lam == 0.0:
         return -math.inf
     if lam == 1.0:
@@ -105,7 +106,7 @@ class NRPMLayer:
                    memory_budget: int | None = None):
         """Build the NRPM layer from a plain one, sharing its weight and bias tensors."""
         if not isinstance(layer, cls.dense_type):
-            raise TypeError(f"{cls.__name__}.from_dense needs an nn.{cls.dense_type.__name__}, got {type(layer).__name__}")
+            raise InvalidTypeError(f"{cls.__name__}.from_dense needs an nn.{cls.dense_type.__name__}, got {type(layer).__name__}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _copy_layer_state(layer, new)

@@ -29,6 +29,7 @@ import torch
 
 from . import triton_kernels
 from .functional import NORM_CODES
+from ..errors import InvalidInputError
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
@@ -90,7 +91,7 @@ def compile_kernel(backward: bool, dtype: torch.dtype = torch.float32, norm: str
     from triton.compiler import ASTSource
 
     if dtype not in _TRITON_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported by the kernels; use torch.float32 or torch.float64")
+        raise InvalidInputError(f"dtype {dtype} is not supported by the kernels; use torch.float32 or torch.float64")
     fn = triton_kernels._irls_bwd_kernel if backward else triton_kernels._irls_fwd_kernel
     br, bo, unroll, warps = tile or triton_kernels.tile_sizes(4096, 4096, dtype, backward)
     flags = {"NEED_X": need_x, "NEED_W": need_w} if backward else {"KEEP": keep}
@@ -143,7 +144,7 @@ def innermost_loop(sass: str) -> list[tuple[int, str]]:
             loops.append((int(target.group(1), 16), addr))
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     if not inner:
-        raise ValueError("no loop in this SASS listing")
+        raise InvalidInputError("no loop in this SASS listing")
     start, end = max(inner, key=lambda span: span[1] - span[0])
     return [(a, op) for a, op, _ in code if start <= a <= end]
 

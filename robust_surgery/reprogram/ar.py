@@ -19,6 +19,7 @@ from .losses import mapped_nll
 from .pipeline import (ReprogrammedModel, choose_mapping, freeze_source, source_canvas, source_classes,
                        state_digest)
 from .program import CanvasSpec, Program
+from ..errors import InvalidInputError
 
 __all__ = ["ARConfig", "train_ar", "reprogram_ar"]
 
@@ -39,7 +40,7 @@ class ARConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.reg < 0 or not 0 < self.decay <= 1 \
                 or self.decay_every < 1:
-            raise ValueError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1")
+            raise InvalidInputError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1")
 
 
 class SourceChangedError(RuntimeError):
@@ -55,9 +56,9 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
     """
     check_unit_range(x)
     if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need as many labels as target inputs (got {len(x)} inputs, {len(y)} labels)")
+        raise InvalidInputError(f"need as many labels as target inputs (got {len(x)} inputs, {len(y)} labels)")
     if int(y.max()) >= model.mapping.n_target:
-        raise ValueError(f"labels go up to {int(y.max())} but the mapping has {model.mapping.n_target} target classes")
+        raise InvalidInputError(f"labels go up to {int(y.max())} but the mapping has {model.mapping.n_target} target classes")
     freeze_source(model.source)
     before = state_digest(model.source)
     w = model.program.weight

@@ -24,6 +24,7 @@ from .pipeline import ReprogrammedModel, choose_mapping, freeze_source, source_c
 from .program import CanvasSpec, Program
 from .query import QueryOracle
 from .zo import zo_gradient
+from ..errors import InvalidInputError
 
 __all__ = ["BARConfig", "train_bar", "reprogram_bar"]
 
@@ -50,10 +51,10 @@ class BARConfig:
     def __post_init__(self):
         if self.steps < 1 or self.q < 1 or not self.beta > 0 or not self.lr > 0 or self.batch_size < 1 \
                 or self.gamma < 0 or not 0 < self.decay <= 1 or self.decay_every < 1:
-            raise ValueError("BAR needs steps >= 1, q >= 1, β > 0, lr > 0, batch_size >= 1, γ >= 0, "
+            raise InvalidInputError("BAR needs steps >= 1, q >= 1, β > 0, lr > 0, batch_size >= 1, γ >= 0, "
                              "0 < decay <= 1, decay_every >= 1")
         if self.budget is not None and self.budget < self.batch_size * (self.q + 1):
-            raise ValueError(f"a query budget of {self.budget} does not cover one step "
+            raise InvalidInputError(f"a query budget of {self.budget} does not cover one step "
                              f"(batch {self.batch_size} × (q + 1) = {self.batch_size * (self.q + 1)} queries)")
 
 
@@ -67,7 +68,7 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
     """
     check_unit_range(x)
     if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need as many labels as target inputs (got {len(x)} inputs, {len(y)} labels)")
+        raise InvalidInputError(f"need as many labels as target inputs (got {len(x)} inputs, {len(y)} labels)")
     weights = class_balance_weights(y, mapping.n_target) if cfg.class_balance else None
     w = program.weight
     opt = torch.optim.Adam([w], lr=cfg.lr)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidInputError
+
 __all__ = ["mapped_nll", "focal_loss", "class_balance_weights"]
 
 _FLOOR = 1e-12
@@ -22,7 +24,7 @@ def class_balance_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=n_classes).to(torch.float64)
     present = int((counts > 0).sum())
     if present == 0:
-        raise ValueError("no labels given: class-balance weights need the target training labels")
+        raise InvalidInputError("no labels given: class-balance weights need the target training labels")
     w = torch.where(counts > 0, len(labels) / (present * counts.clamp_min(1)), torch.zeros_like(counts))
     return w.to(torch.float32)
 
@@ -35,7 +37,7 @@ def focal_loss(h: torch.Tensor, y: torch.Tensor, gamma: float = 2.0, weights: to
     class weights ω (None: all 1). γ = 0 and ω = 1 is the cross-entropy :func:`mapped_nll`.
     """
     if gamma < 0:
-        raise ValueError(f"focal loss needs γ >= 0, got {gamma}")
+        raise InvalidInputError(f"focal loss needs γ >= 0, got {gamma}")
     idx = y.expand(*h.shape[:-1])[..., None]
     hy = h.gather(-1, idx).squeeze(-1).clamp(_FLOOR, 1.0)
     loss = -(1.0 - hy).pow(gamma) * hy.log()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
+
 
 class LabelMapping(nn.Module):
     """Map source-class probabilities ``(B, n_source)`` to target-class scores ``(B, n_target)``.
@@ -24,11 +26,11 @@ class LabelMapping(nn.Module):
         if assignment.dim() == 1:
             assignment = assignment[:, None]
         if assignment.dim() != 2 or assignment.numel() == 0:
-            raise ValueError(f"a label mapping is an (n_target, m) index table, got shape {tuple(assignment.shape)}")
+            raise InvalidInputError(f"a label mapping is an (n_target, m) index table, got shape {tuple(assignment.shape)}")
         if int(assignment.min()) < 0 or int(assignment.max()) >= n_source:
-            raise ValueError(f"label mapping uses source labels outside 0..{n_source - 1}: {assignment.tolist()}")
+            raise InvalidInputError(f"label mapping uses source labels outside 0..{n_source - 1}: {assignment.tolist()}")
         if assignment.unique().numel() != assignment.numel():
-            raise ValueError(f"label mapping assigns a source label to two target classes: {assignment.tolist()}")
+            raise InvalidInputError(f"label mapping assigns a source label to two target classes: {assignment.tolist()}")
         self.n_source = int(n_source)
         self.register_buffer("assignment", assignment)
 
@@ -44,7 +46,7 @@ class LabelMapping(nn.Module):
     def forward(self, source_probs: torch.Tensor) -> torch.Tensor:
         """``(B, n_source)`` probabilities -> ``(B, n_target)`` mean probability over each S_j."""
         if source_probs.shape[-1] != self.n_source:
-            raise ValueError(f"the source model gives {source_probs.shape[-1]} classes, the mapping expects {self.n_source}")
+            raise InvalidInputError(f"the source model gives {source_probs.shape[-1]} classes, the mapping expects {self.n_source}")
         return source_probs[..., self.assignment].mean(dim=-1)
 
     def to_dict(self) -> dict:
@@ -61,9 +63,9 @@ class LabelMapping(nn.Module):
 
 def _check_sizes(n_target: int, n_source: int, m: int) -> None:
     if n_target < 1 or m < 1:
-        raise ValueError(f"need at least one target class and one source label per class (got {n_target}, m={m})")
+        raise InvalidInputError(f"need at least one target class and one source label per class (got {n_target}, m={m})")
     if n_target * m > n_source:
-        raise ValueError(f"{n_target} target classes x {m} labels each need {n_target * m} source classes, "
+        raise InvalidInputError(f"{n_target} target classes x {m} labels each need {n_target * m} source classes, "
                          f"the source has only {n_source}; lower m")
 
 
@@ -96,7 +98,7 @@ def frequency_mapping(source_pred: torch.Tensor, target_labels: torch.Tensor, n_
         source_pred = source_pred.argmax(dim=1)
     target_labels = torch.as_tensor(target_labels, dtype=torch.long)
     if source_pred.shape != target_labels.shape:
-        raise ValueError(f"source predictions {tuple(source_pred.shape)} and target labels "
+        raise InvalidInputError(f"source predictions {tuple(source_pred.shape)} and target labels "
                          f"{tuple(target_labels.shape)} must have one entry per target example")
     hist = torch.zeros(n_source, n_target, dtype=torch.float64)
     hist.index_put_((source_pred.long(), target_labels), torch.ones(len(target_labels), dtype=torch.float64),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidInputError
+
 __all__ = ["omp", "sparse_to_dense"]
 
 
@@ -24,18 +26,18 @@ def omp(signals: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.
     (such as a padding token's row) are never chosen.
     """
     if signals.dim() != 2 or dictionary.dim() != 2 or signals.shape[1] != dictionary.shape[1]:
-        raise ValueError(f"omp needs signals (T, H) and a dictionary (V, H) of the same H, got "
+        raise InvalidInputError(f"omp needs signals (T, H) and a dictionary (V, H) of the same H, got "
                          f"{tuple(signals.shape)} and {tuple(dictionary.shape)}")
     n_atoms = dictionary.shape[0]
     if not 1 <= k <= min(n_atoms, dictionary.shape[1]):
-        raise ValueError(f"k must be between 1 and min(number of atoms, dimension) = "
+        raise InvalidInputError(f"k must be between 1 and min(number of atoms, dimension) = "
                          f"{min(n_atoms, dictionary.shape[1])}, got {k}")
     with torch.no_grad():
         d = dictionary.detach().to(torch.float32)
         norms = d.norm(dim=1)
         zero = norms == 0  # e.g. a [PAD] row: never selectable
         if int((~zero).sum()) < k:
-            raise ValueError(f"the dictionary has only {int((~zero).sum())} non-zero atoms, fewer than k = {k}")
+            raise InvalidInputError(f"the dictionary has only {int((~zero).sum())} non-zero atoms, fewer than k = {k}")
         d_unit = d / norms.clamp_min(torch.finfo(d.dtype).tiny)[:, None]
         y = signals.detach().to(torch.float64)
         n = y.shape[0]

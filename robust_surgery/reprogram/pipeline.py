@@ -26,6 +26,7 @@ from ..meta import get_meta
 from ..runrecord import state_digest
 from .mapping import LabelMapping
 from .program import CanvasSpec, Program
+from ..errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["ReprogrammedModel", "build_reprogrammed", "save_reprogrammed", "freeze_source", "state_digest",
            "FACTORY"]
@@ -78,7 +79,7 @@ class ReprogrammedModel(nn.Module):
         meta = get_meta(self.source)
         spec = meta.get("arch")
         if not spec:
-            raise ValueError("the source model records no architecture spec, so the reprogrammed model could not be "
+            raise InvalidInputError("the source model records no architecture spec, so the reprogrammed model could not be "
                              "rebuilt from its file; load the source with robust_surgery.load_model('zoo:NAME' or a "
                              "saved .safetensors) or set robust_surgery.meta.set_meta(source, arch='pkg.module:factory')")
         return {"source_arch": spec, "source_kwargs": meta.get("arch_kwargs"), "program": {
@@ -105,7 +106,7 @@ def save_reprogrammed(model: ReprogrammedModel, path: str | os.PathLike, **extra
     ``extra`` goes into the manifest (e.g. ``reprogram={...}`` with the method and its report).
     """
     if not isinstance(model, ReprogrammedModel):
-        raise TypeError(f"save_reprogrammed takes a ReprogrammedModel, got {type(model).__name__}")
+        raise InvalidTypeError(f"save_reprogrammed takes a ReprogrammedModel, got {type(model).__name__}")
     kwargs = model.arch_kwargs()
     meta = get_meta(model)
     meta.update(arch=FACTORY, arch_kwargs=kwargs)
@@ -143,7 +144,7 @@ def source_canvas(source: nn.Module) -> tuple[int, int, int]:
         from ..zoo import get_entry
 
         return tuple(get_entry(spec[4:]).input_shape)
-    raise ValueError(f"cannot tell the input size of source {spec or type(source).__name__}; give the canvas "
+    raise InvalidInputError(f"cannot tell the input size of source {spec or type(source).__name__}; give the canvas "
                      "explicitly (Python: canvas=(C, H, W); CLI: --canvas 3,32,32)")
 
 
@@ -169,17 +170,17 @@ def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: 
 
     if kind == "one-to-one":
         if m != 1:
-            raise ValueError("the one-to-one mapping has m = 1; use random or frequency for m > 1")
+            raise InvalidInputError("the one-to-one mapping has m = 1; use random or frequency for m > 1")
         return one_to_one(n_target, n_source)
     if kind == "random":
         return random_mapping(n_target, n_source, m, seed=seed)
     if kind == "frequency":
         if probs_fn is None or program is None or x is None:
-            raise ValueError("the frequency mapping needs the source (probs_fn), the program and the target inputs")
+            raise InvalidInputError("the frequency mapping needs the source (probs_fn), the program and the target inputs")
         with torch.no_grad():
             pred = torch.cat([probs_fn(program(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
         return frequency_mapping(pred.cpu(), y, n_target, n_source, m)
-    raise ValueError(f"unknown mapping {kind!r}: choose from {', '.join(MAPPINGS)}")
+    raise InvalidInputError(f"unknown mapping {kind!r}: choose from {', '.join(MAPPINGS)}")
 
 
 def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str] = (),

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidInputError
+
 __all__ = ["CanvasSpec", "Program", "centre_embed", "data_mask"]
 
 
@@ -36,16 +38,16 @@ class CanvasSpec:
                  input_range: Sequence[float] = (0.0, 1.0)):
         canvas = tuple(int(v) for v in canvas)
         if len(canvas) != 3 or min(canvas) < 1:
-            raise ValueError(f"canvas must be (channels, height, width) of the source's input, got {canvas}")
+            raise InvalidInputError(f"canvas must be (channels, height, width) of the source's input, got {canvas}")
         if not 1 <= int(data_size) <= min(canvas[1:]):
-            raise ValueError(f"data_size {data_size} must be between 1 and the canvas side {min(canvas[1:])} "
+            raise InvalidInputError(f"data_size {data_size} must be between 1 and the canvas side {min(canvas[1:])} "
                              "(lower --data-size, or use a larger canvas)")
         if data_channels not in (1, canvas[0]):
-            raise ValueError(f"target inputs with {data_channels} channels cannot fill a {canvas[0]}-channel canvas "
+            raise InvalidInputError(f"target inputs with {data_channels} channels cannot fill a {canvas[0]}-channel canvas "
                              "(give 1-channel inputs, copied to every channel, or as many channels as the source)")
         lo, hi = (float(v) for v in input_range)
         if not hi > lo:
-            raise ValueError(f"input_range must be (lo, hi) with hi > lo, got {tuple(input_range)}")
+            raise InvalidInputError(f"input_range must be (lo, hi) with hi > lo, got {tuple(input_range)}")
         self.canvas, self.data_size, self.data_channels, self.input_range = canvas, int(data_size), int(data_channels), (lo, hi)
 
     @property
@@ -75,7 +77,7 @@ def centre_embed(x: torch.Tensor, spec: CanvasSpec) -> torch.Tensor:
     zeros elsewhere (the program fills that part).
     """
     if x.dim() != 4 or x.shape[1] != spec.data_channels:
-        raise ValueError(f"target inputs must be (batch, {spec.data_channels}, h, w), got {tuple(x.shape)}")
+        raise InvalidInputError(f"target inputs must be (batch, {spec.data_channels}, h, w), got {tuple(x.shape)}")
     s = spec.data_size
     if x.shape[-2:] != (s, s):
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
@@ -101,7 +103,7 @@ class Program(nn.Module):
         super().__init__()
         C, H, W = spec.canvas
         if low_dim is not None and not 1 <= int(low_dim) <= min(H, W):
-            raise ValueError(f"low_dim must be between 1 and the canvas side {min(H, W)}, got {low_dim}")
+            raise InvalidInputError(f"low_dim must be between 1 and the canvas side {min(H, W)}, got {low_dim}")
         self.spec = spec
         self.low_dim = None if low_dim is None else int(low_dim)
         shape = (C, H, W) if low_dim is None else (C, self.low_dim, self.low_dim)
@@ -139,7 +141,7 @@ class Program(nn.Module):
     def batched(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Programmed inputs for k programs at once: ``weights`` ``(k, *W.shape)`` → ``(k, B, C, H, W)``."""
         if weights.shape[1:] != self.weight.shape:
-            raise ValueError(f"program weights must be (k, {', '.join(map(str, self.weight.shape))}), got {tuple(weights.shape)}")
+            raise InvalidInputError(f"program weights must be (k, {', '.join(map(str, self.weight.shape))}), got {tuple(weights.shape)}")
         return (1.0 - self.mask) * centre_embed(x, self.spec)[None] + self.mask * self.perturbation(weights)[:, None]
 
     def extra_repr(self) -> str:

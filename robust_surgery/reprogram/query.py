@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError, UserError
+
 __all__ = ["QueryOracle", "QueryBudgetExceeded"]
 
 
-class QueryBudgetExceeded(RuntimeError):
+class QueryBudgetExceeded(UserError, RuntimeError):
     """A query would go past the oracle's budget; nothing was sent."""
 
 
@@ -29,7 +31,7 @@ class QueryOracle:
     def __init__(self, model: nn.Module, *, budget: int | None = None, max_batch: int = 512,
                  price_per_1000: float = 1.0):
         if budget is not None and budget < 1:
-            raise ValueError(f"a query budget must be a positive number of queries, got {budget}")
+            raise InvalidInputError(f"a query budget must be a positive number of queries, got {budget}")
         for p in model.parameters():
             p.requires_grad_(False)
         self._model = model.eval()  # private: callers get probabilities, never the module

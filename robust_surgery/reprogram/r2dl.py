@@ -31,6 +31,7 @@ from ..fileutil import atomic_path, check_output_path
 from ..sequences import AMINO_ACIDS, PeptideTask, composition_features, encode_sequences, load_peptide_task, stratified_split
 from .mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
 from .omp import omp, sparse_to_dense
+from ..errors import InvalidInputError, InvalidTypeError, MissingFileError
 
 __all__ = [
     "R2DLConfig",
@@ -68,14 +69,14 @@ class R2DLProgram(nn.Module):
         super().__init__()
         n_vocab, _ = v_source.shape
         if k is not None and not 1 <= k <= min(n_vocab, v_source.shape[1]):
-            raise ValueError(f"k must be between 1 and {min(n_vocab, v_source.shape[1])} (the embedding size), got {k}")
+            raise InvalidInputError(f"k must be between 1 and {min(n_vocab, v_source.shape[1])} (the embedding size), got {k}")
         self.k = k
         self.cls_id, self.sep_id = int(cls_id), int(sep_id)
         self.register_buffer("v_source", v_source.detach().clone(), persistent=False)
         theta = torch.zeros(n_tokens, n_vocab)
         if init_ids is not None:
             if len(init_ids) != n_tokens:
-                raise ValueError(f"init_ids has {len(init_ids)} entries for {n_tokens} target tokens")
+                raise InvalidInputError(f"init_ids has {len(init_ids)} entries for {n_tokens} target tokens")
             theta[torch.arange(n_tokens), torch.tensor(init_ids)] = 1.0
         else:
             g = torch.Generator().manual_seed(seed)
@@ -103,7 +104,7 @@ class R2DLProgram(nn.Module):
     def sparse_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices (n_tokens, k), values (n_tokens, k))`` of a projected Θ (the k largest |θ| per row)."""
         if self.k is None:
-            raise ValueError("a dense program has no k-sparse rows")
+            raise InvalidInputError("a dense program has no k-sparse rows")
         theta = self.theta.detach()
         idx = theta.abs().topk(self.k, dim=1).indices
         return idx, theta.gather(1, idx)
@@ -154,7 +155,7 @@ class R2DLModel(nn.Module):
 def _check_source(source: nn.Module) -> None:
     missing = [a for a in ("word_embeddings", "cls_token_id", "sep_token_id") if not hasattr(source, a)]
     if missing:
-        raise ValueError(f"R2DL needs a text classifier with a token embedding matrix: the source lacks "
+        raise InvalidInputError(f"R2DL needs a text classifier with a token embedding matrix: the source lacks "
                          f"{', '.join(missing)} (and must accept inputs_embeds= and attention_mask=); "
                          "use zoo:minilm-sentiment")
 
@@ -173,7 +174,7 @@ def load_sequence_source(spec: str = "zoo:minilm-sentiment", random_encoder: boo
         from ..model_zoo.minilm import load_minilm_encoder
 
         if not hasattr(source, "bert"):
-            raise ValueError(f"--random-encoder needs a MiniLM-based source such as zoo:minilm-sentiment, not {spec}")
+            raise InvalidInputError(f"--random-encoder needs a MiniLM-based source such as zoo:minilm-sentiment, not {spec}")
         source.bert = load_minilm_encoder(pretrained=False, seed=seed)
     return source.eval()
 
@@ -226,13 +227,13 @@ class R2DLConfig:
     def check(self) -> "R2DLConfig":
         for name in ("k", "omp_every", "epochs", "batch_size", "max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InvalidInputError(f"lr must be positive, got {self.lr}")
         if self.mapping not in MAPPINGS:
-            raise ValueError(f"unknown mapping {self.mapping!r}; use one of {', '.join(MAPPINGS)}")
+            raise InvalidInputError(f"unknown mapping {self.mapping!r}; use one of {', '.join(MAPPINGS)}")
         if self.init not in ("letters", "random"):
-            raise ValueError(f"unknown init {self.init!r}; use letters or random")
+            raise InvalidInputError(f"unknown init {self.init!r}; use letters or random")
         return self
 
 
@@ -352,7 +353,7 @@ def _subsample(idx: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int
     if n is None or n >= len(idx):
         return idx
     if n < 2:
-        raise ValueError(f"a subsample needs at least 2 points, got {n}")
+        raise InvalidInputError(f"a subsample needs at least 2 points, got {n}")
     keep, _ = stratified_split(labels[idx], test_fraction=1.0 - n / len(idx), seed=seed)
     return idx[keep]
 
@@ -399,7 +400,7 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
         source = load_sequence_source(source, config.random_encoder, config.seed, data_root, trust_code=trust_code,
                                       trust_pickle=trust_pickle)
     elif config.random_encoder:
-        raise ValueError("random_encoder needs a source spec (it rebuilds the encoder); pass a string")
+        raise InvalidInputError("random_encoder needs a source spec (it rebuilds the encoder); pass a string")
     _check_source(source)
     task = target if isinstance(target, PeptideTask) else load_peptide_task(target, data_root)
     train, test = split_task(task, config)
@@ -460,10 +461,10 @@ def load_r2dl(path: str | os.PathLike, data_root: str | None = None, *, trust_co
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"R2DL result {path} not found")
+        raise MissingFileError(f"R2DL result {path} not found")
     manifest = read_manifest(path)
     if not manifest or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an R2DL result (no '{FORMAT}' manifest); write one with "
+        raise InvalidInputError(f"{path} is not an R2DL result (no '{FORMAT}' manifest); write one with "
                          "`surgery reprogram r2dl ... -o FILE`")
     try:
         cfg = manifest["config"]
@@ -472,7 +473,7 @@ def load_r2dl(path: str | os.PathLike, data_root: str | None = None, *, trust_co
         k = None if cfg["dense"] else int(cfg["k"])
         cls_id, sep_id, mapping = int(manifest["cls_id"]), int(manifest["sep_id"]), manifest["mapping"]
         if not isinstance(spec, str):
-            raise TypeError("source_spec is not a string")
+            raise InvalidTypeError("source_spec is not a string")
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: the R2DL manifest is damaged ({type(e).__name__}: {e}); re-create the file "
                              "with `surgery reprogram r2dl ... -o FILE`") from None

@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import InvalidInputError
+
 __all__ = ["unit_sphere", "zo_gradient"]
 
 
@@ -23,14 +25,14 @@ def zo_gradient(f: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, q: i
     of B examples costs B·(q + 1) queries per estimate). ``beta``: the smoothing radius.
     """
     if q < 1 or not beta > 0:
-        raise ValueError(f"the zeroth-order estimator needs q >= 1 directions and β > 0 (got q={q}, β={beta})")
+        raise InvalidInputError(f"the zeroth-order estimator needs q >= 1 directions and β > 0 (got q={q}, β={beta})")
     w = w.detach()
     d = w.numel()
     u = unit_sphere(q, tuple(w.shape), generator).to(w)
     f0 = f(w[None])
     fs = f(w[None] + beta * u)
     if f0.shape != (1,) or fs.shape != (q,):
-        raise ValueError(f"f must return one loss per parameter copy, got shapes {tuple(f0.shape)} and {tuple(fs.shape)}")
+        raise InvalidInputError(f"f must return one loss per parameter copy, got shapes {tuple(f0.shape)} and {tuple(fs.shape)}")
     coef = (d / (q * beta)) * (fs - f0)
     g = (coef.view(q, *([1] * w.dim())) * u).sum(0)
     return g, f0[0]
