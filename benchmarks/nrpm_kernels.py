@@ -42,7 +42,7 @@ float32 FMA rate (a float32 matmul with TF32 off).
                                                     # tiny shapes: checks the script, measures nothing
 
 Static GPU report (``--gpu-compile``, no GPU needed): compiles the Triton kernels for sm_90
-(H100/H200) with robust_surgery.nn.triton_aot and prints, per kernel variant, registers, spills
+(H100/H200) with benchmarks/triton_aot.py and prints, per kernel variant, registers, spills
 and SASS instructions per product term of the hot loop; then, per case, a lower bound of the
 H200 time of the fused kernels from instruction issue and from the reciprocal unit (MUFU, 16
 per clock per SM). An estimate, not a measurement.
@@ -570,11 +570,11 @@ def gpu_section(args) -> dict:
 
 def gpu_compile_section(args) -> dict:
     """Static sm_90 report of the Triton kernels and H200 lower bounds per case (no GPU needed)."""
-    from robust_surgery.nn import triton_aot
+    import triton_aot  # benchmarks/triton_aot.py, beside this script
 
     arch = 90
     kernels_rows = []
-    print(f"# Triton kernels compiled for sm_{arch} without a GPU (robust_surgery.nn.triton_aot)")
+    print(f"# Triton kernels compiled for sm_{arch} without a GPU (benchmarks/triton_aot.py)")
     print()
     print("| kernel | dtype | norm | tile BR×BO, unroll, warps | registers | spilled bytes | SASS instr./term "
           "| MUFU/term |")

@@ -25,6 +25,7 @@ from .errors import InvalidTypeError, ModelLoadError, UntrustedCodeError
 from ._json import strict_dumps
 from .fileutil import atomic_path, check_output_path, file_sha256
 from .meta import get_meta, set_meta
+from .nn.functional import LAYER_SETTING_NAMES
 from .nn.layers import NRPMLayer
 from .surgery import apply_paradigm, convert, unconvert
 
@@ -244,7 +245,7 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
         if unknown:
             raise ModelLoadError(f"{path}: the manifest lists NRPM layer {unknown[0]!r}, which {spec} does not have; "
                                  "the file is damaged or its architecture changed")
-        overrides = {name: {k: v for k, v in cfg.items() if k in ("norm", "K", "eps", "gamma", "delta", "lam")}
+        overrides = {name: {k: v for k, v in cfg.items() if k in LAYER_SETTING_NAMES}
                      for name, cfg in layers.items()}
         try:
             model = convert(model, include=list(layers), overrides=overrides, inplace=True)

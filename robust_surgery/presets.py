@@ -15,10 +15,11 @@ from typing import Any
 from torch import nn
 
 from .errors import InvalidInputError
+from .nn.functional import LAYER_SETTING_NAMES
 
 
 _PRESETS: dict[str, dict[str, Any]] = {}
-_KEYS = ("norm", "K", "eps", "lam", "gamma", "delta", "include", "exclude")
+_KEYS = (*LAYER_SETTING_NAMES, "include", "exclude")
 
 
 def register_preset(zoo_name: str, *, note: str = "", **settings) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping
 from torch import nn
 
 from .meta import get_meta, set_meta
-from .nn.functional import NRPMSettings
+from .nn.functional import DEFAULT_LAM, DEFAULTS, LAYER_SETTING_NAMES, NRPMSettings
 from .nn.layers import NRPMConv1d, NRPMConv2d, NRPMConv3d, NRPMLayer, NRPMLinear
 from .errors import InvalidInputError, InvalidTypeError
 
@@ -121,7 +121,7 @@ def _as_patterns(value, name: str) -> list[str] | None:
     return patterns
 
 
-_SETTING_KEYS = {"norm", "K", "eps", "gamma", "delta", "lam"}
+_SETTING_KEYS = set(LAYER_SETTING_NAMES)
 
 
 def _layer_config(fqn: str, base: LayerConfig, overrides: Mapping[str, Mapping] | None) -> LayerConfig | None:
@@ -196,12 +196,12 @@ def convert(
     model: nn.Module,
     paradigm: int = 1,
     *,
-    norm: str = "L1",
-    K: int = 3,
-    eps: float = 1e-3,
-    lam: float = 0.5,
-    gamma: float = 4.0,
-    delta: float = 3.0,
+    norm: str = DEFAULTS.norm,
+    K: int = DEFAULTS.K,
+    eps: float = DEFAULTS.eps,
+    lam: float = DEFAULT_LAM,
+    gamma: float = DEFAULTS.gamma,
+    delta: float = DEFAULTS.delta,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,

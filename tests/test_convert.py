@@ -215,3 +215,24 @@ def test_tiny_resnet_preset_converts_only_the_block_convs():
     model = rs.convert(rs.build_arch("zoo:cifar-tiny-resnet18"), **rs.preset_for(rs.build_arch("zoo:cifar-tiny-resnet18")))
     names = [n for n, _ in rs.nrpm_layers(model)]
     assert len(names) == 16 and all(n.startswith("layer") and ".conv" in n for n in names)
+
+
+def test_setting_names_and_defaults_have_one_home():
+    """convert, the layers, presets, the manifest reader and the CLI all take NRPMSettings' values."""
+    import dataclasses
+    import inspect as pyinspect
+
+    from robust_surgery.cli import app as cli_app
+    from robust_surgery import presets, surgery
+    from robust_surgery.nn.functional import DEFAULT_LAM, DEFAULTS, LAYER_SETTING_NAMES, SETTING_NAMES
+
+    assert SETTING_NAMES == ("norm", "K", "eps", "gamma", "delta") and LAYER_SETTING_NAMES[-1] == "lam"
+    sig = pyinspect.signature(rs.convert).parameters
+    assert {n: sig[n].default for n in LAYER_SETTING_NAMES} == {**dataclasses.asdict(DEFAULTS), "lam": DEFAULT_LAM}
+    assert surgery._SETTING_KEYS == set(LAYER_SETTING_NAMES) and set(LAYER_SETTING_NAMES) <= set(presets._KEYS)
+    layer = rs.convert(torch.nn.Sequential(torch.nn.Linear(3, 2)))[0]
+    assert layer.settings == DEFAULTS and layer.lam_value == DEFAULT_LAM
+    cli = pyinspect.signature(cli_app.convert).parameters  # the CLI keeps torch out of its import: literals, checked here
+    assert (cli["gamma"].default.default, cli["delta"].default.default) == (DEFAULTS.gamma, DEFAULTS.delta)
+    assert f"else {DEFAULTS.K})" in cli["K"].default.help and f"else {DEFAULT_LAM})" in cli["lam"].default.help
+    assert f"else {DEFAULTS.eps:.0e}".replace("e-0", "e-") + ")" in cli["nrpm_eps"].default.help

@@ -23,6 +23,8 @@ items at a time. ``ROBUST_SURGERY_NRPM_COMPILE=1`` runs the chunks through torch
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -228,6 +230,15 @@ class NRPMSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: The default settings (``convert``, the CLI and the layers take theirs from here).
+DEFAULTS = NRPMSettings()
+#: λ of a freshly converted layer by default (0.5: half the original layer, half NRPM).
+DEFAULT_LAM = 0.5
+#: The names of the per-layer knobs: NRPMSettings' fields, and λ.
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(NRPMSettings))
+LAYER_SETTING_NAMES = (*SETTING_NAMES, "lam")
 
 
 # --------------------------------------------------------------------------------------------

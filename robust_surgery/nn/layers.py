@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .functional import NRPMSettings, nrpm_conv, nrpm_linear
+from .functional import DEFAULT_LAM, NRPMSettings, nrpm_conv, nrpm_linear
 from ..errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "lam_to_logit", "linear_mode", "straight_through_mode"]
@@ -102,7 +102,7 @@ class NRPMLayer:
         return f"norm={s.norm}, K={s.K}, eps={s.eps:g}, lam={self.lam_value:.4g}{extra}"
 
     @classmethod
-    def from_dense(cls, layer: nn.Module, settings: NRPMSettings | None = None, lam: float = 0.5,
+    def from_dense(cls, layer: nn.Module, settings: NRPMSettings | None = None, lam: float = DEFAULT_LAM,
                    memory_budget: int | None = None):
         """Build the NRPM layer from a plain one, sharing its weight and bias tensors."""
         if not isinstance(layer, cls.dense_type):
@@ -155,7 +155,7 @@ class NRPMLinear(NRPMLayer, nn.Linear):
     dense_type = nn.Linear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 settings: NRPMSettings | None = None, lam: float = 0.5,
+                 settings: NRPMSettings | None = None, lam: float = DEFAULT_LAM,
                  memory_budget: int | None = None, device=None, dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_nrpm(settings or NRPMSettings(), lam, memory_budget)
@@ -206,7 +206,7 @@ class NRPMConv1d(_NRPMConvNd, nn.Conv1d):
     dense_type = nn.Conv1d
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=0.5,
+                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=DEFAULT_LAM,
                  memory_budget=None, device=None, dtype=None):
         _conv_init(self, nn.Conv1d, in_channels, out_channels, kernel_size, stride, padding, dilation,
                    groups, bias, padding_mode, settings, lam, memory_budget, device, dtype)
@@ -218,7 +218,7 @@ class NRPMConv2d(_NRPMConvNd, nn.Conv2d):
     dense_type = nn.Conv2d
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=0.5,
+                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=DEFAULT_LAM,
                  memory_budget=None, device=None, dtype=None):
         _conv_init(self, nn.Conv2d, in_channels, out_channels, kernel_size, stride, padding, dilation,
                    groups, bias, padding_mode, settings, lam, memory_budget, device, dtype)
@@ -230,7 +230,7 @@ class NRPMConv3d(_NRPMConvNd, nn.Conv3d):
     dense_type = nn.Conv3d
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=0.5,
+                 groups=1, bias=True, padding_mode="zeros", *, settings=None, lam=DEFAULT_LAM,
                  memory_budget=None, device=None, dtype=None):
         _conv_init(self, nn.Conv3d, in_channels, out_channels, kernel_size, stride, padding, dilation,
                    groups, bias, padding_mode, settings, lam, memory_budget, device, dtype)

@@ -17,7 +17,7 @@ these kernels compute exactly that, without any term-sized tensor in memory:
 * float32 reciprocals use ``rcp.approx.ftz`` (relative error below 2⁻²²; ``/`` would cost nine
   more instructions per term for range checks); float64 divides exactly.
 
-Tile sizes come from the static report of :mod:`robust_surgery.nn.triton_aot`, which compiles
+Tile sizes come from the static report of ``benchmarks/triton_aot.py``, which compiles
 these kernels for sm_90 without a GPU and counts SASS instructions per term.
 
 Supported: the built-in norms ``L2``, ``L1``, ``MCP``, ``Huber`` and ``HM`` (only while their
@@ -237,7 +237,7 @@ def _np2(n: int) -> int:
 
 
 # Largest (rows BR, outputs BO, d-loop unroll, warps) per program and dtype, chosen from the static
-# sm_90 report of robust_surgery.nn.triton_aot (fewest SASS instructions per term with no spills;
+# sm_90 report of benchmarks/triton_aot.py (fewest SASS instructions per term with no spills;
 # README "Fused GPU kernels"); not yet timed on a GPU. float32 L1: forward 164 registers and 7.0
 # instructions per term, backward 168 registers and 21 (its two per-d reductions cross threads).
 TILES = {

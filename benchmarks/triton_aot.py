@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import triton_kernels
-from .functional import NORM_CODES
-from ..errors import InvalidInputError
+from robust_surgery.errors import InvalidInputError
+from robust_surgery.nn import triton_kernels
+from robust_surgery.nn.functional import NORM_CODES
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
