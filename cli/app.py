@@ -99,17 +99,10 @@ def convert(
     if paradigm in (2, 3) and not data:
         fail(f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) fine-tunes: give the training data with --data "
              "(mnist, cifar10 or a path), or convert with --paradigm 1", code=2)
-    # --eps is the reweighting ε in paradigm 1 and the training attack's budget in paradigms 2-3
-    # (the two issues that specify this command use it so); --nrpm-eps / --train-eps are explicit.
-    if paradigm == 1:
-        if eps is not None and nrpm_eps is not None:
-            fail("give the reweighting ε once: --eps or --nrpm-eps", code=2)
-        nrpm_eps = eps if eps is not None else nrpm_eps
-    else:
-        if eps is not None and train_eps is not None:
-            fail("in paradigms 2-3 --eps is the training budget; give it once (--eps or --train-eps)", code=2)
-        train_eps = eps if eps is not None else train_eps
-    train_eps = 0.2 if train_eps is None else train_eps
+    try:  # --eps: the reweighting ε in paradigm 1, the training budget in paradigms 2-3
+        nrpm_eps, train_eps = rs.presets.paradigm_eps(paradigm, eps, nrpm_eps, train_eps)
+    except rs.errors.InvalidInputError as e:
+        fail(str(e), code=2)
     overrides = None
     if override:
         try:
@@ -126,7 +119,7 @@ def convert(
     if shape:
         rs.inspect_model(net, shape)  # a shape the model cannot take fails here, before any work
     given = {"norm": norm, "K": K, "eps": nrpm_eps, "lam": lam, "include": include}
-    settings, used = _nrpm_settings(net, given)
+    settings, used = rs.presets.resolve_settings(net, given)
     with err.status("converting"):
         converted = rs.convert(net, paradigm, gamma=gamma, delta=delta, exclude=exclude, overrides=overrides,
                                **settings)
@@ -151,28 +144,6 @@ def convert(
     console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, arch {manifest['arch'] or 'unknown'})")
     if not manifest["arch"]:
         err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
-
-
-_GLOBAL_DEFAULTS = {"norm": "L1", "K": 3, "eps": 1e-3, "lam": 0.5, "include": None}
-
-
-def _nrpm_settings(net, given: dict) -> tuple[dict, list[str]]:
-    """Resolve convert's knobs: a flag wins, then the zoo model's preset, then the global default.
-
-    Returns the settings and the names of those taken from the preset."""
-    import robust_surgery as rs
-
-    preset = rs.preset_for(net)
-    settings, used = {}, []
-    for key, value in given.items():
-        if value is not None:
-            settings[key] = value
-        elif key in preset:
-            settings[key] = preset[key]
-            used.append(key)
-        else:
-            settings[key] = _GLOBAL_DEFAULTS[key]
-    return settings, used
 
 
 def _adversarial(text: str):

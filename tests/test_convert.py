@@ -236,3 +236,21 @@ def test_setting_names_and_defaults_have_one_home():
     assert (cli["gamma"].default.default, cli["delta"].default.default) == (DEFAULTS.gamma, DEFAULTS.delta)
     assert f"else {DEFAULTS.K})" in cli["K"].default.help and f"else {DEFAULT_LAM})" in cli["lam"].default.help
     assert f"else {DEFAULTS.eps:.0e}".replace("e-0", "e-") + ")" in cli["nrpm_eps"].default.help
+
+
+def test_preset_resolution_and_the_meaning_of_eps_live_in_the_library():
+    from robust_surgery.presets import paradigm_eps, resolve_settings
+
+    plain = nn.Sequential(nn.Linear(4, 2))  # not a zoo model: no preset, the defaults
+    settings, used = resolve_settings(plain, {"norm": None, "K": 2, "eps": None, "lam": None, "include": None})
+    assert settings == {"norm": "L1", "K": 2, "eps": 1e-3, "lam": 0.5, "include": None} and used == []
+    mlp = rs.load_model("zoo:mnist-mlp")  # the release's preset fills what is not given; a flag wins
+    settings, used = resolve_settings(mlp, {"norm": None, "K": None, "eps": None, "lam": 0.9})
+    assert settings == {**{k: rs.preset_for(mlp)[k] for k in ("norm", "K", "eps")}, "lam": 0.9}
+    assert used == ["norm", "K", "eps"]
+    with pytest.raises(ValueError, match="unknown convert settings"):
+        resolve_settings(mlp, {"lamda": 0.5})
+    assert paradigm_eps(1, 5e-5, None, None) == (5e-5, 0.2)       # paradigm 1: --eps is the reweighting ε
+    assert paradigm_eps(2, 0.1, 1e-4, None) == (1e-4, 0.1)        # paradigms 2-3: the training budget
+    with pytest.raises(ValueError, match="give it once"):
+        paradigm_eps(3, 0.1, None, 0.2)
