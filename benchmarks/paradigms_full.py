@@ -96,7 +96,7 @@ def evaluate_row(row: str, model, args, out: Path) -> dict:
         return result
     t = time.time()
     clean = rs.evaluate(model, data, attacks=["fgsm"], eps=[0.0], checks=False, batch_size=500)
-    converted = bool(rs.nrpm_layers(model))
+    converted = rs.is_converted(model)
     attacks = args.attacks.split(",") + (["transfer", "bpda"] if converted else [])
     rep = rs.evaluate(model, data, attacks=attacks, eps=args.eps, n=args.n_eval, steps=args.pgd_steps,
                       restarts=args.restarts, batch_size=args.eval_batch, state=out / f"{row}.state", progress=True)

@@ -41,6 +41,7 @@ from .surgery import (
     NoLayerMatchedError,
     convert,
     convertible_types,
+    is_converted,
     nrpm_layers,
     register_converter,
     set_lam,
@@ -68,7 +69,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__",
-    "convert", "unconvert", "set_lam", "nrpm_layers", "register_converter", "convertible_types",
+    "convert", "unconvert", "set_lam", "nrpm_layers", "is_converted", "register_converter", "convertible_types",
     "register_reweight", "register_reweight_derivative", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "register_builder",

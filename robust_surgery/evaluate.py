@@ -25,7 +25,8 @@ from .checks import CheckResult, run_checks
 from .fileutil import atomic_path, check_output_path
 from .loops import work_progress
 from .meta import get_meta
-from .nn.layers import NRPMLayer, linear_mode, straight_through_mode
+from .nn.layers import linear_mode, straight_through_mode
+from .surgery import is_converted
 from .runrecord import RECORD_VERSION, nrpm_settings, pack_record, resume_file, state_digest, tensor_digest
 
 __all__ = ["Job", "EvalReport", "evaluate", "default_eps", "format_eps", "parse_eps"]
@@ -425,7 +426,7 @@ def evaluate(
     if eps is None:
         eps = default_eps(dataset, threat)
     eps = sorted({float(e) for e in eps})
-    converted = any(isinstance(m, NRPMLayer) for m in model.modules())
+    converted = is_converted(model)
     if not converted and any(a in SOURCE_ATTACKS for a in attacks):
         raise InvalidInputError("the transfer and bpda attacks take their gradients from a converted model's λ = 1 network "
                          "or straight-through surrogate; this model has no NRPM layers (use fgsm, pgd, ...)")

@@ -24,9 +24,8 @@ from .errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputP
 from .fileutil import atomic_path, check_output_path
 from .loops import check_finite_loss, evaluate_accuracy, training_progress
 from .meta import set_meta
-from .nn.layers import NRPMLayer
 from .runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
-from .surgery import apply_paradigm
+from .surgery import apply_paradigm, is_converted, nrpm_layers
 
 __all__ = ["FinetuneConfig", "check_finetune_paths", "finetune", "load_train_val"]
 
@@ -247,7 +246,7 @@ def finetune(
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"finetune takes an nn.Module, got a {type(model).__name__}; load it first "
                         "(robust_surgery.load('converted.safetensors'))")
-    if not any(isinstance(m, NRPMLayer) for m in model.modules()):
+    if not is_converted(model):
         raise InvalidInputError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
     ckpt = check_finetune_paths(checkpoint_dir, log)
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
@@ -308,7 +307,7 @@ def finetune(
                 bar.update(task, advance=1, loss=float(loss.detach()))
             row = {"epoch": epoch + 1, "lr": lr_at_epoch(cfg, epoch), "train_loss": total / n,
                    **_validate(model, target, cfg, xv.to(dev), yv.to(dev), n_classes),
-                   "lam": {name: m.lam_value for name, m in model.named_modules() if isinstance(m, NRPMLayer)}}
+                   "lam": {name: m.lam_value for name, m in nrpm_layers(model)}}
             row["seconds"] = time.time() - t0
             history.append(row)
             score = row.get("val_robust_acc", row["val_clean_acc"])

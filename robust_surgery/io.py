@@ -27,7 +27,7 @@ from .fileutil import atomic_path, check_output_path, file_sha256
 from .meta import get_meta, set_meta
 from .nn.functional import LAYER_SETTING_NAMES
 from .nn.layers import NRPMLayer
-from .surgery import apply_paradigm, convert, unconvert
+from .surgery import apply_paradigm, convert, is_converted, unconvert
 
 __all__ = [
     "ModelLoadError",
@@ -235,7 +235,7 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
             model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
     else:  # the user named the architecture of a file that records none
         model = build_arch(spec, pretrained=False, data_root=data_root)
-    if any(isinstance(m, NRPMLayer) for m in model.modules()):
+    if is_converted(model):
         # an architecture that comes converted (a hardened zoo entry such as zoo:mnist-lenet-p3):
         # back to its plain layers, so the manifest's layers convert it exactly as it was saved
         model = unconvert(model, inplace=True)

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .nn.layers import NRPMLayer, linear_mode
-from .surgery import LayerConfig, convertible_types
+from .nn.layers import linear_mode
+from .surgery import LayerConfig, convertible_types, nrpm_layers
 from .errors import InvalidInputError
 
 __all__ = ["LayerCost", "ConversionReport", "conversion_report", "inspect_model"]
@@ -169,7 +169,7 @@ def _row(name: str, m: nn.Module, cfg: LayerConfig | None, out: int | None) -> L
 
 def conversion_report(model: nn.Module, input_shape=None) -> ConversionReport:
     """Report on the NRPM layers of a converted ``model``; ``input_shape`` (C, H, W...) adds costs."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, NRPMLayer)]
+    layers = nrpm_layers(model)
     outs = _out_elements(model, [n for n, _ in layers], input_shape)
     rows = [_row(n, m, LayerConfig(m.settings, m.lam_value), outs.get(n)) for n, m in layers]
     return ConversionReport(rows, "NRPM conversion", tuple(input_shape) if input_shape else None)
@@ -182,6 +182,6 @@ def inspect_model(model: nn.Module, input_shape=None, config: LayerConfig | None
     outs = _out_elements(model, [n for n, _ in layers], input_shape)
     cfg = config or LayerConfig()
     rows = [_row(n, m, cfg, outs.get(n)) for n, m in layers]
-    already = [n for n, m in model.named_modules() if isinstance(m, NRPMLayer)]
+    already = [n for n, _ in nrpm_layers(model)]
     notes = [f"{len(already)} layers are NRPM already"] if already else []
     return ConversionReport(rows, "Convertible layers", tuple(input_shape) if input_shape else None, notes)

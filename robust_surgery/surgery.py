@@ -173,6 +173,11 @@ def nrpm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NRPMLayer)]
 
 
+def is_converted(model: nn.Module) -> bool:
+    """True when ``model`` holds at least one NRPM layer."""
+    return any(isinstance(m, NRPMLayer) for m in model.modules())
+
+
 def _check_paradigm(paradigm) -> int:
     if paradigm not in PARADIGMS:
         raise InvalidInputError(f"paradigm must be 1, 2 or 3 ({'; '.join(f'{k}: {v}' for k, v in PARADIGMS.items())}), got {paradigm!r}")
@@ -276,7 +281,7 @@ def convert(
     if not plan:
         names = [n for n, _ in candidates]
         shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
-        already = [n for n, m in model.named_modules() if isinstance(m, NRPMLayer)]
+        already = [n for n, _ in nrpm_layers(model)]
         if not names and already:
             raise NoLayerMatchedError(
                 f"the model is already converted ({len(already)} NRPM layer{'s' if len(already) != 1 else ''}: "
