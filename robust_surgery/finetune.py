@@ -22,7 +22,7 @@ from ._json import strict_dumps
 from .attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
 from .errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
 from .fileutil import atomic_path, check_output_path
-from .loops import check_finite_loss, evaluate_accuracy, training_progress
+from .loops import batch_seed, check_finite_loss, epoch_permutation, evaluate_accuracy, training_progress
 from .meta import set_meta
 from .runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
 from .surgery import apply_paradigm, is_converted, nrpm_layers
@@ -288,13 +288,13 @@ def finetune(
             t0 = time.time()
             for group in opt.param_groups:
                 group["lr"] = lr_at_epoch(cfg, epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            perm = epoch_permutation(n, cfg.seed, epoch)
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=float("nan"))
             total = 0.0
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
                 xb, yb = xt[idx].to(dev), yt[idx].to(dev)
-                x_adv = adversarial_batch(model, target, cfg, xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
+                x_adv = adversarial_batch(model, target, cfg, xb, yb, batch_seed(cfg.seed, epoch, s), n_classes)
                 model.train()
                 if cfg.paradigm == 2:
                     _freeze_batchnorm(model)

@@ -49,3 +49,14 @@ def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float) -> N
 
         raise NonFiniteError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
                              f"nothing was saved. Lower --lr (now {lr:g}) or check the data")
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` training points in ``epoch`` (0-based): seeded by (seed, epoch) alone,
+    so a resumed run visits the points exactly as an uninterrupted one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of the attack that makes step ``step`` of ``epoch``'s adversarial batch."""
+    return seed * 7_919 + epoch * 100_003 + step

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attacks import THREATS, AttackTarget
 from .finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
-from .loops import check_finite_loss, evaluate_accuracy, training_progress
+from .loops import batch_seed, check_finite_loss, epoch_permutation, evaluate_accuracy, training_progress
 from .meta import set_meta
 from .synthetic import SparseCodingTask, parse_synthetic_spec
 from .errors import InvalidInputError
@@ -160,7 +160,7 @@ def pretrain(
             lr_now = lr_at_epoch(cfg, epoch)  # finetune's schedules (reads lr, epochs, schedule)
             for group in opt.param_groups:
                 group["lr"] = lr_now
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            perm = epoch_permutation(n, cfg.seed, epoch)
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=float("nan"))
             total, eps_now = 0.0, 0.0
             for s in range(steps):
@@ -171,7 +171,7 @@ def pretrain(
                     xb = noise_batch(xb, eps_now, cfg.threat, noise_gen)
                 elif cfg.adversarial:
                     # finetune's attack step reads adversarial, eps, threat and pgd_steps
-                    xb = adversarial_batch(model, target, dataclasses.replace(cfg, eps=eps_now), xb, yb, cfg.seed * 7_919 + epoch * 100_003 + s, n_classes)
+                    xb = adversarial_batch(model, target, dataclasses.replace(cfg, eps=eps_now), xb, yb, batch_seed(cfg.seed, epoch, s), n_classes)
                 model.train()
                 loss = F.cross_entropy(target(xb), yb)
                 check_finite_loss(loss, epoch, s, cfg.lr)
