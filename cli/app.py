@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .render import (TRUST_CODE, TRUST_PICKLE, SurgeryGroup, check_out, console, err, fail, guard, print_json,
+from .render import (DATA_ROOT, TRUST_CODE, TRUST_PICKLE, SurgeryGroup, check_out, console, err, fail, guard, print_json,
                      write_json)
 
 app = typer.Typer(
@@ -65,7 +65,7 @@ def convert(
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     non_strict: bool = typer.Option(False, "--non-strict", help="Load weights that match the architecture and ignore the rest."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     recalibrate_bn: int = typer.Option(0, "--recalibrate-bn", help="After converting, re-estimate every BatchNorm's running statistics on N clean training batches of --data (no training step; recorded in the manifest)."),
     data: Optional[str] = typer.Option(None, "--data", help="Training data (mnist, cifar10 or a path): for --recalibrate-bn and paradigms 2-3.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
@@ -210,7 +210,7 @@ def finetune(
     keep: str = typer.Option("best", "--keep", help="best: the best validated epoch (the starting model counts as epoch 0); last: the last epoch."),
     adv_weight: float = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the loss (1-w)·CE(clean) + w·CE(adv); 1 = adversarial batches only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.p{paradigm}.safetensors)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live."),
+    data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
@@ -248,7 +248,7 @@ def inspect(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input (zoo models know theirs)."),
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where data and reference checkpoints live."),
+    data_root: Optional[Path] = DATA_ROOT,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """List the convertible layers of a model (or the NRPM layers of a converted one) with their cost.
@@ -307,7 +307,7 @@ def evaluate(
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
 ):
     """Attack a model over an ε sweep and print robust accuracy with the sanity report card.
 
@@ -388,7 +388,7 @@ def zoo_train(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on the first N training images only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.trained.safetensors)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ):
     """Retrain a zoo model from scratch with its recipe and save it (minilm-sentiment: refit its head).

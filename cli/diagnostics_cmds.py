@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .render import TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
+from .render import DATA_ROOT, TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
 
 DATA_HELP = "mnist, cifar10, a path, or synthetic[:d=64,k=3,seed=0,...] (the sparse-coding task)."
 MODEL_HELP = "A model file (.safetensors, .pt, .pth) or a spec: zoo:NAME, torchvision:NAME, timm:NAME."
@@ -51,7 +51,7 @@ def purification(
     filters: Optional[Path] = typer.Option(None, "--filters", help="Write the layer's kernels as an image grid (PNG)."),
     per_unit: bool = typer.Option(False, "--per-unit", help="With --json: every unit's scores too."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -113,7 +113,7 @@ def pretrain(
     val_n: int = typer.Option(0, "--val-n", help="Held-out points (end of the training split) for a validation accuracy."),
     hidden: int = typer.Option(256, "--hidden", help="Hidden units of the 'mlp' model."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
@@ -174,7 +174,7 @@ def inherit(
     lam: float = typer.Option(0.5, "--lam", help="λ of the 'nrpm' encoder (paradigm 1, L1, K = 3)."),
     seed: int = typer.Option(0, "--seed", help="Seed."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of weights-only files."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the data sets live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout."),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .render import TRUST_CODE, TRUST_PICKLE, check_out, console, err, guard, print_json
+from .render import DATA_ROOT, TRUST_CODE, TRUST_PICKLE, check_out, console, err, guard, print_json
 
 _R2DL = "Program (Θ) and mapping"
 
@@ -35,7 +35,7 @@ def r2dl(
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of the task held out for testing (stratified, seeded)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the amino-acid (+ dipeptide) composition logistic regressions on the same split."),
     seed: int = typer.Option(0, "--seed", help="Seed (split, shuffling, random parts)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the peptide data live (else $ROBUST_SURGERY_DATA)."),
+    data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),

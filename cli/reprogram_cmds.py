@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .render import TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
+from .render import DATA_ROOT, TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
 
 reprogram_app = typer.Typer(help="Reprogram a frozen source model for a new task (AR, BAR, R2DL).", no_args_is_help=True)
 
@@ -24,7 +24,7 @@ DATA_SIZE = typer.Option(16, "--data-size", help="Side in pixels of the target i
 CANVAS = typer.Option(None, "--canvas", help="Source input C,H,W (zoo sources know theirs).", rich_help_panel=_IMAGE)
 M_LABELS = typer.Option(1, "--m", help="Source labels per target class.", rich_help_panel=_IMAGE)
 PGD_STEPS = typer.Option(20, "--steps", help="PGD steps.", rich_help_panel=_EVAL)
-DATA_ROOT = typer.Option(None, "--data-root", help="Where data and checkpoints live (else $ROBUST_SURGERY_DATA).")
+DATA_ROOT = DATA_ROOT
 AS_JSON = typer.Option(False, "--json", help="Print the report as JSON on stdout.")
 
 
