@@ -14,10 +14,11 @@ Python API (one function per CLI command)::
 """
 __version__ = "0.1.0"
 
+from .attacks import register_attack
 from .evaluate import EvalReport, evaluate
 from .finetune import finetune
 from .archspec import register_builder
-from .errors import ModelLoadError, NonFiniteError, OutputPathError, StateMismatchError, UntrustedCodeError
+from .errors import ModelLoadError, NonFiniteError, OutputPathError, StateMismatchError, UntrustedCodeError, UserError
 from .io import build_arch, load, load_model, read_manifest, save
 from .nn.functional import register_reweight_derivative
 from .nn import (
@@ -73,8 +74,8 @@ __all__ = [
     "register_reweight", "register_reweight_derivative", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
     "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
     "load", "load_model", "save", "build_arch", "read_manifest", "register_builder",
-    "ModelLoadError", "UntrustedCodeError", "OutputPathError", "StateMismatchError", "NonFiniteError",
+    "UserError", "ModelLoadError", "UntrustedCodeError", "OutputPathError", "StateMismatchError", "NonFiniteError",
     "preset_for", "preset_note", "register_preset", "recalibrate_batchnorm",
-    "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "finetune",
+    "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "register_attack", "finetune",
     *_LAZY,
 ]

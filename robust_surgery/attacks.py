@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torchattacks
@@ -18,6 +18,11 @@ from .errors import InvalidInputError, InvalidTypeError
 
 __all__ = [
     "ATTACKS",
+    "AttackSpec",
+    "attack_names",
+    "gradient_attacks",
+    "register_attack",
+    "step_size",
     "THREATS",
     "AttackTarget",
     "AttackConfig",
@@ -28,7 +33,6 @@ __all__ = [
     "within_budget",
 ]
 
-ATTACKS = ("fgsm", "pgd", "cw", "autoattack", "apgd", "square")
 THREATS = ("Linf", "L2")
 
 
@@ -130,8 +134,9 @@ class AttackConfig:
     queries: int = 1000
 
     def __post_init__(self):
-        if self.name not in ATTACKS:
-            raise InvalidInputError(f"unknown attack {self.name!r}: choose from {', '.join(ATTACKS)}")
+        if self.name not in _REGISTRY:
+            raise InvalidInputError(f"unknown attack {self.name!r}: choose from {', '.join(_REGISTRY)} "
+                                    "(or add one with robust_surgery.register_attack)")
         if self.threat not in THREATS:
             raise InvalidInputError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
         if not math.isfinite(self.eps) or self.eps < 0:
@@ -149,28 +154,92 @@ class AttackConfig:
         return f"{self.name}{extra}@{self.eps:g}"
 
 
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered attack. ``build(cfg, target, n_classes, seed)`` returns the torchattacks
+    object; ``gradient``: it follows the model's gradients (the report card checks that no
+    gradient-free attack beats these by much)."""
+
+    name: str
+    build: Callable[[AttackConfig, nn.Module, int, int], torchattacks.attack.Attack]
+    gradient: bool = True
+
+
+_REGISTRY: dict[str, AttackSpec] = {}
+
+
+def register_attack(name: str, *, gradient: bool = True):
+    """Decorator registering ``fn(cfg, target, n_classes, seed) -> torchattacks Attack`` under
+    ``name``: ``evaluate(attacks=[name])`` and ``surgery evaluate --attack name`` then run it."""
+
+    def deco(fn):
+        _REGISTRY[name] = AttackSpec(name, fn, gradient)
+        return fn
+
+    return deco
+
+
+def attack_names() -> tuple[str, ...]:
+    """Every registered attack, built-in ones first."""
+    return tuple(_REGISTRY)
+
+
+def gradient_attacks() -> tuple[str, ...]:
+    """The registered attacks that follow the model's gradients."""
+    return tuple(n for n, a in _REGISTRY.items() if a.gradient)
+
+
+def step_size(cfg: AttackConfig) -> float:
+    """The step of an iterative attack: ``cfg.alpha``, else 2.5·ε/steps (Madry et al.'s rule)."""
+    return cfg.alpha if cfg.alpha is not None else 2.5 * cfg.eps / max(cfg.steps, 1)
+
+
+@register_attack("fgsm")
+def _fgsm(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    return torchattacks.FGSM(target, eps=cfg.eps) if cfg.threat == "Linf" else FGML2(target, eps=cfg.eps)
+
+
+@register_attack("pgd")
+def _pgd(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    kind = torchattacks.PGD if cfg.threat == "Linf" else torchattacks.PGDL2
+
+    def make():
+        return kind(target, eps=cfg.eps, alpha=step_size(cfg), steps=cfg.steps, random_start=True)
+
+    return make() if cfg.restarts <= 1 else torchattacks.MultiAttack([make() for _ in range(cfg.restarts)])
+
+
+@register_attack("cw")
+def _cw(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    return torchattacks.CW(target, c=1.0, kappa=0.0, steps=max(cfg.steps, 50), lr=0.01)
+
+
+@register_attack("autoattack")
+def _autoattack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    return torchattacks.AutoAttack(target, norm=cfg.threat, eps=cfg.eps, version="standard", n_classes=n_classes,
+                                   seed=seed)
+
+
+@register_attack("apgd")
+def _apgd(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    """AutoAttack's untargeted pair: APGD-CE, then APGD-DLR on what survives (100 steps each)."""
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(target, norm=cfg.threat, eps=cfg.eps, steps=100, loss=loss, seed=seed, n_restarts=1)
+        for loss in ("ce", "dlr")])
+
+
+@register_attack("square", gradient=False)
+def _square(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    return torchattacks.Square(target, norm=cfg.threat, eps=cfg.eps, n_queries=cfg.queries, n_restarts=1, seed=seed)
+
+
+#: The built-in attacks (register_attack adds more; attack_names() lists them all).
+ATTACKS = attack_names()
+
+
 def build_attack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int) -> torchattacks.attack.Attack:
     """The torchattacks object for ``cfg`` against ``target`` (an :class:`AttackTarget`)."""
-    eps, steps = cfg.eps, cfg.steps
-    alpha = cfg.alpha if cfg.alpha is not None else 2.5 * eps / max(steps, 1)
-    linf = cfg.threat == "Linf"
-    if cfg.name == "fgsm":
-        return torchattacks.FGSM(target, eps=eps) if linf else FGML2(target, eps=eps)
-    if cfg.name == "pgd":
-        make = (lambda: torchattacks.PGD(target, eps=eps, alpha=alpha, steps=steps, random_start=True)) if linf \
-            else (lambda: torchattacks.PGDL2(target, eps=eps, alpha=alpha, steps=steps, random_start=True))
-        return make() if cfg.restarts <= 1 else torchattacks.MultiAttack([make() for _ in range(cfg.restarts)])
-    if cfg.name == "cw":
-        return torchattacks.CW(target, c=1.0, kappa=0.0, steps=max(steps, 50), lr=0.01)
-    if cfg.name == "autoattack":
-        return torchattacks.AutoAttack(target, norm=cfg.threat, eps=eps, version="standard", n_classes=n_classes, seed=seed)
-    if cfg.name == "apgd":  # AutoAttack's untargeted pair (APGD-CE, then APGD-DLR on what survives)
-        return torchattacks.MultiAttack([
-            torchattacks.APGD(target, norm=cfg.threat, eps=eps, steps=100, loss=loss, seed=seed, n_restarts=1)
-            for loss in ("ce", "dlr")])
-    if cfg.name == "square":
-        return torchattacks.Square(target, norm=cfg.threat, eps=eps, n_queries=cfg.queries, n_restarts=1, seed=seed)
-    raise InvalidInputError(cfg.name)
+    return _REGISTRY[cfg.name].build(cfg, target, n_classes, seed)
 
 
 def within_budget(x: torch.Tensor, x_adv: torch.Tensor, cfg: AttackConfig, slack: float = 1e-5) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .attacks import gradient_attacks
+
 __all__ = ["CheckResult", "run_checks", "TOLERANCE", "SQUARE_TOLERANCE", "HUGE_EPS_MAX"]
 
 TOLERANCE = 1.0  # points: slack for random starts on small n (at least one point)
@@ -77,7 +79,7 @@ def run_checks(report, *, grad_zero: int, nondeterministic_batches: int) -> list
     # 4. a gradient-free attack must not beat the gradient attacks by much
     square = _find(report, v, check="square") or _find(report, v, attack="square", eps=e, check=None)
     gradient = [r["robust_acc"] for r in report.results if r["model"] == v and r["eps"] == e
-                and r["attack"] in ("fgsm", "pgd", "cw", "autoattack", "apgd") and r["source"] == "direct"]
+                and r["attack"] in gradient_attacks() and r["source"] == "direct"]
     if square and gradient:
         best = min(gradient)
         out.append(CheckResult("Square does not beat gradient attacks", square["robust_acc"] >= best - SQUARE_TOLERANCE,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import ATTACKS, AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range, within_budget
+from .attacks import AttackConfig, AttackTarget, attack_names, build_attack, check_labels_fit, check_unit_range, within_budget
 from .errors import InvalidInputError, InvalidTypeError, NonFiniteError, StateMismatchError
 from .checks import CheckResult, run_checks
 from .fileutil import atomic_path, check_output_path
@@ -406,10 +406,10 @@ def evaluate(
         raise InvalidTypeError(f"attacks takes a list of attack names such as ['fgsm', 'pgd'], got {attacks!r}")
     attacks = [a.strip().lower() for a in attacks if a.strip()]
     if not attacks:
-        raise InvalidInputError(f"no attack given (--attack is empty): name at least one of {', '.join(ATTACKS)}")
-    unknown = [a for a in attacks if a not in ATTACKS + SOURCE_ATTACKS]
+        raise InvalidInputError(f"no attack given (--attack is empty): name at least one of {', '.join(attack_names())}")
+    unknown = [a for a in attacks if a not in attack_names() + SOURCE_ATTACKS]
     if unknown:
-        raise InvalidInputError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(ATTACKS + SOURCE_ATTACKS)}")
+        raise InvalidInputError(f"unknown attack {unknown[0]!r} (--attack): choose from {', '.join(attack_names() + SOURCE_ATTACKS)}")
     if threat not in ("Linf", "L2"):
         raise InvalidInputError(f"threat must be Linf or L2, got {threat!r}")
     if isinstance(eps, (int, float)):

@@ -156,6 +156,10 @@ def test_compare_original_and_report_card(small_nrpm, mnist, tmp_path):
 
     png = plot_robustness_curve(r, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from robust_surgery.plot import plot_curves
+
+    rows = plot_curves({"a": {0.0: 90.0, 0.1: 40.0}, "b": r.worst("nrpm")}, tmp_path / "rows.png", title="t")
+    assert rows.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_plain_models_get_no_checks_unless_asked(mnist):
@@ -252,3 +256,37 @@ def test_transfer_and_bpda_at_every_eps_count_in_the_worst_case():
         "nrpm/bpda:pgd-s5@0.1", "nrpm/bpda:pgd-s5@0.3", "nrpm/transfer:pgd-s5@0.1", "nrpm/transfer:pgd-s5@0.3"]
     with pytest.raises(ValueError, match="transfer and bpda attacks take their gradients from a converted model"):
         rs.evaluate(plain, "mnist", attacks=["transfer"], eps=[0.1], n=8)
+
+
+def test_a_registered_attack_runs_by_name_and_counts_in_the_worst_case(mnist):
+    """Attacks come from a registry: a user's own attack runs by name like the built-in ones."""
+    import torchattacks
+
+    from robust_surgery import attacks
+
+    @rs.register_attack("noise-test", gradient=False)
+    def _noise(cfg, target, n_classes, seed):  # uniform noise in the ball: weaker than PGD
+        class Noise(torchattacks.attack.Attack):
+            def __init__(self, model):
+                super().__init__("Noise", model)
+
+            def forward(self, images, labels):
+                g = torch.Generator().manual_seed(seed)
+                return (images + cfg.eps * (2 * torch.rand(images.shape, generator=g) - 1)).clamp(0, 1)
+
+        return Noise(target)
+
+    try:
+        assert "noise-test" in attacks.attack_names() and "noise-test" not in attacks.gradient_attacks()
+        model = rs.load_model("zoo:mnist-mlp-rs")
+        x, y = mnist[0][:50], mnist[1][:50]
+        r = rs.evaluate(model, (x, y), attacks=["noise-test", "fgsm"], eps=[0.1], checks=False)
+        noisy = (x + 0.1 * (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 1)).clamp(0, 1)
+        with torch.no_grad():
+            by_hand = int(((model(x).argmax(1) == y) & (model(noisy).argmax(1) == y)).sum())
+        assert r.robust_acc("model", "noise-test", 0.1) == 100.0 * by_hand / 50
+        assert r.worst("model")[0.1] <= r.robust_acc("model", "fgsm", 0.1)
+    finally:
+        attacks._REGISTRY.pop("noise-test", None)
+    with pytest.raises(ValueError, match="unknown attack 'noise-test'"):
+        rs.evaluate(model, (x, y), attacks=["noise-test"], eps=[0.1])
