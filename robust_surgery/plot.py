@@ -5,7 +5,33 @@ from pathlib import Path
 
 from .fileutil import atomic_path
 
-__all__ = ["plot_robustness_curve"]
+__all__ = ["plot_curves", "plot_robustness_curve"]
+
+
+def _axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.2), dpi=120)
+
+
+def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend_size: int) -> Path:
+    """Label the axes (accuracy from 0 to 100 %), add the legend and write ``path`` atomically."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
 
 
 def plot_robustness_curve(report, path: str | Path) -> Path:
@@ -13,13 +39,7 @@ def plot_robustness_curve(report, path: str | Path) -> Path:
 
     Solid lines: the worst case over all attacks; thin dashed lines: each attack alone.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = _axes()
     for i, v in enumerate(report.variants):
         color = f"C{i}"
         attacks = sorted({r["attack"] for r in report.results if r["model"] == v and r["check"] is None})
@@ -29,14 +49,19 @@ def plot_robustness_curve(report, path: str | Path) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color=color, lw=0.9, alpha=0.7, label=f"{v}: {a}")
         worst = report.worst(v)
         ax.plot(list(worst), list(worst.values()), "-o", color=color, lw=2, ms=4, label=f"{v}: worst over all")
-    ax.set_xlabel(f"ε ({report.threat_model})")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{report.architecture} on {report.dataset}, n = {report.n}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, Path(path), xlabel=f"ε ({report.threat_model})", ylabel="robust accuracy (%)",
+                 title=f"{report.architecture} on {report.dataset}, n = {report.n}", legend_size=7)
+
+
+def plot_curves(curves: dict[str, dict[float, float]], path: str | Path, *, title: str,
+                xlabel: str = "ε (L∞)") -> Path:
+    """One line per name: accuracy (%, the values) against ε (the keys, ε = 0 for clean accuracy).
+
+    For comparing models, e.g. the worst-case robust accuracy of every row of a paradigm table.
+    """
+    fig, ax = _axes()
+    for i, (name, pts) in enumerate(curves.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], "-o", color=f"C{i}", lw=2, ms=4, label=name)
+    return _save(fig, ax, Path(path), xlabel=xlabel, ylabel="accuracy (%), worst case over the attacks",
+                 title=title, legend_size=8)
