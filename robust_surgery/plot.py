@@ -5,33 +5,44 @@ from pathlib import Path
 
 from .fileutil import atomic_path
 
-__all__ = ["plot_curves", "plot_robustness_curve"]
+__all__ = ["figure", "plot_curves", "plot_robustness_curve", "save_figure"]
 
 
-def _axes():
+def figure(*args, **kwargs):
+    """``(fig, axes)`` of ``plt.subplots(*args, **kwargs)`` on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` as PNG atomically (temporary name, then rename), close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _axes():
+    return figure(figsize=(6.4, 4.2), dpi=120)
 
 
 def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend_size: int) -> Path:
     """Label the axes (accuracy from 0 to 100 %), add the legend and write ``path`` atomically."""
-    import matplotlib.pyplot as plt
-
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_robustness_curve(report, path: str | Path) -> Path:

@@ -26,6 +26,7 @@ from .purity import (BASES, Basis, PurityScores, dictionary_basis, ica_basis, la
                      purity_scores, random_orthonormal_basis)
 from .synthetic import SparseCodingTask, parse_synthetic_spec
 from .errors import InvalidInputError
+from .plot import figure, save_figure
 
 __all__ = [
     "PurificationReport",
@@ -365,27 +366,6 @@ def purification_report(
 # --------------------------------------------------------------------------------------------
 # Plots (matplotlib, written atomically as PNG)
 # --------------------------------------------------------------------------------------------
-def _figure(*args, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(*args, **kwargs)
-
-
-def _save(plt, fig, path):
-    from pathlib import Path
-
-    from .fileutil import atomic_path
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
-
-
 def plot_purity_histograms(groups: Mapping[str, PurityScores | Sequence[PurityScores] | PurificationReport], path, score: str = "pr",
                            title: str | None = None):
     """Histograms of a per-unit score (``pr``, ``top1``, ``hoyer``...): one panel per basis, one
@@ -397,7 +377,7 @@ def plot_purity_histograms(groups: Mapping[str, PurityScores | Sequence[PuritySc
             per_basis.setdefault(s.basis, []).append((label, getattr(s, score).float()))
     if not per_basis:
         raise InvalidInputError("nothing to plot: give at least one report or set of scores")
-    plt, fig, axes = _figure(1, len(per_basis), figsize=(3.6 * len(per_basis), 3.0), dpi=100, squeeze=False)
+    fig, axes = figure(1, len(per_basis), figsize=(3.6 * len(per_basis), 3.0), dpi=100, squeeze=False)
     for ax, (basis, rows) in zip(axes[0], per_basis.items()):
         lo = min(float(v.min()) for _, v in rows)
         hi = max(float(v.max()) for _, v in rows)
@@ -411,7 +391,7 @@ def plot_purity_histograms(groups: Mapping[str, PurityScores | Sequence[PuritySc
     axes[0][0].set_ylabel("units", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_filters(layers: Mapping[str, torch.Tensor | nn.Module], path, max_units: int = 64):
@@ -422,7 +402,7 @@ def plot_filters(layers: Mapping[str, torch.Tensor | nn.Module], path, max_units
     """
     import math
 
-    plt, fig, axes = _figure(1, len(layers), figsize=(3.4 * len(layers), 3.6), dpi=100, squeeze=False)
+    fig, axes = figure(1, len(layers), figsize=(3.4 * len(layers), 3.6), dpi=100, squeeze=False)
     for ax, (label, w) in zip(axes[0], layers.items()):
         w = (w.weight if isinstance(w, nn.Module) else w).detach().float().cpu()
         if w.dim() == 2:
@@ -446,7 +426,7 @@ def plot_filters(layers: Mapping[str, torch.Tensor | nn.Module], path, max_units
         ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if w.shape[1] == 1 else None, interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.axis("off")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_purity_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], path, *, xlabel: str = "training ε",
@@ -454,7 +434,7 @@ def plot_purity_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], path
                        reference: float | None = None):
     """Line plot of a purity score against ε: curves maps a label (basis) to (ε, score) points;
     ``reference`` draws a dashed horizontal line (e.g. the Gaussian PR (n + 2) / 3)."""
-    plt, fig, ax = _figure(figsize=(5.2, 3.4), dpi=100)
+    fig, ax = figure(figsize=(5.2, 3.4), dpi=100)
     for i, (label, pts) in enumerate(curves.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=f"C{i}", ms=4, label=label)
@@ -466,4 +446,4 @@ def plot_purity_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], path
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)

@@ -197,3 +197,14 @@ def test_report_on_a_zoo_model_learns_an_ica_basis():
     with pytest.raises(ValueError, match="synthetic"):
         purification_report(model, "mnist", "conv1", basis="true", n=50)
     assert math.isfinite(d["purity"]["random"]["hoyer"]["mean"])
+
+
+def test_purification_plots_write_pngs(tmp_path):
+    from robust_surgery.purification import plot_filters, plot_purity_vs_eps
+
+    png = b"\x89PNG\r\n\x1a\n"
+    f = plot_filters({"conv": torch.nn.Conv2d(3, 8, 5), "linear": torch.nn.Linear(25, 4)}, tmp_path / "f.png")
+    c = plot_purity_vs_eps({"ica": [(0.0, 3.0), (0.1, 2.0)]}, tmp_path / "c.png", reference=2.5)
+    assert f.read_bytes()[:8] == png and c.read_bytes()[:8] == png and not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(ValueError, match="rows must be square images"):
+        plot_filters({"bad": torch.nn.Linear(24, 4)}, tmp_path / "bad.png")

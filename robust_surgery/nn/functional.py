@@ -266,25 +266,6 @@ def _chunk_sizes(G: int, R: int, O: int, D: int, K: int, itemsize: int, budget: 
     return _kernels.chunk_sizes(G, R, O, D, itemsize, budget)
 
 
-# --------------------------------------------------------------------------------------------
-# The IRLS core
-# --------------------------------------------------------------------------------------------
-def _irls(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, K: int, reweight) -> torch.Tensor:
-    """K IRLS steps on one chunk, written plainly. x: (G, r, D), w: (G, o, D), z0: (G, r, o) -> (G, r, o).
-
-    The statement of the math; :mod:`robust_surgery.nn.kernels` runs the same steps chunked,
-    with the analytic backward derived from it.
-    """
-    D = x.shape[-1]
-    u = x.unsqueeze(2) * w.unsqueeze(1)  # (G, r, o, D): the product terms
-    z = z0
-    for _ in range(K):
-        dist = (u - (z / D).unsqueeze(-1)).abs()
-        wt = reweight(dist)
-        z = D * (wt * u).sum(-1) / wt.sum(-1).clamp_min(1e-12)
-    return z
-
-
 def _budget(memory_budget: int | None) -> int:
     return default_memory_budget() if memory_budget is None else int(memory_budget)
 
