@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from .render import DATA_ROOT, TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
+from .options import DATA_ROOT, TRUST_CODE, TRUST_PICKLE
+from .render import check_out, console, err, fail, guard, print_json
 
 DATA_HELP = "mnist, cifar10, a path, or synthetic[:d=64,k=3,seed=0,...] (the sparse-coding task)."
 MODEL_HELP = "A model file (.safetensors, .pt, .pth) or a spec: zoo:NAME, torchvision:NAME, timm:NAME."

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from .render import DATA_ROOT, TRUST_CODE, TRUST_PICKLE, check_out, console, err, guard, print_json
+from .options import DATA_ROOT, TRUST_CODE, TRUST_PICKLE
+from .render import check_out, console, err, guard, print_json
 
 _R2DL = "Program (Θ) and mapping"
 

@@ -16,12 +16,6 @@ console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ e
 err = Console(stderr=True)  # progress, warnings and errors on stderr
 
 
-TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled module (a .pt that is not a "
-                            "state_dict): unpickling runs code from the file. Only for files you trust.")
-DATA_ROOT = typer.Option(None, "--data-root", help="Where the data sets and reference checkpoints live (else "
-                         "$ROBUST_SURGERY_DATA, then the download cache).")
-TRUST_CODE = typer.Option(False, "--trust-code", help="Allow a saved model's manifest to import and call the "
-                          "package.module:Callable it names (like transformers' trust_remote_code). Only for files you trust.")
 
 
 def print_json(data) -> None:

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from .render import DATA_ROOT, TRUST_CODE, TRUST_PICKLE, check_out, console, err, fail, guard, print_json
+from .options import DATA_ROOT, TRUST_CODE, TRUST_PICKLE
+from .render import check_out, console, err, fail, guard, print_json
 
 reprogram_app = typer.Typer(help="Reprogram a frozen source model for a new task (AR, BAR, R2DL).", no_args_is_help=True)
 

@@ -121,3 +121,21 @@ def test_zoo_train_quick(tmp_path):
 def test_every_command_help_has_an_example(cmd):
     res = run(*cmd, "--help")
     assert res.exit_code == 0 and "Example:" in res.stdout
+
+
+def test_shared_finetuning_options_carry_the_librarys_defaults():
+    """convert and finetune share one declaration of each fine-tuning option; its default is FinetuneConfig's."""
+    import dataclasses
+    import inspect
+
+    from robust_surgery.cli import app as cli_app
+    from robust_surgery.cli import options
+    from robust_surgery.finetune import FinetuneConfig
+
+    lib = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    conv = inspect.signature(cli_app.convert).parameters
+    fine = inspect.signature(cli_app.finetune).parameters
+    for name in ("adversarial", "epochs", "lr", "optimizer", "schedule", "batch_size", "seed", "n_train", "val_n",
+                 "keep", "adv_weight"):
+        assert conv[name].default is fine[name].default is getattr(options, name.upper())
+        assert conv[name].default.default == lib[name], name
