@@ -14,15 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
+from robust_surgery.budgets import parse_eps
 from robust_surgery.plot import plot_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_ORDER = ("original", "paradigm-1", "paradigm-2", "paradigm-3", "adversarial-training")
-
-
-def _eps_value(s: str) -> float:
-    num, _, den = s.partition("/")
-    return float(num) / float(den) if den else float(num)
 
 
 def load_rows(table: Path) -> dict[str, dict]:
@@ -67,7 +63,7 @@ def main() -> None:
         curves = {}
         for row, r in rows.items():
             first = r["results"][0]["model"]
-            curves[row] = {0.0: r["models"][first]["clean_acc"], **{_eps_value(e): w for e, w in r["worst"].items()}}
+            curves[row] = {0.0: r["models"][first]["clean_acc"], **{parse_eps(e)[0]: w for e, w in r["worst"].items()}}
             entry = robustbench_entry(model, row, r, settings)
             (out / f"{model}-{row}.json").write_text(json.dumps(entry, indent=1) + "\n")
         png = plot_curves(curves, ROOT / "docs" / "img" / f"paradigms-{model}.png",

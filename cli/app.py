@@ -317,7 +317,7 @@ def evaluate(
     Sharded: [bold]torchrun --nproc-per-node 2 -m robust_surgery.cli.app evaluate MODEL --data mnist --n-examples 1000[/bold]
     """
     import robust_surgery as rs
-    from robust_surgery.evaluate import parse_eps
+    from robust_surgery.budgets import parse_eps
 
     root = str(data_root) if data_root else None
     check_out(json_out, None, "report (--json)")

@@ -30,7 +30,7 @@ def _input_eps(data: str, eps: list[float]) -> list[float]:
 
 
 def _floats(text: str, what: str) -> list[float]:
-    from robust_surgery.evaluate import parse_eps
+    from robust_surgery.budgets import parse_eps
 
     try:
         return list(parse_eps(text))

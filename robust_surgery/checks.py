@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .attacks import gradient_attacks
+from .budgets import format_eps
 
 __all__ = ["CheckResult", "run_checks", "TOLERANCE", "SQUARE_TOLERANCE", "HUGE_EPS_MAX"]
 
@@ -47,7 +48,6 @@ def run_checks(report, *, grad_zero: int, nondeterministic_batches: int) -> list
     fgsm = _find(report, v, attack="fgsm", eps=e, source="direct", check=None) or \
         _find(report, v, attack="fgsm", eps=e, source="direct", check="fgsm-at-max-eps")
 
-    from .evaluate import format_eps
 
     # 1. accuracy falls as ε grows, and is about 0 at a huge ε
     worst = report.worst(v)

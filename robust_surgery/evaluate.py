@@ -21,6 +21,7 @@ from torch import nn
 
 from .attacks import AttackConfig, AttackTarget, attack_names, build_attack, check_labels_fit, check_unit_range, within_budget
 from .errors import InvalidInputError, InvalidTypeError, NonFiniteError, StateMismatchError
+from .budgets import check_budgets, format_eps, parse_eps
 from .checks import CheckResult, run_checks
 from .fileutil import atomic_path, check_output_path
 from .loops import work_progress
@@ -42,50 +43,6 @@ def default_eps(dataset: str, threat: str) -> tuple[float, ...]:
         return _DEFAULT_EPS[(dataset, threat)]
     except KeyError:
         raise InvalidInputError(f"no default ε for dataset {dataset!r} under {threat}; give eps=... (--eps)") from None
-
-
-def parse_eps(text: str) -> tuple[float, ...]:
-    """``"0,0.05,8/255"`` -> (0.0, 0.05, 0.0313...)."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "/" in part:
-                a, b = part.split("/")
-                out.append(float(a) / float(b))
-            else:
-                out.append(float(part))
-        except (ValueError, ZeroDivisionError):
-            raise InvalidInputError(f"--eps takes numbers or fractions separated by commas (0,0.1,8/255), got {part!r}") from None
-    if not out:
-        raise InvalidInputError("--eps is empty: give budgets such as 0,0.1,8/255")
-    return tuple(check_budgets(out))
-
-
-def check_budgets(eps: Sequence[float], what: str = "eps") -> list[float]:
-    """``eps`` as floats, or a clear error for NaN, infinite or negative budgets."""
-    out = []
-    for e in eps:
-        try:
-            e = float(e)
-        except (TypeError, ValueError):
-            raise InvalidTypeError(f"{what} takes numbers, got {e!r}") from None
-        if not math.isfinite(e):
-            raise NonFiniteError(f"{what} must be finite budgets, got {e}")
-        if e < 0:
-            raise InvalidInputError(f"{what} must be >= 0 (a budget is a distance), got {e:g}")
-        out.append(e)
-    return out
-
-
-def format_eps(eps: float) -> str:
-    """``8/255`` style when ε is a whole number of 1/255 steps below 1, else ``%g``."""
-    k = eps * 255
-    if 0 < eps < 1 and abs(k - round(k)) < 1e-6 and round(k) not in (0, 255) and abs(eps * 20 - round(eps * 20)) > 1e-9:
-        return f"{round(k)}/255"
-    return f"{eps:g}"
 
 
 @dataclass(frozen=True)
