@@ -2,7 +2,8 @@
 
 For every table folder given: ``docs/img/paradigms-<name>.png`` (worst-case accuracy against ε,
 one line per row, ε = 0 the clean accuracy on the evaluated points) and
-``benchmarks/results/robustbench/<name>-<row>.json`` per row, in RobustBench's model-info
+``benchmarks/results/robustbench/<name>-<row>.json`` per row, and ``<table>/table.md`` (every row
+present, as ``paradigms_full.py`` writes it), in RobustBench's model-info
 fields (``clean_acc`` on the whole test set, ``autoattack_acc`` at the headline ε) plus ours
 (``worst_case_acc``: per point, over every attack run; ``n_eval``; the attacks and the protocol).
 
@@ -66,6 +67,15 @@ def main() -> None:
             curves[row] = {0.0: r["models"][first]["clean_acc"], **{parse_eps(e)[0]: w for e, w in r["worst"].items()}}
             entry = robustbench_entry(model, row, r, settings)
             (out / f"{model}-{row}.json").write_text(json.dumps(entry, indent=1) + "\n")
+        if rows:  # the markdown table of every row present (paradigms_full writes it as it goes)
+            from types import SimpleNamespace
+
+            from paradigms_full import write_table  # beside this script
+
+            infos = {row: json.loads((table / f"{row}.train.json").read_text()) if (table / f"{row}.train.json").exists()
+                     else {} for row in rows}
+            write_table({row: (r, infos[row]) for row, r in rows.items()},
+                        SimpleNamespace(eps=parse_eps(",".join(next(iter(rows.values()))["worst"]))), table)
         png = plot_curves(curves, ROOT / "docs" / "img" / f"paradigms-{model}.png",
                           title=f"{model}: worst case over the attacks, first {settings['n_eval']} test points")
         print(f"{table}: {len(rows)} rows -> {png.relative_to(ROOT)}, {out.relative_to(ROOT)}/{model}-*.json")
