@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,8 +68,11 @@ def build_row(row: str, args, out: Path):
         recipe = row_recipe(row, args)
         model, metrics = harden(recipe, checkpoint_dir=out / f"ckpt-{row}", log=out / f"{row}.log.json")
         same = [name for name, r in HARDENED.items() if r == recipe]
-        info = {k: metrics[k] for k in ("train_cpu_s", "train_wall_s", "kept_epoch", "lam", "recipe")}
-        info.update(paradigm=3, lr=recipe.lr, zoo=same[0] if same else None)
+        info = {k: metrics[k] for k in ("train_cpu_s", "kept_epoch", "lam", "test_acc")}
+        # the epochs' own seconds: also right when this run resumed a finished training
+        info.update(train_wall_s=round(sum(h["seconds"] for h in metrics["history"]), 1), recipe=asdict(recipe),
+                    paradigm=3, lr=recipe.lr, zoo=same[0] if same else None, cpu=cpu_kernels.cpu_features(),
+                    threads=torch.get_num_threads())
     else:  # paradigm 2: λ alone, from paradigm 1
         start = rs.convert(rs.load_model(spec), 1, **p1)
         t, w = time.process_time(), time.time()

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import robust_surgery as rs
-from cli.app import app
+from robust_surgery.cli.app import app
 from robust_surgery.data import load_dataset, load_mnist
 from robust_surgery.evaluate import format_eps
 from robust_surgery.model_zoo.hardened import HARDENED, SHIPPED
@@ -65,7 +65,7 @@ def _row(name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_shipped_model_loads_verified_and_reproduces_its_clean_accuracy(name, shared_data):
+def test_shipped_model_loads_verified_and_reproduces_its_clean_accuracy(name, shared_data, tmp_path):
     entry = get_entry(name)
     model = rs.load_model(f"zoo:{name}", data_root=shared_data)
     assert model.zoo_info["sha256"] == entry.sha256
@@ -78,6 +78,9 @@ def test_shipped_model_loads_verified_and_reproduces_its_clean_accuracy(name, sh
     assert 100.0 * correct / n >= entry.reference_acc - 2.0  # first 2000 vs all 10000 points
     if entry.dataset == "mnist":  # cheap: the whole test set, exactly
         assert 100.0 * evaluate_accuracy(model, x, y)[0] / len(y) == entry.reference_acc
+    rs.save(model, tmp_path / "m.safetensors")  # a saved copy loads as the same model
+    again = rs.load(tmp_path / "m.safetensors")
+    assert torch.equal(again(x[:64]), model(x[:64])) and len(rs.nrpm_layers(again)) == len(rs.nrpm_layers(model))
 
 
 @pytest.mark.slow
