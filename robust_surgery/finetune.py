@@ -254,7 +254,8 @@ def finetune(
     apply_paradigm(model, cfg.paradigm)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise InvalidInputError("nothing to train: the model has no trainable parameters for this paradigm")
+        raise InvalidInputError("nothing to train: the model has no trainable parameters for this paradigm (a λ of "
+                                "exactly 0 or 1 cannot move: convert with 0 < lam < 1, or use paradigm 3)")
     opt = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
            if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     target = AttackTarget(model).to(dev).eval()

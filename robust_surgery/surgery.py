@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .meta import get_meta, set_meta
@@ -185,14 +186,19 @@ def _check_paradigm(paradigm) -> int:
 
 
 def apply_paradigm(model: nn.Module, paradigm: int) -> nn.Module:
-    """Set which parameters train: 1 leaves them as they are, 2 only λ, 3 everything."""
+    """Set which parameters train: 1 leaves them as they are, 2 only λ, 3 everything.
+
+    A λ of exactly 0 or 1 (logit ±∞) stays frozen in paradigms 2 and 3: its gradient is exactly
+    zero, and weight decay would turn it into NaN. Classical adversarial training is paradigm 3 at
+    λ = 1 for this reason: only the ordinary weights move.
+    """
     paradigm = _check_paradigm(paradigm)
-    if paradigm == 2:
+    if paradigm in (2, 3):
         for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith("lam_logit"))
-    elif paradigm == 3:
-        for p in model.parameters():
-            p.requires_grad_(True)
+            if name.endswith("lam_logit"):
+                p.requires_grad_(bool(torch.isfinite(p).all()))
+            else:
+                p.requires_grad_(paradigm == 3)
     set_meta(model, paradigm=paradigm)
     return model
 

@@ -1,6 +1,8 @@
 """The converter: selection, overrides, errors, unconvert, registries, real architectures."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -254,3 +256,17 @@ def test_preset_resolution_and_the_meaning_of_eps_live_in_the_library():
     assert paradigm_eps(2, 0.1, 1e-4, None) == (1e-4, 0.1)        # paradigms 2-3: the training budget
     with pytest.raises(ValueError, match="give it once"):
         paradigm_eps(3, 0.1, None, 0.2)
+
+
+def test_lambda_at_exactly_0_or_1_stays_frozen_and_finite_under_weight_decay():
+    """λ = 1 (logit +∞) has a zero gradient; training it only risks NaN (SGD weight decay: inf − inf)."""
+    c3 = rs.convert(_mlp(), paradigm=3, lam=1.0)
+    assert not any(p.requires_grad for n, p in c3.named_parameters() if n.endswith("lam_logit"))
+    assert all(p.requires_grad for n, p in c3.named_parameters() if not n.endswith("lam_logit"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    tuned, history = rs.finetune(c3, (x, y), 3, adversarial=None, epochs=1, lr=0.1, weight_decay=0.1, val_n=32,
+                                 batch_size=32)
+    assert all(m.lam_value == 1.0 for _, m in rs.nrpm_layers(tuned)) and math.isfinite(history[0]["train_loss"])
+    with pytest.raises(ValueError, match="exactly 0 or 1 cannot move"):
+        rs.finetune(rs.convert(_mlp(), paradigm=2, lam=1.0), (x, y), 2, adversarial=None, val_n=32)
