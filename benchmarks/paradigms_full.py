@@ -45,17 +45,18 @@ ROWS = ("original", "paradigm-1", "paradigm-3", "adversarial-training", "paradig
 
 
 def row_recipe(row: str, args) -> HardenRecipe:
-    """The hardening recipe of a paradigm-3 or adversarial-training row (the zoo's recipe when the
-    settings match one: then the row's model is that zoo model)."""
+    """The recipe of a trained row (paradigm 2 or 3, adversarial training); the zoo's recipe when
+    the settings match one: then the row's model is that zoo model."""
     spec, _, p1 = MODELS[args.model]
-    return HardenRecipe(spec[4:], p1 if row == "paradigm-3" else None, eps=args.train_eps, steps=args.train_steps,
-                        epochs=args.epochs, lr=args.lr_all, batch_size=args.batch_size, adv_weight=args.adv_weight,
-                        val_n=args.val_n)
+    paradigm = 2 if row == "paradigm-2" else 3
+    return HardenRecipe(spec[4:], None if row == "adversarial-training" else p1, eps=args.train_eps,
+                        steps=args.train_steps, epochs=args.epochs, lr=args.lr_lambda if paradigm == 2 else args.lr_all,
+                        batch_size=args.batch_size, adv_weight=args.adv_weight, val_n=args.val_n, paradigm=paradigm)
 
 
 def build_row(row: str, args, out: Path):
     """The model of one row: loaded from OUT/<row>.safetensors when it exists, else built (and trained)."""
-    spec, data, p1 = MODELS[args.model]
+    spec, _, p1 = MODELS[args.model]
     path = out / f"{row}.safetensors"
     if path.exists():
         return rs.load(path), json.loads((out / f"{row}.train.json").read_text()) if (out / f"{row}.train.json").exists() else {}
@@ -64,26 +65,15 @@ def build_row(row: str, args, out: Path):
         return rs.load_model(spec), info
     if row == "paradigm-1":
         model = rs.convert(rs.load_model(spec), 1, **p1)
-    elif row in ("paradigm-3", "adversarial-training"):
+    else:  # trained rows: paradigm 2 (λ alone, from paradigm 1), paradigm 3, adversarial training
         recipe = row_recipe(row, args)
         model, metrics = harden(recipe, checkpoint_dir=out / f"ckpt-{row}", log=out / f"{row}.log.json")
         same = [name for name, r in HARDENED.items() if r == recipe]
         info = {k: metrics[k] for k in ("train_cpu_s", "kept_epoch", "lam", "test_acc")}
         # the epochs' own seconds: also right when this run resumed a finished training
         info.update(train_wall_s=round(sum(h["seconds"] for h in metrics["history"]), 1), recipe=asdict(recipe),
-                    paradigm=3, lr=recipe.lr, zoo=same[0] if same else None, cpu=cpu_kernels.cpu_features(),
-                    threads=torch.get_num_threads())
-    else:  # paradigm 2: λ alone, from paradigm 1
-        start = rs.convert(rs.load_model(spec), 1, **p1)
-        t, w = time.process_time(), time.time()
-        model, history = rs.finetune(
-            start, data, 2, adversarial="pgd", eps=args.train_eps, pgd_steps=args.train_steps,
-            epochs=args.epochs, lr=args.lr_lambda, optimizer="adam", schedule="cosine", batch_size=args.batch_size,
-            val_n=args.val_n, adv_weight=args.adv_weight, seed=0, checkpoint_dir=out / f"ckpt-{row}",
-            log=out / f"{row}.log.json", progress=True)
-        info = {"train_cpu_s": round(time.process_time() - t, 1), "train_wall_s": round(time.time() - w, 1),
-                "kept_epoch": rs.meta.get_meta(model)["training"]["kept_epoch"], "paradigm": 2, "lr": args.lr_lambda,
-                "lam": {n: round(m.lam_value, 4) for n, m in rs.nrpm_layers(model)}}
+                    paradigm=recipe.paradigm, lr=recipe.lr, zoo=same[0] if same else None,
+                    cpu=cpu_kernels.cpu_features(), threads=torch.get_num_threads())
     rs.save(model, path)
     (out / f"{row}.train.json").write_text(json.dumps(info, indent=1))
     return model, info

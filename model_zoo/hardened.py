@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
@@ -30,8 +30,9 @@ __all__ = ["HARDENED", "SHIPPED", "HardenRecipe", "harden", "hardened_architectu
 
 @dataclass(frozen=True)
 class HardenRecipe:
-    """One hardening run. ``convert``: the :func:`robust_surgery.convert` keywords of a paradigm-3
+    """One hardening run. ``convert``: the :func:`robust_surgery.convert` keywords of the starting
     model; ``None`` for classical adversarial training (λ = 1, unconverted afterwards).
+    ``paradigm``: 3 (every weight and λ; the zoo's recipes) or 2 (λ alone).
     ``eps``: the L∞ training budget in [0, 1] pixel units; ``steps``: PGD steps per batch."""
 
     base: str
@@ -46,7 +47,7 @@ class HardenRecipe:
     optimizer: str = "adam"
     schedule: str = "cosine"
     seed: int = 0
-    paradigm: int = field(default=3, init=False)
+    paradigm: int = 3
 
     @property
     def classical(self) -> bool:
