@@ -11,7 +11,7 @@ Methods: ``plain`` (the dense layer), ``before`` (today's functional.py over ker
 only where it fits, run in a child process), ``previous`` (the first chunked implementation:
 chunked forward + autograd-recompute backward, loaded from ``git show 92e2650:...``), ``new``
 (analytic backward, eager chunks), ``compiled`` (new, chunk functions through torch.compile) and
-``fused`` (the fused C kernels of robust_surgery/nn/cpu_kernels.py, the CPU default).
+``fused`` (the fused C kernels of robust_surgery/nn/backends/c.py, the CPU default).
 
 Timings: median of --runs runs, methods interleaved round-robin in this process, so ratios
 are comparable even on a noisy shared machine. Peak memory: each (case, method) once more in a
@@ -30,8 +30,8 @@ for the backward / forward ratio.
 GPU section (runs when CUDA is available, after the CPU section; ``--gpu-only`` skips the CPU
 one): the same four cases on the GPU (ResNet-20 at --resnet-batch, default 128), methods
 ``plain``, ``direct`` (where it fits in GPU memory), ``eager`` (the chunked kernels of
-robust_surgery/nn/kernels.py with the Triton path switched off) and ``triton`` (the fused
-kernels of robust_surgery/nn/triton_kernels.py). Time: median of --runs after a warm-up
+robust_surgery/nn/backends/eager.py with the Triton path switched off) and ``triton`` (the fused
+kernels of robust_surgery/nn/backends/triton.py). Time: median of --runs after a warm-up
 (Triton compiles there), CUDA-synchronised, methods interleaved; memory: peak allocated by the
 step over what was allocated before it (torch.cuda.max_memory_allocated). Roofline: the
 arithmetic NRPM needs (ops_per_term) over the time, as a fraction of the GPU's measured
@@ -75,10 +75,9 @@ sys.path.insert(0, str(REPO / "tests"))
 import nrpm_reference as ref  # noqa: E402
 from robust_surgery.nn import NRPMConv2d, NRPMLinear, NRPMSettings, layers as nrpm_layers  # noqa: E402
 from robust_surgery.nn import functional as nrpm_functional  # noqa: E402
-from robust_surgery.fileutil import atomic_path  # noqa: E402
-from robust_surgery.nn import kernels  # noqa: E402
-from robust_surgery.nn import triton_kernels  # noqa: E402
-from robust_surgery.nn import cpu_kernels  # noqa: E402
+from robust_surgery._files import atomic_path  # noqa: E402
+from robust_surgery.nn import backends  # noqa: E402
+from robust_surgery.nn.backends import c as cpu_kernels, eager as kernels, triton as triton_kernels  # noqa: E402
 
 LAM = 0.5
 PREVIOUS_COMMIT = "92e2650"  # the first chunked implementation (autograd-recompute backward)
@@ -106,7 +105,8 @@ def previous_functional():
 
 
 def before_kernels(commit: str):
-    """robust_surgery/nn/kernels.py as of ``commit``, as a module of the package (for method ``before``)."""
+    """robust_surgery/nn/kernels.py (today's nn/backends/eager.py) as of ``commit``, as a module of the
+    package (for method ``before``)."""
     src = subprocess.run(["git", "show", f"{commit}:robust_surgery/nn/kernels.py"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.gettempdir()) / f"nrpm_kernels_{commit}.py"
@@ -132,12 +132,14 @@ def _use(method: str, prev=None):
     working tree (fused: the C kernels of cpu_kernels.py; new and eager: the eager chunks).
     """
     kernels.use_compile(method == "compiled")
-    triton_kernels.use_triton(method == "triton")
-    cpu_kernels.use_cpu_kernel(method == "fused")
+    backends.use_backend("triton", method == "triton")
+    backends.use_backend("c", method == "fused")
     impl = prev if method == "previous" else nrpm_functional
     nrpm_layers.nrpm_linear = impl.nrpm_linear
     nrpm_layers.nrpm_conv = impl.nrpm_conv
-    nrpm_functional._kernels = _IMPLS["before"] if method == "before" else kernels
+    # method "before": the old module is both the row/chunk helpers and the dispatcher
+    nrpm_functional._eager = _IMPLS["before"] if method == "before" else kernels
+    nrpm_functional.backends = _IMPLS["before"] if method == "before" else backends
 
 
 def setup_linear(args, device="cpu", size=(256, 784, 256)):
@@ -515,9 +517,9 @@ def gpu_section(args) -> dict:
             return time.perf_counter() - t, out
 
         for m in methods:  # warm-up: Triton compiles here
-            before = dict(triton_kernels.launches)
+            before = dict(triton_kernels.calls)
             results[m]["first"], outs[m] = timed(m)
-            results[m]["triton_launches"] = sum(triton_kernels.launches[k] - before[k] for k in before)
+            results[m]["triton_launches"] = sum(triton_kernels.calls[k] - before[k] for k in before)
         times = {m: [] for m in methods}
         for _ in range(args.runs):
             for m in methods:

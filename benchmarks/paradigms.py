@@ -66,7 +66,7 @@ def run_model(key: str, args) -> list[dict]:
         t = time.process_time()
         tuned, hist = rs.finetune(rs.convert(base, 1, **p1), data, paradigm, lr=lr, optimizer=opt, **ft)
         lams = {n: round(m.lam_value, 3) for n, m in rs.nrpm_layers(tuned)}
-        kept = rs.meta.get_meta(tuned)["training"]["kept_epoch"]
+        kept = rs._meta.get_meta(tuned)["training"]["kept_epoch"]
         add(f"paradigm {paradigm}", tuned, time.process_time() - t, {"lam": lams, "kept_epoch": kept})
     t = time.process_time()
     adv, _ = rs.finetune(rs.convert(base, 1, lam=1.0), data, 3, lr=args.lr_all, optimizer="adam", **ft)

@@ -30,8 +30,8 @@ import torch
 
 import robust_surgery as rs
 from robust_surgery._json import strict
-from robust_surgery.nn import cpu_kernels
-from robust_surgery.evaluate import format_eps, parse_eps
+from robust_surgery.nn.backends import c as cpu_kernels
+from robust_surgery.evaluation.run import format_eps, parse_eps
 from robust_surgery.model_zoo.hardened import HARDENED, HardenRecipe, harden
 
 MODELS = {

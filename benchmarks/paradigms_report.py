@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from robust_surgery.budgets import parse_eps
-from robust_surgery.plot import plot_curves
+from robust_surgery.evaluation.budgets import parse_eps
+from robust_surgery.evaluation.plot import plot_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_ORDER = ("original", "paradigm-1", "paradigm-2", "paradigm-3", "adversarial-training")

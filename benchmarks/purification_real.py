@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import robust_surgery as rs
-from robust_surgery.evaluate import evaluate
-from robust_surgery.fileutil import atomic_path
-from robust_surgery.inherit import compare_encoders, random_encoder
-from robust_surgery.pretrain import pretrain
-from robust_surgery.purification import (hook_diagnostics, load_images, plot_filters, plot_purity_histograms,
+from robust_surgery.evaluation.run import evaluate
+from robust_surgery._files import atomic_path
+from robust_surgery.purification.inherit import compare_encoders, random_encoder
+from robust_surgery.training.pretrain import pretrain
+from robust_surgery.purification.diagnostics import (hook_diagnostics, load_images, plot_filters, plot_purity_histograms,
                                          purification_report)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 
 import robust_surgery as rs
-from robust_surgery.evaluate import evaluate
-from robust_surgery.fileutil import atomic_path
-from robust_surgery.inherit import compare_encoders, random_encoder
-from robust_surgery.purification import (checkpoint_pair, next_layer_weights, plot_purity_histograms,
+from robust_surgery.evaluation.run import evaluate
+from robust_surgery._files import atomic_path
+from robust_surgery.purification.inherit import compare_encoders, random_encoder
+from robust_surgery.purification.diagnostics import (checkpoint_pair, next_layer_weights, plot_purity_histograms,
                                          plot_purity_vs_eps)
-from robust_surgery.pretrain import pretrain
-from robust_surgery.purity import ica_basis, purity_scores, random_orthonormal_basis
-from robust_surgery.synthetic import SparseCodingTask, oracle_mlp
+from robust_surgery.training.pretrain import pretrain
+from robust_surgery.purification.scores import ica_basis, purity_scores, random_orthonormal_basis
+from robust_surgery.purification.synthetic import SparseCodingTask, oracle_mlp
 
 REPO = Path(__file__).resolve().parents[1]
-MLP = "robust_surgery.synthetic:sparse_coding_mlp"
+MLP = "robust_surgery.purification.synthetic:sparse_coding_mlp"
 
 
 def train(task, kind, eps, args, seed):

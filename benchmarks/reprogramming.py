@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import robust_surgery as rs
-from robust_surgery.fileutil import atomic_path
+from robust_surgery._files import atomic_path
 from robust_surgery.reprogram.ar import ARConfig, reprogram_ar
 from robust_surgery.reprogram.bar import BARConfig, reprogram_bar
 from robust_surgery.reprogram.pipeline import load_target, target_accuracy

@@ -37,7 +37,7 @@ def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: 
     """One dict per table row: method, task (= target), variant, accuracy and auc (fractions),
     clean_acc and auc_pct (the same in percent), n_train, n_test, seconds, notes."""
     from robust_surgery.reprogram.r2dl import R2DLConfig, composition_baseline, run_r2dl, split_task
-    from robust_surgery.sequences import load_peptide_task
+    from robust_surgery.data.sequences import load_peptide_task
 
     budget = QUICK if quick else FULL
     rows = []
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = run(quick=args.quick, k=args.k, progress=False)
     out = args.out or RESULTS / f"reprogramming_r2dl{'-quick' if args.quick else ''}.json"
-    from robust_surgery.fileutil import atomic_path
+    from robust_surgery._files import atomic_path
 
     record = {"rows": rows, "quick": args.quick, "seconds": time.time() - t0, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}

@@ -16,10 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import robust_surgery as rs
-from robust_surgery.data import load_dataset
+from robust_surgery.data.datasets import load_dataset
 from robust_surgery.model_zoo.hardened import HARDENED, hardened_architecture
 from robust_surgery.model_zoo.train import evaluate_accuracy, save_state_dict_safetensors
-from robust_surgery.zoo import get_entry, sha256_file
+from robust_surgery.io.zoo import get_entry, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from robust_surgery.errors import InvalidInputError
-from robust_surgery.nn import triton_kernels
+from robust_surgery.nn.backends import triton as triton_kernels
 from robust_surgery.nn.functional import NORM_CODES
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}

@@ -35,7 +35,7 @@ def _input_shape(text: Optional[str], model) -> Optional[tuple[int, ...]]:
             return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
         except ValueError:
             fail(f"--input-shape must be numbers like 3,32,32 (channels first, no batch), got {text!r}")
-    from robust_surgery.zoo import get_entry, zoo_name
+    from robust_surgery.io.zoo import get_entry, zoo_name
 
     name = zoo_name(model)
     return tuple(get_entry(name).input_shape) if name else None
@@ -102,7 +102,7 @@ def convert(
         fail(f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) fine-tunes: give the training data with --data "
              "(mnist, cifar10 or a path), or convert with --paradigm 1", code=2)
     try:  # --eps: the reweighting ε in paradigm 1, the training budget in paradigms 2-3
-        nrpm_eps, train_eps = rs.presets.paradigm_eps(paradigm, eps, nrpm_eps, train_eps)
+        nrpm_eps, train_eps = rs.surgery.presets.paradigm_eps(paradigm, eps, nrpm_eps, train_eps)
     except rs.errors.InvalidInputError as e:
         fail(str(e), code=2)
     overrides = None
@@ -121,7 +121,7 @@ def convert(
     if shape:
         rs.inspect_model(net, shape)  # a shape the model cannot take fails here, before any work
     given = {"norm": norm, "K": K, "eps": nrpm_eps, "lam": lam, "include": include}
-    settings, used = rs.presets.resolve_settings(net, given)
+    settings, used = rs.surgery.presets.resolve_settings(net, given)
     with err.status("converting"):
         converted = rs.convert(net, paradigm, gamma=gamma, delta=delta, exclude=exclude, overrides=overrides,
                                **settings)
@@ -155,7 +155,7 @@ def _adversarial(text: str):
 def _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
                          n_train, val_n, checkpoint_dir, log, keep, adv_weight) -> None:
     """Refuse bad training settings and unusable checkpoint/log paths before any work starts."""
-    from robust_surgery.finetune import FinetuneConfig, check_finetune_paths
+    from robust_surgery.training.finetune import FinetuneConfig, check_finetune_paths
 
     FinetuneConfig(paradigm=paradigm, adversarial=_adversarial(adversarial), eps=train_eps, epochs=epochs, lr=lr,
                    optimizer=optimizer, schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n,
@@ -173,7 +173,7 @@ def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, opt
         schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n, keep=keep, adv_weight=adv_weight,
         checkpoint_dir=checkpoint_dir, log=log, data_root=str(data_root) if data_root else None, progress=True,
     )
-    from robust_surgery.meta import get_meta
+    from robust_surgery._meta import get_meta
 
     training = get_meta(model).get("training") or {}
 
@@ -317,7 +317,7 @@ def evaluate(
     Sharded: [bold]torchrun --nproc-per-node 2 -m robust_surgery.cli.app evaluate MODEL --data mnist --n-examples 1000[/bold]
     """
     import robust_surgery as rs
-    from robust_surgery.budgets import parse_eps
+    from robust_surgery.evaluation.budgets import parse_eps
 
     root = str(data_root) if data_root else None
     check_out(json_out, None, "report (--json)")
@@ -332,7 +332,7 @@ def evaluate(
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,
         max_batches=max_batches, progress=True, architecture=model if ":" in model else None,
     )
-    from robust_surgery.evaluate import _dist_info
+    from robust_surgery.evaluation.run import _dist_info
 
     if _dist_info()[0] != 0:  # under torchrun only rank 0 reports
         return
@@ -342,7 +342,7 @@ def evaluate(
         else:
             write_json(report.to_dict(), json_out)
     if plot is not None:
-        from robust_surgery.plot import plot_robustness_curve
+        from robust_surgery.evaluation.plot import plot_robustness_curve
 
         plot_robustness_curve(report, plot)
     if str(json_out) != "-":
@@ -360,7 +360,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print the list 
     """
     from rich.table import Table
 
-    from robust_surgery.zoo import list_models
+    from robust_surgery.io.zoo import list_models
 
     entries = list_models()
     if as_json:

@@ -23,14 +23,14 @@ def _load(model: str, arch, data_root, trust_pickle: bool = False, trust_code: b
 
 def _input_eps(data: str, eps: list[float]) -> list[float]:
     """Budgets on the synthetic task are given in feature units (the theory's); models take pixels."""
-    from robust_surgery.synthetic import parse_synthetic_spec
+    from robust_surgery.purification.synthetic import parse_synthetic_spec
 
     task = parse_synthetic_spec(data)
     return [task.pixel_eps(e) for e in eps] if task is not None else eps
 
 
 def _floats(text: str, what: str) -> list[float]:
-    from robust_surgery.budgets import parse_eps
+    from robust_surgery.evaluation.budgets import parse_eps
 
     try:
         return list(parse_eps(text))
@@ -62,7 +62,7 @@ def purification(
     Example: [bold]surgery purification zoo:mnist-lenet --data mnist --layer conv1 --basis ica --json[/bold]
     Synthetic: [bold]surgery purification adv.safetensors --data synthetic --layer fc1 --basis true --compare clean.safetensors[/bold]
     """
-    from robust_surgery.purification import plot_filters, plot_purity_histograms, purification_report
+    from robust_surgery.purification.diagnostics import plot_filters, plot_purity_histograms, purification_report
 
     check_out(plot, ".png", "plot (--plot)")
     check_out(filters, ".png", "filter image (--filters)")
@@ -125,9 +125,9 @@ def pretrain(
     Synthetic: [bold]surgery pretrain mlp --data synthetic --adversarial pgd --threat L2 --eps 0.25 --ramp 0.33 --epochs 40 -o adv.safetensors[/bold]
     """
     import robust_surgery as rs
-    from robust_surgery.inherit import random_encoder
-    from robust_surgery.pretrain import pretrain as run_pretrain
-    from robust_surgery.synthetic import parse_synthetic_spec
+    from robust_surgery.purification.inherit import random_encoder
+    from robust_surgery.training.pretrain import pretrain as run_pretrain
+    from robust_surgery.purification.synthetic import parse_synthetic_spec
 
     out = check_out(out, ".safetensors", "output (-o)")
     task = parse_synthetic_spec(data)
@@ -137,7 +137,7 @@ def pretrain(
         import torch
 
         torch.manual_seed(seed)
-        net = rs.build_arch("robust_surgery.synthetic:sparse_coding_mlp",
+        net = rs.build_arch("robust_surgery.purification.synthetic:sparse_coding_mlp",
                             kwargs={"d": task.d, "hidden": hidden, "span": task.span})
     else:
         net = _load(model, arch, data_root, trust_pickle, trust_code)
@@ -185,7 +185,7 @@ def inherit(
     Example: [bold]surgery inherit clean=zoo:mnist-lenet adv=lenet-adv.safetensors nrpm random --data mnist --layer relu3 --downstream parity --eps 0.1,0.2[/bold]
     """
     import robust_surgery as rs
-    from robust_surgery.inherit import compare_encoders, random_encoder
+    from robust_surgery.purification.inherit import compare_encoders, random_encoder
 
     encoders = {}
     for item in models:

@@ -46,7 +46,7 @@ def r2dl(
     Example: [bold]surgery reprogram r2dl zoo:minilm-sentiment --target amp --k 10 --n-train 1024 --epochs 1 -o amp.r2dl.safetensors[/bold]
     """
     from robust_surgery.reprogram.r2dl import R2DLConfig, composition_baseline, run_r2dl, save_r2dl, split_task
-    from robust_surgery.sequences import load_peptide_task
+    from robust_surgery.data.sequences import load_peptide_task
 
     cfg = R2DLConfig(k=k, dense=dense, omp_every=omp_every, epochs=epochs, batch_size=batch_size, lr=lr,
                      max_len=max_len, mapping=mapping, init=init, seed=seed, test_fraction=test_fraction,

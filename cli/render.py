@@ -28,7 +28,7 @@ def print_json(data) -> None:
 def write_json(data, path) -> None:
     """Write ``data`` as strict JSON to ``path`` (temporary name, then rename)."""
     from robust_surgery._json import strict_dumps
-    from robust_surgery.fileutil import atomic_path
+    from robust_surgery._files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(strict_dumps(data, indent=2) + "\n")
@@ -38,7 +38,7 @@ def check_out(path, suffix: str | None = None, what: str = "output"):
     """Check an output path before any work starts (folder exists and is writable, nothing odd in the way)."""
     if path is None or str(path) == "-":
         return path
-    from robust_surgery.fileutil import check_output_path
+    from robust_surgery._files import check_output_path
 
     return check_output_path(path, suffix=suffix, what=what)
 

@@ -59,7 +59,7 @@ def _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_c
 
 
 def _finish(model, report, test, attack, eps, steps, out, as_json, extra_rows):
-    from robust_surgery.budgets import parse_eps
+    from robust_surgery.evaluation.budgets import parse_eps
     from robust_surgery.reprogram.pipeline import save_reprogrammed, target_accuracy
 
     attacks = [a.strip().lower() for a in (attack or "").split(",") if a.strip()]

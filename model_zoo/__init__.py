@@ -1,7 +1,7 @@
 """Architectures and weights of the model zoo (installed as ``robust_surgery.model_zoo``).
 
-Importing this package registers every model with :mod:`robust_surgery.zoo`; use
-``robust_surgery.zoo.create_model(name)`` / ``list_models()`` rather than the builders directly.
+Importing this package registers every model with :mod:`robust_surgery.io.zoo`; use
+``robust_surgery.io.zoo.create_model(name)`` / ``list_models()`` rather than the builders directly.
 One module per family; ``checkpoints/`` holds the small embedded weights trained by
 :mod:`robust_surgery.model_zoo.train`.
 """

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.zoo import Weights, register_model
+from robust_surgery.io.zoo import Weights, register_model
 
 from .common import Normalize, resnet_stages
 

@@ -81,7 +81,7 @@ def hardened_architecture(recipe: HardenRecipe) -> nn.Module:
     """The untrained architecture a recipe produces: the base network, converted by
     ``recipe.convert`` (paradigm 3 structure) unless the recipe is classical."""
     import robust_surgery as rs
-    from robust_surgery.zoo import get_entry
+    from robust_surgery.io.zoo import get_entry
 
     model = get_entry(recipe.base).builder()
     if recipe.classical:
@@ -99,9 +99,9 @@ def harden(recipe: HardenRecipe, *, data_root: str | os.PathLike | None = None,
     checkpoint per epoch); ``n_train``: the first n training images only (quick checks).
     """
     import robust_surgery as rs
-    from robust_surgery.data import load_dataset
-    from robust_surgery.loops import evaluate_accuracy
-    from robust_surgery.zoo import get_entry
+    from robust_surgery.data.datasets import load_dataset
+    from robust_surgery._loops import evaluate_accuracy
+    from robust_surgery.io.zoo import get_entry
 
     dataset = get_entry(recipe.base).dataset
     base = rs.load_model(f"zoo:{recipe.base}", data_root=data_root)
@@ -110,7 +110,7 @@ def harden(recipe: HardenRecipe, *, data_root: str | os.PathLike | None = None,
     model, history = rs.finetune(start, dataset, recipe.paradigm, **recipe.finetune_kwargs(), n_train=n_train,
                                  checkpoint_dir=checkpoint_dir, log=Path(log) if log else None,
                                  data_root=data_root, progress=progress)
-    training = rs.meta.get_meta(model)["training"]
+    training = rs._meta.get_meta(model)["training"]
     lam = {n: round(m.lam_value, 4) for n, m in rs.nrpm_layers(model)}
     if recipe.classical:
         model = rs.unconvert(model)
@@ -137,8 +137,8 @@ SHIPPED: dict[str, tuple[str, float, str]] = {
 
 
 def _register_shipped() -> None:
-    from robust_surgery.budgets import format_eps
-    from robust_surgery.zoo import Weights, get_entry, register_model
+    from robust_surgery.evaluation.budgets import format_eps
+    from robust_surgery.io.zoo import Weights, get_entry, register_model
 
     for name, (sha256, acc, row) in SHIPPED.items():
         recipe = HARDENED[name]

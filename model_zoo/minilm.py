@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.fileutil import file_sha256
-from robust_surgery.sequences import pad_token_rows
+from robust_surgery._files import file_sha256
+from robust_surgery.data.sequences import pad_token_rows
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, MissingFileError
 
 __all__ = [

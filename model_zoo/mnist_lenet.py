@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robust_surgery.presets import register_preset
-from robust_surgery.zoo import Weights, register_model
+from robust_surgery.surgery.presets import register_preset
+from robust_surgery.io.zoo import Weights, register_model
 
 from .mnist_mlp import NRPM_SOURCE
 

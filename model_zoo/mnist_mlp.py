@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robust_surgery.presets import register_preset
-from robust_surgery.zoo import Weights, register_model
+from robust_surgery.surgery.presets import register_preset
+from robust_surgery.io.zoo import Weights, register_model
 
 NRPM_SOURCE = ("NRPM public release (Hou, Torkamani, Krim, Liu, 'Robustness Reprogramming for "
                "Representation Learning', arXiv 2410.04577); license not stated in the release")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.zoo import Weights, register_model
+from robust_surgery.io.zoo import Weights, register_model
 
 from .minilm import BertConfig, BertEncoder, load_minilm_encoder, load_minilm_tokenizer, mean_pool
 
@@ -129,7 +129,7 @@ def encode_sentences(model: MiniLMSentiment, sentences: list[str], max_length: i
 def train_sentiment_head(data_root: str | os.PathLike | None = None, seed: int = 0) -> tuple[MiniLMSentiment, dict]:
     """Fit the head on the UCI sentences: frozen encoder, L2-regularised logistic regression.
 
-    Split: :func:`robust_surgery.sequences.stratified_split` (20 % test, seed 0); the inverse
+    Split: :func:`robust_surgery.data.sequences.stratified_split` (20 % test, seed 0); the inverse
     regularisation C is chosen from ``HEAD_RECIPE["C_grid"]`` by 5-fold stratified
     cross-validation (seeded) on the training part only.
     Returns (model in eval mode, metrics with train/test accuracy in percent, C, seconds).
@@ -137,7 +137,7 @@ def train_sentiment_head(data_root: str | os.PathLike | None = None, seed: int =
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    from robust_surgery.sequences import load_uci_sentiment, stratified_split
+    from robust_surgery.data.sequences import load_uci_sentiment, stratified_split
 
     t0 = time.time()
     sentences, labels = load_uci_sentiment(data_root)
@@ -169,7 +169,7 @@ def train_sentiment_head(data_root: str | os.PathLike | None = None, seed: int =
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m robust_surgery.model_zoo.text_sentiment --out FILE``: fit the head, save it."""
-    from robust_surgery.fileutil import file_sha256
+    from robust_surgery._files import file_sha256
 
     from .train import save_state_dict_safetensors
 

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.data import load_mnist
-from robust_surgery.loops import evaluate_accuracy, training_progress
-from robust_surgery.zoo import ZooError, get_entry
+from robust_surgery.data.datasets import load_mnist
+from robust_surgery._loops import evaluate_accuracy
+from robust_surgery.training.loop import BatchLoss, make_optimizer, train_loop
+from robust_surgery.io.zoo import ZooError, get_entry
 
 from .hardened import HARDENED, harden
 from .text_sentiment import train_sentiment_head
@@ -79,7 +80,7 @@ def save_state_dict_safetensors(model: nn.Module, path: str | os.PathLike,
     """Write ``model.state_dict()`` (CPU, contiguous) to ``path`` atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
-    from robust_surgery.fileutil import atomic_path
+    from robust_surgery._files import atomic_path
 
     path = Path(path)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -128,29 +129,18 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
     x_test, y_test = load_mnist("test", data_root)
     torch.manual_seed(seed)
     model = entry.builder().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
-    gen = torch.Generator().manual_seed(seed)
-    n, bs = len(x_train), recipe["batch_size"]
-    steps = (n + bs - 1) // bs
-    losses = []
+    opt = make_optimizer(model.parameters(), "adam", recipe["lr"])
+    gen = torch.Generator().manual_seed(seed)  # one generator across epochs (the shipped weights' order)
     t0 = time.time()
-    with training_progress(progress) as bar:
-        for epoch in range(recipe["epochs"]):
-            task = bar.add_task(f"{name} epoch {epoch + 1}/{recipe['epochs']}", total=steps, loss=float("nan"))
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for s in range(steps):
-                idx = perm[s * bs:(s + 1) * bs]
-                xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                lv = float(loss.detach())
-                total += lv * len(idx)
-                bar.update(task, advance=1, loss=lv)
-            losses.append(total / n)
+
+    def step(xb, yb, epoch, s):
+        model.train()
+        return BatchLoss(F.cross_entropy(model(xb), yb))
+
+    history = train_loop(model, opt, x_train, y_train, step, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
+                         order=lambda epoch: torch.randperm(len(x_train), generator=gen), device=device,
+                         progress=progress, label=f"{name} epoch").history
+    losses = [row["train_loss"] for row in history]
     model.eval()
     correct, count = evaluate_accuracy(model, x_test, y_test, device=device)
     metrics = {
@@ -183,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train_loss" in metrics:
         meta["train_loss"] = ",".join(f"{v:.5f}" for v in metrics["train_loss"])
     path = save_state_dict_safetensors(model, args.out, metadata=meta)
-    from robust_surgery.zoo import sha256_file
+    from robust_surgery.io.zoo import sha256_file
 
     print(f"{path}: test_acc {metrics['test_acc']:.2f} ({metrics['test_correct']}/{metrics['test_n']}), "
           f"sha256 {sha256_file(path)}, {metrics['seconds']:.1f}s", file=sys.stderr)

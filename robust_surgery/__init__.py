@@ -14,14 +14,14 @@ Python API (one function per CLI command)::
 """
 __version__ = "0.1.0"
 
-from .attacks import register_attack
-from .evaluate import EvalReport, evaluate
-from .finetune import finetune
-from .archspec import register_builder
-from .errors import ModelLoadError, NonFiniteError, OutputPathError, StateMismatchError, UntrustedCodeError, UserError
-from .io import build_arch, load, load_model, read_manifest, save
-from .nn.functional import register_reweight_derivative
-from .nn import (
+from robust_surgery.evaluation.attacks import register_attack
+from robust_surgery.evaluation.run import EvalReport, evaluate
+from robust_surgery.training.finetune import finetune
+from robust_surgery.io.archspec import register_builder
+from robust_surgery.errors import ModelLoadError, NonFiniteError, OutputPathError, StateMismatchError, UntrustedCodeError, UserError
+from robust_surgery.io.model_file import build_arch, load, load_model, read_manifest, save
+from robust_surgery.nn.functional import register_reweight_derivative
+from robust_surgery.nn import (
     NRPMConv1d,
     NRPMConv2d,
     NRPMConv3d,
@@ -33,10 +33,10 @@ from .nn import (
     straight_through_mode,
     reweight_names,
 )
-from .presets import preset_for, preset_note, register_preset
-from .recalibrate import recalibrate_batchnorm
-from .report import ConversionReport, conversion_report, inspect_model
-from .surgery import (
+from robust_surgery.surgery.presets import preset_for, preset_note, register_preset
+from robust_surgery.surgery.recalibrate import recalibrate_batchnorm
+from robust_surgery.surgery.report import ConversionReport, conversion_report, inspect_model
+from robust_surgery.surgery.convert import (
     PARADIGMS,
     LayerConfig,
     NoLayerMatchedError,
@@ -51,10 +51,14 @@ from .surgery import (
 
 # Purification diagnostics and reprogramming load on first use (they pull in scikit-learn).
 _LAZY = {
-    "pretrain": ".pretrain", "purification_report": ".purification", "purity_scores": ".purity",
-    "compare_encoders": ".inherit", "SparseCodingTask": ".synthetic",
-    "reprogram_ar": ".reprogram", "reprogram_bar": ".reprogram", "run_r2dl": ".reprogram.r2dl",
-    "load_peptide_task": ".sequences",
+    "pretrain": "robust_surgery.training.pretrain",
+    "purification_report": "robust_surgery.purification.diagnostics",
+    "purity_scores": "robust_surgery.purification.scores",
+    "compare_encoders": "robust_surgery.purification.inherit",
+    "SparseCodingTask": "robust_surgery.purification.synthetic",
+    "reprogram_ar": "robust_surgery.reprogram", "reprogram_bar": "robust_surgery.reprogram",
+    "run_r2dl": "robust_surgery.reprogram.r2dl",
+    "load_peptide_task": "robust_surgery.data.sequences",
 }
 
 
@@ -62,7 +66,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,7 @@ def shared_data() -> Path:
 
 def _needs_missing_data(exc: BaseException | None) -> bool:
     """True when ``exc`` (or what it was raised from) says a data set or reference checkpoint is missing."""
-    from robust_surgery.data import DataNotFoundError
+    from robust_surgery.data.datasets import DataNotFoundError
 
     seen = 0
     while exc is not None and seen < 8:

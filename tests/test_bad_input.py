@@ -65,7 +65,7 @@ def assets(tmp_path_factory):
                                              "layers": {}, "arch_kwargs": {
                                                  "source_arch": "os:system", "source_kwargs": {"command": f"touch {marker}"},
                                                  "program": {}, "mapping": {}}})
-    _manifest_file(d, "bad_kwargs.safetensors", {**good, "arch": "robust_surgery.synthetic:sparse_coding_mlp",
+    _manifest_file(d, "bad_kwargs.safetensors", {**good, "arch": "robust_surgery.purification.synthetic:sparse_coding_mlp",
                                                  "layers": {}, "arch_kwargs": {"evil": 1}})
     _manifest_file(d, "not_object.safetensors", "[1, 2, 3]")
     _manifest_file(d, "not_json.safetensors", "{not json")
@@ -107,7 +107,7 @@ CASES = [
     ("manifest subprocess:run", ["inspect", "{a}/subprocess_run.safetensors"], 1, r"subprocess:run.*--trust-code"),
     ("manifest names the test's module", ["inspect", "{a}/own_module.safetensors"], 1, r"evil_mod_rs:build.*--trust-code"),
     ("registered builder with a spec from the file", ["inspect", "{a}/nested.safetensors"], 1, r"os:system.*--trust-code"),
-    ("registered builder, kwargs outside its signature", ["inspect", "{a}/bad_kwargs.safetensors"], 1, r"do not fit robust_surgery.synthetic:sparse_coding_mlp.*evil"),
+    ("registered builder, kwargs outside its signature", ["inspect", "{a}/bad_kwargs.safetensors"], 1, r"do not fit robust_surgery.purification.synthetic:sparse_coding_mlp.*evil"),
     # damaged model files
     ("manifest not an object", ["inspect", "{a}/not_object.safetensors"], 1, r"manifest's top level must be a JSON object"),
     ("manifest not JSON", ["inspect", "{a}/not_json.safetensors"], 1, r"not_json.safetensors: the manifest is not valid JSON"),
@@ -212,7 +212,7 @@ def test_trust_code_is_the_users_consent(tmp_path):
         rs.register_builder("own_arch_rs:build", sys.modules["own_arch_rs"].build)  # consent given in code
         assert rs.load(tmp_path / "own.safetensors")[0].weight.shape == (5, 3)
     finally:
-        rs.archspec.BUILDERS.pop("own_arch_rs:build", None)
+        rs.io.archspec.BUILDERS.pop("own_arch_rs:build", None)
         sys.path.remove(str(tmp_path))
 
 
@@ -353,7 +353,7 @@ def test_sigterm_during_a_save_leaves_no_temporary_file(tmp_path):
 def test_disk_full_is_a_clear_error_and_keeps_the_old_file(tmp_path):
     import errno
 
-    from robust_surgery.fileutil import atomic_path
+    from robust_surgery._files import atomic_path
 
     target = tmp_path / "report.json"
     target.write_text("old")
@@ -375,11 +375,11 @@ def test_diverging_training_stops_and_saves_nothing(tmp_path):
 def test_every_library_error_class_is_a_user_error():
     """The CLI's one-line errors are exactly the UserError family (plus OS errors on user paths)."""
     from robust_surgery import errors
-    from robust_surgery.data import DataFormatError, DataNotFoundError
+    from robust_surgery.data.datasets import DataFormatError, DataNotFoundError
     from robust_surgery.model_zoo.minilm import MiniLMNotInstalledError
     from robust_surgery.reprogram.query import QueryBudgetExceeded
-    from robust_surgery.surgery import NoLayerMatchedError
-    from robust_surgery.zoo import ChecksumError, ZooError
+    from robust_surgery.surgery.convert import NoLayerMatchedError
+    from robust_surgery.io.zoo import ChecksumError, ZooError
 
     classes = [getattr(errors, n) for n in errors.__all__] + [
         DataFormatError, DataNotFoundError, MiniLMNotInstalledError, QueryBudgetExceeded, NoLayerMatchedError,

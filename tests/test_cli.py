@@ -130,7 +130,7 @@ def test_shared_finetuning_options_carry_the_librarys_defaults():
 
     from robust_surgery.cli import app as cli_app
     from robust_surgery.cli import options
-    from robust_surgery.finetune import FinetuneConfig
+    from robust_surgery.training.finetune import FinetuneConfig
 
     lib = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     conv = inspect.signature(cli_app.convert).parameters

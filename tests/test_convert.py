@@ -134,7 +134,7 @@ def test_register_converter_for_a_custom_layer():
         x = torch.randn(3, 5)
         assert torch.equal(c(x), m(x))
     finally:
-        from robust_surgery.surgery import _CONVERTERS
+        from robust_surgery.surgery.convert import _CONVERTERS
 
         _CONVERTERS.pop(Bilinearish)
 
@@ -225,7 +225,7 @@ def test_setting_names_and_defaults_have_one_home():
     import inspect as pyinspect
 
     from robust_surgery.cli import app as cli_app
-    from robust_surgery import presets, surgery
+    from robust_surgery.surgery import convert as surgery, presets
     from robust_surgery.nn.functional import DEFAULT_LAM, DEFAULTS, LAYER_SETTING_NAMES, SETTING_NAMES
 
     assert SETTING_NAMES == ("norm", "K", "eps", "gamma", "delta") and LAYER_SETTING_NAMES[-1] == "lam"
@@ -241,7 +241,7 @@ def test_setting_names_and_defaults_have_one_home():
 
 
 def test_preset_resolution_and_the_meaning_of_eps_live_in_the_library():
-    from robust_surgery.presets import paradigm_eps, resolve_settings
+    from robust_surgery.surgery.presets import paradigm_eps, resolve_settings
 
     plain = nn.Sequential(nn.Linear(4, 2))  # not a zoo model: no preset, the defaults
     settings, used = resolve_settings(plain, {"norm": None, "K": 2, "eps": None, "lam": None, "include": None})

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from robust_surgery import data
-from robust_surgery.data import (
+from robust_surgery.data import datasets as data
+from robust_surgery.data.datasets import (
     CIFAR10_CLASSES,
     DATASETS,
     DataFormatError,

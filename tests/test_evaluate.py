@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import robust_surgery as rs
 from robust_surgery.cli.app import app
-from robust_surgery.data import load_mnist
+from robust_surgery.data.datasets import load_mnist
 from test_fidelity import EPS, fgsm_accuracies
 
 runner = CliRunner()
@@ -107,7 +107,7 @@ class _ThresholdModel(nn.Module):
 def test_worst_case_is_taken_per_point(monkeypatch):
     """Two attacks that each fool half the points, different halves: each alone leaves 50 %, the
     worst case (a point counts only if it survives every attack) 0 %; a minimum over attacks would say 50 %."""
-    ev = importlib.import_module("robust_surgery.evaluate")  # the module (rs.evaluate is the function)
+    ev = importlib.import_module("robust_surgery.evaluation.run")  # the module (rs.evaluate is the function)
 
     class Flip:  # pushes pixel (0, 0) across the threshold on every other point, within ε
         def __init__(self, cfg, parity):
@@ -152,11 +152,11 @@ def test_compare_original_and_report_card(small_nrpm, mnist, tmp_path):
     d = r.to_dict()
     assert d["robust_acc"] == worst and len(d["checks"]) == 9
     json.dumps(d)  # JSON-serialisable
-    from robust_surgery.plot import plot_robustness_curve
+    from robust_surgery.evaluation.plot import plot_robustness_curve
 
     png = plot_robustness_curve(r, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from robust_surgery.plot import plot_curves
+    from robust_surgery.evaluation.plot import plot_curves
 
     rows = plot_curves({"a": {0.0: 90.0, 0.1: 40.0}, "b": r.worst("nrpm")}, tmp_path / "rows.png", title="t")
     assert rows.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
@@ -241,7 +241,7 @@ def test_two_gloo_processes_give_the_single_process_counts(tmp_path, shared_data
 def test_transfer_and_bpda_at_every_eps_count_in_the_worst_case():
     """--attack transfer,bpda: PGD with the λ = 1 network's and the surrogate's gradients at every ε,
     shown as their own rows, part of the per-point worst case, read by the report card (no second run)."""
-    from robust_surgery.evaluate import _plan
+    from robust_surgery.evaluation.run import _plan
 
     plain = rs.load_model("zoo:mnist-mlp-rs")
     model = rs.convert(plain, **rs.preset_for(plain))
@@ -262,7 +262,7 @@ def test_a_registered_attack_runs_by_name_and_counts_in_the_worst_case(mnist):
     """Attacks come from a registry: a user's own attack runs by name like the built-in ones."""
     import torchattacks
 
-    from robust_surgery import attacks
+    from robust_surgery.evaluation import attacks
 
     @rs.register_attack("noise-test", gradient=False)
     def _noise(cfg, target, n_classes, seed):  # uniform noise in the ball: weaker than PGD

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import nrpm_reference as ref
 import robust_surgery as rs
-from robust_surgery.data import load_mnist
+from robust_surgery.data.datasets import load_mnist
 
 EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
 

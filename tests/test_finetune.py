@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import robust_surgery as rs
 from robust_surgery.cli.app import app
-from robust_surgery.data import load_mnist
+from robust_surgery.data.datasets import load_mnist
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_paradigm_2_changes_only_lambda(mnist_train):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"conv.lam_logit", "fc.lam_logit"}  # weights, biases and BatchNorm statistics untouched
     assert len(history) == 1 and history[0]["train_loss"] > 0 and "val_robust_acc" in history[0]
-    manifest = rs.io.build_manifest(model)
+    manifest = rs.io.model_file.build_manifest(model)
     assert manifest["paradigm"] == 2 and manifest["training"]["adversarial"] == "fgsm"
 
 
@@ -122,7 +122,7 @@ def test_a_harmful_run_keeps_the_starting_model(mnist_train):
     before = {k: v.clone() for k, v in start.state_dict().items()}
     tuned, history = rs.finetune(start, mnist_train, 3, adversarial=None, epochs=1, lr=50.0, n_train=256, val_n=200,
                                  batch_size=64)
-    training = rs.meta.get_meta(tuned)["training"]
+    training = rs._meta.get_meta(tuned)["training"]
     assert history[0]["val_clean_acc"] < training["start"]["val_clean_acc"]  # the epoch did harm...
     assert training["best_epoch"] == 0  # ...so the start was kept, bit for bit
     assert all(torch.equal(before[k], v) for k, v in tuned.state_dict().items())

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import robust_surgery as rs
-from robust_surgery.io import MANIFEST_KEY, atomic_path, file_sha256
+from robust_surgery.io.model_file import MANIFEST_KEY, atomic_path, file_sha256
 
 
 class TinyNet(nn.Module):

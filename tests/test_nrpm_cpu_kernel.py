@@ -1,4 +1,4 @@
-"""The fused C kernels for CPU (robust_surgery/nn/cpu_kernels.py): dispatch, agreement with the
+"""The fused C kernels for CPU (robust_surgery/nn/backends/c.py): dispatch, agreement with the
 eager chunks, frozen inputs or weights, threads, and the fallback when they cannot be built."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import nrpm_reference as ref
 import pytest
 import torch
 
-from robust_surgery.nn import NRPMSettings, cpu_kernels
+from robust_surgery.nn import NRPMSettings
+from robust_surgery.nn.backends import c as cpu_kernels, use_backend
 from robust_surgery.nn import functional as Fn
 
 SETTINGS = [NRPMSettings("L1", 1, 5e-4), NRPMSettings("L1", 3), NRPMSettings("MCP", 2, gamma=0.4),
@@ -24,7 +25,7 @@ def _problem(dtype, G=2, R=9, O=5, D=21, seed=0):
 
 def _run(x, w, z0, s, fused: bool, need=(True, True, True)):
     """(z_NRPM, g_x, g_w, g_z0) through the chosen path for a fixed upstream gradient."""
-    cpu_kernels.use_cpu_kernel(fused)
+    use_backend("c", fused)
     try:
         leaves = [t.detach().clone().requires_grad_(n) for t, n in zip((x, w, z0), need)]
         before = cpu_kernels.calls["forward"]
@@ -151,9 +152,9 @@ def test_a_failed_compile_leaves_no_library_behind(monkeypatch, tmp_path):
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setattr(cpu_kernels.switch, "value", None)
     monkeypatch.setenv("ROBUST_SURGERY_NRPM_CPU_KERNEL", "0")
-    assert not cpu_kernels.cpu_kernel_enabled()
+    assert not cpu_kernels.enabled()
     monkeypatch.setenv("ROBUST_SURGERY_NRPM_CPU_KERNEL", "1")
-    assert cpu_kernels.cpu_kernel_enabled()
+    assert cpu_kernels.enabled()
 
 
 CONVS = [  # (layer, input shape): rows gathered from the padded input inside the kernel

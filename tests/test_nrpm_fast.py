@@ -2,7 +2,7 @@
 
 Everything is compared with the direct reference (tests/nrpm_reference.py): float64 to 1e-6
 relative, float32 to 1e-4. The correctness tests run twice (fixture ``path``): through the fused
-C kernels (robust_surgery/nn/cpu_kernels.py, the CPU default) and through the eager chunks.
+C kernels (robust_surgery/nn/backends/c.py, the CPU default) and through the eager chunks.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 import nrpm_reference as ref
 from robust_surgery.nn import NRPMConv1d, NRPMConv2d, NRPMConv3d, NRPMLinear, NRPMSettings
 from robust_surgery.nn import functional as Fn
-from robust_surgery.nn import cpu_kernels, kernels
+from robust_surgery.nn.backends import c as cpu_kernels, eager as kernels
 
 KIB = 1024
 NORMS = ["L1", "MCP", "Huber", "HM", "L2"]
@@ -264,7 +264,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, eager):
         _close(got, want, rtol=1e-12)
         assert not kernels.compile_enabled()
     finally:
-        kernels.switch.set(None)
+        kernels.compile_switch.set(None)
 
 
 @pytest.mark.slow
@@ -281,7 +281,7 @@ def test_compiled_path_matches_eager(eager):
             got = _grads(conv(x), (x, conv.weight, conv.bias))
         assert kernels.compile_enabled()  # still on: the compiled chunks ran
     finally:
-        kernels.switch.set(None)
+        kernels.compile_switch.set(None)
     _close(got, want, rtol=1e-4)
 
 
@@ -296,8 +296,9 @@ def test_peak_memory_stays_under_budget(fused):
     code = textwrap.dedent(
         """
         import torch
-        from robust_surgery.nn import NRPMConv2d, NRPMSettings, cpu_kernels
-        cpu_kernels.use_cpu_kernel(FUSED)
+        from robust_surgery.nn import NRPMConv2d, NRPMSettings
+        from robust_surgery.nn.backends import use_backend
+        use_backend("c", FUSED)
         def vm(f):
             return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(f + ":")][0]
         torch.manual_seed(0)

@@ -1,9 +1,9 @@
 """Fused Triton NRPM kernels (issue 5, item 4), verified in Triton's interpreter on CPU.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when
-robust_surgery.nn.triton_kernels is imported; another test (or torch itself) may have imported
+robust_surgery.nn.backends.triton is imported; another test (or torch itself) may have imported
 it already in this process. So the checks run once, in a child process started with
-TRITON_INTERPRET=1, through the real dispatch (kernels.run sends CPU tensors to the kernels in
+TRITON_INTERPRET=1, through the real dispatch (backends.run sends CPU tensors to the kernels in
 interpreter mode), and report their errors against the direct reference (tests/nrpm_reference.py)
 as JSON; the tests here assert on that report. float64 to 1e-6 relative, float32 to 1e-4.
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_surgery.nn import NRPMConv2d, NRPMLinear, NRPMSettings, triton_kernels as tk
+from robust_surgery.nn import NRPMConv2d, NRPMLinear, NRPMSettings
+from robust_surgery.nn import backends
+from robust_surgery.nn.backends import eager, triton as tk
 from robust_surgery.nn import functional as Fn
-from robust_surgery.nn import kernels
 
 HERE = Path(__file__).resolve().parent
 LINEAR_CASES = [(norm, K, lam) for norm in ("L1", "MCP", "Huber", "HM") for K, lam in ((1, 0.0), (3, 0.3))]
@@ -53,9 +54,9 @@ def _child() -> dict:
     report = {}
 
     def launched(fn):
-        before = dict(tk.launches)
+        before = dict(tk.calls)
         out = fn()
-        return out, {k: tk.launches[k] - before[k] for k in before}
+        return out, {k: tk.calls[k] - before[k] for k in before}
 
     for norm, K, lam in LINEAR_CASES:  # Linear, float64, every gradient (λ's too)
         torch.manual_seed(0)
@@ -72,9 +73,9 @@ def _child() -> dict:
     z0 = torch.einsum("grd,god->gro", x, w).detach().requires_grad_(True)
     w.requires_grad_(True)
     ours, n = launched(lambda: _grads(Fn.robust_pattern_match(x, w, z0, _settings("L2", 2)), (x, w, z0)))
-    tk.use_triton(False)
+    backends.use_backend("triton", False)
     eager = _grads(Fn.robust_pattern_match(x, w, z0, _settings("L2", 2)), (x, w, z0))
-    tk.use_triton(True)
+    backends.use_backend("triton", True)
     report["direct-L2-K2"] = {"rel": _rel(ours, eager), **n}
 
     for i in CONV_IDS:  # Conv, float64, x / weight / bias / λ gradients
@@ -132,14 +133,14 @@ def _child() -> dict:
             warnings.simplefilter("always")
             got = _grads(lin(xb), (xb, lin.weight))  # forward fused, backward falls back
             report["failing-backward"] = {"rel": _rel(got, want), "warned": any("Triton" in str(c.message) for c in caught),
-                                          "enabled_after": tk.triton_enabled()}
-        tk.use_triton(True)
+                                          "enabled_after": tk.enabled()}
+        backends.use_backend("triton", True)
         tk.forward = broken
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = _grads(lin(xb), (xb, lin.weight))
             report["failing-forward"] = {"rel": _rel(got, want), "warned": any("Triton" in str(c.message) for c in caught),
-                                         "enabled_after": tk.triton_enabled()}
+                                         "enabled_after": tk.enabled()}
     finally:
         tk.backward = real_backward
     return report
@@ -212,19 +213,19 @@ def test_cpu_without_interpreter_or_triton_is_not_sent_to_triton(monkeypatch):
     if not tk.interpreted():
         assert not tk.supports(s, x, w, z0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert kernels._fused_kernels(x, w, z0, s) is not tk  # the C kernels (or eager) take CPU tensors
+    assert backends.select_backend(s, x, w, z0) is not tk  # the C kernels (or eager) take CPU tensors
     monkeypatch.setattr(tk, "triton", None)  # no Triton: even in interpreter mode nothing goes there
     assert not tk.supports(s, x, w, z0)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels._fused_kernels(x, w, z0, s) is None
+    assert backends.select_backend(s, x, w, z0) is eager
 
 
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setattr(tk.switch, "value", None)
     monkeypatch.setenv("ROBUST_SURGERY_NRPM_TRITON", "0")
-    assert not tk.triton_enabled()
+    assert not tk.enabled()
     monkeypatch.setenv("ROBUST_SURGERY_NRPM_TRITON", "1")
-    assert tk.triton_enabled()
+    assert tk.enabled()
 
 
 def test_custom_norm_backward_when_the_input_needs_no_gradient():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robust_surgery.nn import triton_kernels as tk
+from robust_surgery.nn.backends import triton as tk
 
 pytestmark = pytest.mark.skipif(not tk.available() or tk.interpreted(),
                                 reason="needs Triton, not in interpreter mode")

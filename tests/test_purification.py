@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from robust_surgery.purification import (checkpoint_pair, get_layer, hook_diagnostics, layer_input_patches,
+from robust_surgery.purification.diagnostics import (checkpoint_pair, get_layer, hook_diagnostics, layer_input_patches,
                                          next_layer_weights, purification_report, whitened_random_basis)
-from robust_surgery.purity import (dictionary_basis, entropy_count, gini, hoyer, ica_basis, layer_units,
+from robust_surgery.purification.scores import (dictionary_basis, entropy_count, gini, hoyer, ica_basis, layer_units,
                                    load_basis_file, participation_ratio, purity_scores, random_orthonormal_basis,
                                    top_k_energy)
-from robust_surgery.synthetic import SparseCodingTask, parse_synthetic_spec, sparse_coding_mlp
+from robust_surgery.purification.synthetic import SparseCodingTask, parse_synthetic_spec, sparse_coding_mlp
 
 
 def test_known_answers_one_hot_and_flat():
@@ -200,7 +200,7 @@ def test_report_on_a_zoo_model_learns_an_ica_basis():
 
 
 def test_purification_plots_write_pngs(tmp_path):
-    from robust_surgery.purification import plot_filters, plot_purity_vs_eps
+    from robust_surgery.purification.diagnostics import plot_filters, plot_purity_vs_eps
 
     png = b"\x89PNG\r\n\x1a\n"
     f = plot_filters({"conv": torch.nn.Conv2d(3, 8, 5), "linear": torch.nn.Linear(25, 4)}, tmp_path / "f.png")

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 import robust_surgery as rs
-from robust_surgery.inherit import EncoderHead, compare_encoders, random_encoder, relabel, train_linear_head
-from robust_surgery.pretrain import PretrainConfig, eps_at, noise_batch, pretrain
-from robust_surgery.purity import purity_scores, random_orthonormal_basis
-from robust_surgery.synthetic import SparseCodingTask
+from robust_surgery.purification.inherit import EncoderHead, compare_encoders, random_encoder, relabel, train_linear_head
+from robust_surgery.training.pretrain import PretrainConfig, eps_at, noise_batch, pretrain
+from robust_surgery.purification.scores import purity_scores, random_orthonormal_basis
+from robust_surgery.purification.synthetic import SparseCodingTask
 
-MLP = "robust_surgery.synthetic:sparse_coding_mlp"
+MLP = "robust_surgery.purification.synthetic:sparse_coding_mlp"
 
 
 def _mlp(task: SparseCodingTask, hidden: int, seed: int = 0) -> nn.Module:
@@ -82,7 +82,7 @@ def test_linear_head_and_encoder_head():
 def test_pure_oracle_encoder_passes_robustness_to_a_clean_head():
     """A frozen layer of pure, thresholded feature detectors vs a random layer: the clean head on the
     pure one keeps most of its accuracy under PGD-L2 at ε = 0.2 (feature units)."""
-    from robust_surgery.synthetic import oracle_mlp
+    from robust_surgery.purification.synthetic import oracle_mlp
 
     task = SparseCodingTask(d=16, k=3, n_train=2000, n_test=300)
     pure = oracle_mlp(task, mix=0.0, threshold=0.25)

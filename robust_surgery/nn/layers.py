@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from .functional import DEFAULT_LAM, NRPMSettings, nrpm_conv, nrpm_linear
-from ..errors import InvalidInputError, InvalidTypeError
+from robust_surgery.nn.functional import DEFAULT_LAM, NRPMSettings, nrpm_conv, nrpm_linear
+from robust_surgery.errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "lam_to_logit", "linear_mode", "straight_through_mode"]
 

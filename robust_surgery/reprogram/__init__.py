@@ -10,15 +10,15 @@ Image reprogramming (AR, BAR)::
     model, report = reprogram_ar(rs.load_model("zoo:cifar-resnet20"), *load_target("mnist", n=8000))
     save_reprogrammed(model, "ar.safetensors")   # rs.load / surgery evaluate rebuild it
 """
-from .ar import ARConfig, reprogram_ar, train_ar
-from .bar import BARConfig, reprogram_bar, train_bar
-from .losses import class_balance_weights, focal_loss, mapped_nll
-from .mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
-from .pipeline import (ReprogrammedModel, build_reprogrammed, choose_mapping, load_source, load_target,
+from robust_surgery.reprogram.ar import ARConfig, reprogram_ar, train_ar
+from robust_surgery.reprogram.bar import BARConfig, reprogram_bar, train_bar
+from robust_surgery.reprogram.losses import class_balance_weights, focal_loss, mapped_nll
+from robust_surgery.reprogram.mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
+from robust_surgery.reprogram.pipeline import (ReprogrammedModel, build_reprogrammed, choose_mapping, load_source, load_target,
                        save_reprogrammed, target_accuracy)
-from .program import CanvasSpec, Program, centre_embed, data_mask
-from .query import QueryBudgetExceeded, QueryOracle
-from .zo import unit_sphere, zo_gradient
+from robust_surgery.reprogram.program import CanvasSpec, Program, centre_embed, data_mask
+from robust_surgery.reprogram.query import QueryBudgetExceeded, QueryOracle
+from robust_surgery.reprogram.zo import unit_sphere, zo_gradient
 
 __all__ = [
     "ARConfig", "reprogram_ar", "train_ar", "BARConfig", "reprogram_bar", "train_bar",

@@ -13,13 +13,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..attacks import check_unit_range
-from ..loops import evaluate_accuracy, training_progress
-from .losses import mapped_nll
-from .pipeline import (ReprogrammedModel, choose_mapping, freeze_source, source_canvas, source_classes,
+from robust_surgery.evaluation.attacks import check_unit_range
+from robust_surgery._loops import evaluate_accuracy
+from robust_surgery.training.loop import BatchLoss, make_optimizer, train_loop
+from robust_surgery.reprogram.losses import mapped_nll
+from robust_surgery.reprogram.pipeline import (ReprogrammedModel, choose_mapping, freeze_source, source_canvas, source_classes,
                        state_digest)
-from .program import CanvasSpec, Program
-from ..errors import InvalidInputError
+from robust_surgery.reprogram.program import CanvasSpec, Program
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["ARConfig", "train_ar", "reprogram_ar"]
 
@@ -62,37 +63,28 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
     freeze_source(model.source)
     before = state_digest(model.source)
     w = model.program.weight
-    opt = torch.optim.Adam([w], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_every, gamma=cfg.decay)
+    opt = make_optimizer([w], "adam", cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
-    dev = w.device
-    history = []
-    model.train()
-    steps = (len(x) + cfg.batch_size - 1) // cfg.batch_size
-    with training_progress(progress) as bar:
-        for epoch in range(cfg.epochs):
-            t0 = time.time()
-            task = bar.add_task(f"AR epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=float("nan"))
-            order = torch.randperm(len(x), generator=g)
-            total, correct = 0.0, 0
-            for i in range(0, len(x), cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                xb, yb = x[idx].to(dev), y[idx].to(dev)
-                h = model.mapped_probs(xb)
-                loss = mapped_nll(h, yb) + cfg.reg * w.pow(2).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                correct += int((h.argmax(1) == yb).sum())
-                bar.update(task, advance=1, loss=float(loss.detach()))
-            row = {"epoch": epoch + 1, "loss": total / len(x), "train_acc": 100.0 * correct / len(x),
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
-            sched.step()
-            if val is not None:
-                c, n = evaluate_accuracy(model, val[0], val[1], batch_size=500)
-                row["val_acc"] = 100.0 * c / n
-            history.append(row)
+
+    def lr_at(epoch):  # StepLR's chained form: × decay every decay_every epochs
+        lr = cfg.lr
+        for _ in range(epoch // cfg.decay_every):
+            lr *= cfg.decay
+        return lr
+
+    def step(xb, yb, epoch, s):
+        model.train()
+        h = model.mapped_probs(xb)
+        return BatchLoss(mapped_nll(h, yb) + cfg.reg * w.pow(2).sum(), {"correct": int((h.argmax(1) == yb).sum())})
+
+    def end_epoch(epoch):
+        return {} if val is None else {"val_acc": 100.0 * evaluate_accuracy(model, val[0], val[1], batch_size=500)[0] / len(val[0])}
+
+    history = train_loop(model, opt, x, y, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                         order=lambda epoch: torch.randperm(len(x), generator=g), lr_at=lr_at, end_epoch=end_epoch,
+                         device=w.device, progress=progress, label="AR epoch", loss_name="loss").history
+    for row in history:
+        row["train_acc"] = 100.0 * row.pop("correct") / len(x)
     model.eval()
     if state_digest(model.source) != before:
         raise SourceChangedError("the source model's weights changed while reprogramming; only W may train")

@@ -16,15 +16,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..attacks import check_unit_range
-from ..loops import training_progress
-from .losses import class_balance_weights, focal_loss
-from .mapping import LabelMapping
-from .pipeline import ReprogrammedModel, choose_mapping, freeze_source, source_canvas
-from .program import CanvasSpec, Program
-from .query import QueryOracle
-from .zo import zo_gradient
-from ..errors import InvalidInputError
+from robust_surgery.evaluation.attacks import check_unit_range
+from robust_surgery._loops import training_progress
+from robust_surgery.reprogram.losses import class_balance_weights, focal_loss
+from robust_surgery.reprogram.mapping import LabelMapping
+from robust_surgery.reprogram.pipeline import ReprogrammedModel, choose_mapping, freeze_source, source_canvas
+from robust_surgery.reprogram.program import CanvasSpec, Program
+from robust_surgery.reprogram.query import QueryOracle
+from robust_surgery.reprogram.zo import zo_gradient
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["BARConfig", "train_bar", "reprogram_bar"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidInputError
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["mapped_nll", "focal_loss", "class_balance_weights"]
 

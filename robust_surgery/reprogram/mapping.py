@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError
+from robust_surgery.errors import InvalidInputError
 
 
 class LabelMapping(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidInputError
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["omp", "sparse_to_dense"]
 

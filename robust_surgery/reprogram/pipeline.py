@@ -21,12 +21,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..io import ModelLoadError, build_arch, save
-from ..meta import get_meta
-from ..runrecord import state_digest
-from .mapping import LabelMapping
-from .program import CanvasSpec, Program
-from ..errors import InvalidInputError, InvalidTypeError
+from robust_surgery.io.model_file import ModelLoadError, build_arch, save
+from robust_surgery._meta import get_meta
+from robust_surgery.evaluation.kinds import Source
+from robust_surgery.io.runrecord import state_digest
+from robust_surgery.reprogram.mapping import LabelMapping
+from robust_surgery.reprogram.program import CanvasSpec, Program
+from robust_surgery.errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["ReprogrammedModel", "build_reprogrammed", "save_reprogrammed", "freeze_source", "state_digest",
            "FACTORY"]
@@ -81,7 +82,7 @@ class ReprogrammedModel(nn.Module):
         if not spec:
             raise InvalidInputError("the source model records no architecture spec, so the reprogrammed model could not be "
                              "rebuilt from its file; load the source with robust_surgery.load_model('zoo:NAME' or a "
-                             "saved .safetensors) or set robust_surgery.meta.set_meta(source, arch='pkg.module:factory')")
+                             "saved .safetensors) or set robust_surgery._meta.set_meta(source, arch='pkg.module:factory')")
         return {"source_arch": spec, "source_kwargs": meta.get("arch_kwargs"), "program": {
             **self.program.spec.to_dict(), "low_dim": self.program.low_dim}, "mapping": self.mapping.to_dict()}
 
@@ -120,7 +121,7 @@ def load_source(spec: str, *, arch: str | None = None, data_root: str | None = N
                 trust_pickle: bool = False) -> nn.Module:
     """The frozen source model: a spec (``zoo:cifar-resnet20``) or a saved/converted model file
     (``trust_code``/``trust_pickle`` as in :func:`robust_surgery.load_model`)."""
-    from ..io import load_model
+    from robust_surgery.io.model_file import load_model
 
     model = load_model(spec, arch=arch, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
     if isinstance(model, ReprogrammedModel):
@@ -131,17 +132,16 @@ def load_source(spec: str, *, arch: str | None = None, data_root: str | None = N
 def load_target(target: str, split: str = "train", *, n: int | None = None, data_root: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target images ``(N, c, h, w)`` in [0, 1] and labels ``(N,)``: ``mnist`` or an image data path."""
-    from ..data import load_dataset
+    from robust_surgery.data.resolve import resolve_data
 
-    x, y = load_dataset(target, split, root=data_root, n=n).tensors
-    return x, y
+    return resolve_data(target, split, n=n, data_root=data_root).tensors
 
 
 def source_canvas(source: nn.Module) -> tuple[int, int, int]:
     """The source's input shape ``(C, H, W)`` for a zoo architecture (also a converted/saved one)."""
     spec = get_meta(source).get("arch") or ""
     if spec.startswith("zoo:"):
-        from ..zoo import get_entry
+        from robust_surgery.io.zoo import get_entry
 
         return tuple(get_entry(spec[4:]).input_shape)
     raise InvalidInputError(f"cannot tell the input size of source {spec or type(source).__name__}; give the canvas "
@@ -166,7 +166,7 @@ def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: 
     ``probs_fn`` (source probabilities ``(B, n_source)``: a :class:`~.query.QueryOracle` in BAR,
     so these queries are counted) and applies the greedy histogram assignment.
     """
-    from .mapping import frequency_mapping, one_to_one, random_mapping
+    from robust_surgery.reprogram.mapping import frequency_mapping, one_to_one, random_mapping
 
     if kind == "one-to-one":
         if m != 1:
@@ -192,8 +192,8 @@ def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, 
     pipeline program → source → mapping (:func:`robust_surgery.evaluate`, no report card); the
     result has ``clean_acc``, ``n_examples`` and ``robust_acc`` ``{attack: {eps_str: %}}``.
     """
-    from ..evaluate import evaluate, format_eps
-    from ..loops import evaluate_accuracy
+    from robust_surgery.evaluation.run import evaluate, format_eps
+    from robust_surgery._loops import evaluate_accuracy
 
     if not attacks or not eps:
         c, n = evaluate_accuracy(model, x, y, batch_size=max(batch_size, 256))
@@ -202,7 +202,7 @@ def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, 
                       checks=False, progress=progress)
     robust: dict[str, dict[str, float]] = {}
     for r in report.results:
-        if r["source"] == "direct" and r.get("check") is None:
+        if r["source"] == Source.DIRECT and r.get("check") is None:
             robust.setdefault(r["attack"], {})[format_eps(r["eps"])] = r["robust_acc"]
     return {"clean_acc": report.to_dict()["clean_acc"], "n_examples": report.n, "robust_acc": robust,
             "eval_seconds": round(report.seconds, 2)}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidInputError
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["CanvasSpec", "Program", "centre_embed", "data_mask"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, UserError
+from robust_surgery.errors import InvalidInputError, UserError
 
 __all__ = ["QueryOracle", "QueryBudgetExceeded"]
 

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._json import strict_dumps
-from ..fileutil import atomic_path, check_output_path
-from ..sequences import AMINO_ACIDS, PeptideTask, composition_features, encode_sequences, load_peptide_task, stratified_split
-from .mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
-from .omp import omp, sparse_to_dense
-from ..errors import InvalidInputError, InvalidTypeError, MissingFileError
+from robust_surgery._json import strict_dumps
+from robust_surgery._files import atomic_path, check_output_path
+from robust_surgery.data.resolve import resolve_sequence_task
+from robust_surgery.data.sequences import AMINO_ACIDS, PeptideTask, composition_features, encode_sequences, stratified_split
+from robust_surgery.reprogram.mapping import LabelMapping, frequency_mapping, one_to_one, random_mapping
+from robust_surgery.reprogram.omp import omp, sparse_to_dense
+from robust_surgery.errors import InvalidInputError, InvalidTypeError, MissingFileError
 
 __all__ = [
     "R2DLConfig",
@@ -166,12 +167,12 @@ def load_sequence_source(spec: str = "zoo:minilm-sentiment", random_encoder: boo
     """The source classifier of ``spec``; ``random_encoder``: the same model with its encoder's
     weights replaced by BERT's random initialisation (seeded), the trained head kept: the control.
     ``trust_code``/``trust_pickle`` as in :func:`robust_surgery.load_model`."""
-    from ..io import load_model
+    from robust_surgery.io.model_file import load_model
 
     source = load_model(spec, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
     _check_source(source)
     if random_encoder:
-        from ..model_zoo.minilm import load_minilm_encoder
+        from robust_surgery.model_zoo.minilm import load_minilm_encoder
 
         if not hasattr(source, "bert"):
             raise InvalidInputError(f"--random-encoder needs a MiniLM-based source such as zoo:minilm-sentiment, not {spec}")
@@ -246,7 +247,7 @@ def train_r2dl(model: R2DLModel, ids: torch.Tensor, mask: torch.Tensor, labels: 
     every ``omp_every``-th step (and after the last) a k-sparse program is projected by OMP.
     Returns one record per step: ``{"step", "epoch", "loss"}`` (loss before the update).
     """
-    from ..loops import training_progress
+    from robust_surgery._loops import training_progress
 
     program = model.program
     opt = torch.optim.Adam([program.theta], lr=lr)
@@ -402,7 +403,7 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
     elif config.random_encoder:
         raise InvalidInputError("random_encoder needs a source spec (it rebuilds the encoder); pass a string")
     _check_source(source)
-    task = target if isinstance(target, PeptideTask) else load_peptide_task(target, data_root)
+    task = resolve_sequence_task(target, data_root)
     train, test = split_task(task, config)
     alphabet = AMINO_ACIDS
     tr_ids, tr_mask = encode_sequences(train.sequences, alphabet, config.max_len)
@@ -453,11 +454,10 @@ def load_r2dl(path: str | os.PathLike, data_root: str | None = None, *, trust_co
     """Rebuild the :class:`R2DLModel` saved by :func:`save_r2dl` (the source is rebuilt from its
     recorded spec, with the random encoder of a control run); ``model.manifest`` holds the record.
     The recorded source spec is the file's word: it resolves through our registries only, unless
-    ``trust_code=True`` (see :mod:`robust_surgery.archspec`)."""
-    from safetensors.torch import load_file
-
-    from ..archspec import reading_file
-    from ..io import ModelLoadError, read_manifest
+    ``trust_code=True`` (see :mod:`robust_surgery.io.archspec`)."""
+    from robust_surgery.io.archspec import reading_file
+    from robust_surgery.io.checkpoint import read_checkpoint
+    from robust_surgery.io.model_file import ModelLoadError, read_manifest
 
     path = Path(path)
     if not path.is_file():
@@ -479,7 +479,7 @@ def load_r2dl(path: str | os.PathLike, data_root: str | None = None, *, trust_co
                              "with `surgery reprogram r2dl ... -o FILE`") from None
     with reading_file(trust_code, path):
         source = load_sequence_source(spec, random_enc, seed, data_root, trust_code=trust_code)
-    tensors = load_file(str(path))
+    tensors = read_checkpoint(path)
     program = R2DLProgram(source.word_embeddings, n_tokens, k, cls_id, sep_id, init_ids=[0] * n_tokens)
     with torch.no_grad():
         if "theta" in tensors:

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import InvalidInputError
+from robust_surgery.errors import InvalidInputError
 
 __all__ = ["unit_sphere", "zo_gradient"]
 

@@ -1,0 +1,1 @@
+"""Purification diagnostics: per-unit purity scores, feature bases, the layer report, inheritance."""

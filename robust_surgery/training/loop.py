@@ -1,0 +1,157 @@
+"""The one training loop: epochs of shuffled mini-batches, a schedule, best-epoch selection,
+per-epoch checkpoints that a rerun resumes from, and a JSON log.
+
+Every trainer of the library is a configuration of :func:`train_loop`: fine-tuning (paradigms 2
+and 3, :mod:`robust_surgery.training.finetune`), pretraining (:mod:`robust_surgery.training.pretrain`),
+the zoo recipes (``model_zoo/train.py``) and adversarial reprogramming (:mod:`robust_surgery.reprogram.ar`).
+What differs between them is passed in: how a batch becomes a loss (clean, adversarial, mapped
+labels), the visiting order of the points, the learning rate per epoch and what a validation
+adds to an epoch's row. Everything else (the step, the finite-loss check, the progress bar, the
+checkpoint and log files, which epoch's weights come back) lives here once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from robust_surgery._files import atomic_path
+from robust_surgery._json import strict_dumps
+from robust_surgery._loops import check_finite_loss, training_progress
+
+__all__ = ["BatchLoss", "LoopResult", "train_loop", "make_optimizer"]
+
+
+@dataclass
+class BatchLoss:
+    """What one step returns: the loss to minimise (a scalar tensor) and optional extra numbers
+    summed over the epoch (e.g. ``{"correct": 57}``)."""
+
+    loss: torch.Tensor
+    sums: Optional[Mapping[str, float]] = None
+
+
+@dataclass
+class LoopResult:
+    """The epochs' rows and the best epoch (0 = the starting model; None when not selecting)."""
+
+    history: list[dict]
+    best_epoch: Optional[int]
+    start: Optional[dict]
+
+
+def make_optimizer(params, name: str, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0):
+    """``"sgd"`` (with ``momentum``) or ``"adam"`` over ``params``; weight decay as torch applies it."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step: Callable[[torch.Tensor, torch.Tensor, int, int], BatchLoss],
+    *,
+    epochs: int,
+    batch_size: int,
+    order: Callable[[int], torch.Tensor],
+    lr_at: Optional[Callable[[int], float]] = None,
+    end_epoch: Optional[Callable[[int], dict]] = None,
+    score: Optional[Callable[[dict], float]] = None,
+    start_row: Optional[Callable[[], dict]] = None,
+    keep_best: bool = True,
+    checkpoint: Optional[Path] = None,
+    record: Optional[str] = None,
+    resume: Optional[dict] = None,
+    log: Optional[Path] = None,
+    max_epochs_this_run: Optional[int] = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    label: str = "epoch",
+    loss_name: str = "train_loss",
+    lr_in_row: bool = True,
+    after_epoch: Optional[Callable[[int], None]] = None,
+) -> LoopResult:
+    """Train ``model`` in place on ``x`` (N, ...) and ``y`` (N,) for ``epochs`` epochs.
+
+    ``step(xb, yb, epoch, s)`` turns batch ``s`` of ``epoch`` (0-based; already on ``device``) into a
+    :class:`BatchLoss` and leaves the model in the mode it should train in; the loop does
+    ``zero_grad → backward → optimizer.step``, stops with a clear error on a NaN/inf loss and
+    records ``loss_name`` (the mean loss per point) and the epoch's summed extras. ``order(epoch)``
+    is the permutation of the N points; ``lr_at(epoch)`` sets the learning rate before the epoch.
+    ``end_epoch(epoch)`` returns the validation numbers added to the epoch's row.
+
+    Best-epoch selection (``score`` given): ``start_row()`` scores the starting model as epoch 0 and
+    the weights of the best-scoring epoch come back (``keep_best``; ties keep the earlier epoch), so
+    training never returns a model that validates worse than the one it started from.
+    ``checkpoint``: after every epoch the model, optimizer, history and best weights are written
+    there (atomically) with ``record`` (the run's fingerprint); ``resume`` is such a checkpoint,
+    already read and checked by the caller, to continue from. ``log``: the history as JSON after
+    every epoch. ``max_epochs_this_run`` stops early (a rerun continues from the checkpoint).
+    """
+    history: list[dict] = []
+    best = {"score": -math.inf, "state": None, "epoch": None, "start": None}
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        history, best, start = resume["history"], resume["best"], resume["epoch"]
+    elif score is not None:
+        first = start_row() if start_row is not None else {}
+        best = {"score": score(first), "epoch": 0, "start": first, "state": _snapshot(model)}
+    n, bs = len(x), batch_size
+    steps = math.ceil(n / bs)
+    stop = epochs if max_epochs_this_run is None else min(epochs, start + max_epochs_this_run)
+    with training_progress(progress) as bar:
+        for epoch in range(start, stop):
+            t0 = time.time()
+            lr_now = lr_at(epoch) if lr_at is not None else optimizer.param_groups[0]["lr"]
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
+            perm = order(epoch)
+            task = bar.add_task(f"{label} {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
+            total, sums = 0.0, {}
+            for s in range(steps):
+                idx = perm[s * bs:(s + 1) * bs]
+                out = step(x[idx].to(device), y[idx].to(device), epoch, s)
+                check_finite_loss(out.loss, epoch, s, optimizer.param_groups[0]["lr"])
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                value = float(out.loss.detach())
+                total += value * len(idx)
+                for k, v in (out.sums or {}).items():
+                    sums[k] = sums.get(k, 0) + v
+                bar.update(task, advance=1, loss=value)
+            row = {"epoch": epoch + 1, **({"lr": lr_now} if lr_in_row else {}), loss_name: total / n, **sums}
+            if after_epoch is not None:
+                after_epoch(epoch)
+            if end_epoch is not None:
+                row.update(end_epoch(epoch))
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            if score is not None and score(row) > best["score"]:
+                best = {**best, "score": score(row), "epoch": epoch + 1, "state": _snapshot(model)}
+            if checkpoint is not None:
+                with atomic_path(checkpoint, make_parents=True) as tmp:
+                    torch.save({"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "history": history, "best": best, "epoch": epoch + 1}, tmp)
+            if log is not None:
+                with atomic_path(log, make_parents=True) as tmp:
+                    tmp.write_text(strict_dumps(history, indent=2))
+    if score is not None and keep_best and len(history) == epochs and best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return LoopResult(history, best["epoch"], best.get("start"))
