@@ -15,7 +15,7 @@ code a GPU would run can be built and read here:
 
 This is a static estimate, not a measurement: memory stalls, occupancy and atomics are not in it.
 ``benchmarks/nrpm_kernels.py --gpu-compile`` prints the report for the benchmark's cases;
-tests/test_nrpm_triton.py checks that every variant compiles for sm_90 without spills.
+tests/nn/test_nrpm_triton.py checks that every variant compiles for sm_90 without spills.
 """
 from __future__ import annotations
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/nrpm_reference.py (the float64 reference the kernel tests compare with) imports from every subfolder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 

@@ -77,3 +77,24 @@ def conv(x, weight, bias, lam, K, norm, eps, stride, padding, dilation, groups, 
     if bias is not None:
         out = out + bias.view(1, O, *([1] * n))
     return out
+
+
+# The FGSM sweep the fidelity and evaluation tests compare with (a hand-written reference loop).
+EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+
+
+def fgsm_accuracies(model, x, y, epsilons, batch=250):
+    """Plain FGSM loop: x_adv = clip(x + ε·sign(∇x CE), 0, 1); accuracy in percent per ε.
+
+    The sign of the gradient does not depend on ε, so it is taken once per batch.
+    """
+    correct = [0] * len(epsilons)
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].clone().requires_grad_(True)
+        yb = y[i:i + batch]
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(xb), yb), xb)
+        with torch.no_grad():
+            for j, e in enumerate(epsilons):
+                xa = (xb + e * grad.sign()).clamp(0, 1)
+                correct[j] += int((model(xa).argmax(1) == yb).sum())
+    return [100.0 * c / len(x) for c in correct]

@@ -28,7 +28,7 @@ Everything else (other dtypes, custom norms, empty inputs) runs the eager chunke
 Dispatch (from :func:`robust_surgery.nn.backends.run`): CUDA tensors use the compiled kernels
 when Triton imports; with ``TRITON_INTERPRET=1`` in the environment *before this module is
 imported*, CPU tensors run the kernels in Triton's interpreter (slow; for verification, see
-tests/test_nrpm_triton.py). ``ROBUST_SURGERY_NRPM_TRITON=0`` or ``use_backend("triton", False)``
+tests/nn/test_nrpm_triton.py). ``ROBUST_SURGERY_NRPM_TRITON=0`` or ``use_backend("triton", False)``
 turns the path off; a kernel that fails to compile or launch warns once and falls back to
 the eager path.
 """

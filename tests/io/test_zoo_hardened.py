@@ -18,7 +18,7 @@ from robust_surgery.model_zoo.train import evaluate_accuracy, train_zoo_model, t
 from robust_surgery.io.zoo import get_entry
 
 runner = CliRunner()
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 @pytest.fixture(scope="module")

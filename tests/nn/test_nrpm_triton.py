@@ -24,7 +24,7 @@ from robust_surgery.nn import backends
 from robust_surgery.nn.backends import eager, triton as tk
 from robust_surgery.nn import functional as Fn
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: nrpm_reference.py
 LINEAR_CASES = [(norm, K, lam) for norm in ("L1", "MCP", "Huber", "HM") for K, lam in ((1, 0.0), (3, 0.3))]
 CONV_IDS = [0, 1, 2, 5, 7]  # indices into test_nrpm_fast.CONV_CASES: D-last, groups/stride/dilation, depthwise, 1d, 3d
 # (norm, K, λ) per conv case: two each, alternating, so every norm runs on several conv geometries

@@ -1,6 +1,6 @@
 """The Triton NRPM kernels compile for Hopper (sm_90) without a GPU, with the code we expect.
 
-The interpreter checks of tests/test_nrpm_triton.py run the kernels' arithmetic but not the
+The interpreter checks of tests/nn/test_nrpm_triton.py run the kernels' arithmetic but not the
 compiler: these tests build the real machine code (Triton's compiler, ptxas and cuobjdump need no
 driver) and read it. They catch what only compilation shows: a construct the compiler rejects,
 register spills, and a hot loop that lost its single reciprocal per term.
@@ -25,7 +25,7 @@ def aot():
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_aot.py"
     spec = importlib.util.spec_from_file_location("triton_aot", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["triton_aot"] = module  # its dataclasses look their module up

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import robust_surgery as rs
 from robust_surgery.cli.app import app
 from robust_surgery.data.datasets import load_mnist
-from test_fidelity import EPS, fgsm_accuracies
+from nrpm_reference import EPS, fgsm_accuracies
 
 runner = CliRunner()
 
