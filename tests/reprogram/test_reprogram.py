@@ -284,7 +284,7 @@ def test_cli_ar_and_bar_write_pipelines_that_surgery_evaluate_attacks(tmp_path):
     assert manifest["arch_kwargs"]["program"]["low_dim"] == 8
 
 
-def test_cli_reprogram_errors_are_one_line(tmp_path):
+def test_cli_reprogram_errors_are_one_line(tmp_path, shared_data):  # zoo:cifar-resnet20 reads its weights there
     res = _cli("reprogram", "bar", "zoo:cifar-resnet20", "--budget", 10, "-o", tmp_path / "b.safetensors")
     assert res.exit_code == 1 and "does not cover one step" in res.stderr and "Traceback" not in res.output
     res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--data-size", 40, "--n-train", 16, "-o", tmp_path / "a.safetensors")
