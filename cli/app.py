@@ -332,9 +332,9 @@ def evaluate(
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,
         max_batches=max_batches, progress=True, architecture=model if ":" in model else None,
     )
-    from robust_surgery.evaluation.run import _dist_info
+    from robust_surgery.evaluation.run import dist_info
 
-    if _dist_info()[0] != 0:  # under torchrun only rank 0 reports
+    if dist_info()[0] != 0:  # under torchrun only rank 0 reports
         return
     if json_out is not None:
         if str(json_out) == "-":

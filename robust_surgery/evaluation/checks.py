@@ -1,6 +1,6 @@
 """The sanity report card: the checks that stop a defense from fooling its own evaluation.
 
-Each check reads numbers the evaluation already measured (``docs/cli.md``, the sanity report card):
+Each check reads numbers the evaluation already measured (``docs/evaluation.md``, the sanity report card):
 accuracy falls with ε and reaches about 0 at a huge ε; stronger PGD is not weaker; PGD is not
 weaker than FGSM; the gradient-free Square attack does not beat the gradient attacks by much;
 input gradients do not vanish; outputs are deterministic; transfer from the λ = 1 network and

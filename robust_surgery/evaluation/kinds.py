@@ -40,7 +40,7 @@ class CheckJob(_StrEnum):
 
 
 class Check(_StrEnum):
-    """The lines of the sanity report card (``CheckResult.name``); ``docs/cli.md``, the sanity report card."""
+    """The lines of the sanity report card (``CheckResult.name``); ``docs/evaluation.md``."""
 
     FALLS_WITH_EPS = "accuracy falls as ε grows"
     ZERO_AT_HUGE_EPS = "about 0 at a huge ε"

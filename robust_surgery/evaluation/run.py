@@ -1,6 +1,6 @@
 """Robustness evaluation: attacks over an ε sweep, the sanity report card, sharding, resuming.
 
-Robust accuracy (``docs/cli.md``, ``surgery evaluate``) is the fraction of points classified
+Robust accuracy (``docs/evaluation.md``) is the fraction of points classified
 correctly on the clean input **and** after every attack run at that ε; the headline number
 is the worst over all attacks, per point. Points are processed in fixed global batches: batch
 ``b`` is attacked with seed ``seed + b`` whatever process runs it, so sharded runs
@@ -255,7 +255,9 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size, steps, restarts,
 # --------------------------------------------------------------------------------------------
 # Distributed
 # --------------------------------------------------------------------------------------------
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) alone; under torchrun (WORLD_SIZE > 1) the process
+    group is initialised on first call (NCCL with CUDA, else gloo)."""
     import os
 
     import torch.distributed as dist
@@ -379,7 +381,7 @@ def evaluate(
         raise InvalidInputError("no points to evaluate")
     dev = torch.device(device) if device else next(model.parameters(), torch.empty(0)).device
     jobs = _plan(attacks, eps, threat, variants, checks, steps, alpha, restarts, queries, x[0].numel())
-    rank, world = _dist_info()
+    rank, world = dist_info()
     n_batches = math.ceil(N / batch_size)
 
     # per-point results, filled batch by batch (and kept in the state file)

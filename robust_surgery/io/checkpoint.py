@@ -56,12 +56,12 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, consent_fla
             raise ModelLoadError(f"{path} is not a readable PyTorch file (it is corrupt or truncated: "
                                  f"{str(e).splitlines()[0]})") from None
         if not trust_pickle:
-            allow = (f" If you trust where the file came from, pass {consent_flag} (Python: trust_pickle=True); better,"
-                     if consent_flag else "")
+            fix = (f"If you trust where the file came from, pass {consent_flag} (Python: trust_pickle=True); better, "
+                   "re-save it as a plain state_dict of tensors." if consent_flag else
+                   "Re-save it as a plain state_dict of tensors.")
             raise ModelLoadError(
                 f"{path} contains pickled Python objects (a whole module, or custom classes), which can run "
-                f"arbitrary code when loaded, so it was refused (torch.load weights_only=True).{allow} "
-                "re-save it as a plain state_dict of tensors."
+                f"arbitrary code when loaded, so it was refused (torch.load weights_only=True). {fix}"
             ) from None
     except Exception as e:  # torch raises many types (KeyError, RuntimeError...) for a damaged file
         raise ModelLoadError(f"{path} is not a readable PyTorch file (it is corrupt or truncated: "

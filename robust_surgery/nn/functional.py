@@ -323,7 +323,7 @@ def nrpm_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    lam=0.5,
+    lam=DEFAULT_LAM,
     settings: NRPMSettings = NRPMSettings(),
     memory_budget: int | None = None,
 ) -> torch.Tensor:
@@ -375,7 +375,7 @@ def nrpm_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    lam=0.5,
+    lam=DEFAULT_LAM,
     settings: NRPMSettings = NRPMSettings(),
     *,
     stride=1,

@@ -50,7 +50,7 @@ def backend_status() -> dict:
     out = {}
     for name in NAMES:
         b = get_backend(name)
-        out[name] = {"available": b.available(), "enabled": b.enabled(), "calls": dict(b.calls)}
+        out[b.NAME] = {"available": b.available(), "enabled": b.enabled(), "calls": dict(b.calls)}
     return out
 
 
