@@ -1,6 +1,6 @@
 """Options several commands share, declared once (Typer reuses one OptionInfo per option).
 
-The fine-tuning defaults are FinetuneConfig's (``robust_surgery.finetune``); they are written as
+The fine-tuning defaults are FinetuneConfig's (``robust_surgery.training.finetune``); they are written as
 literals so that ``surgery --help`` does not import torch, and a test pins them to the library's.
 """
 from __future__ import annotations

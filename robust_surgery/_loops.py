@@ -23,8 +23,29 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return correct, len(images)
 
 
+class _NoProgress:
+    """What a disabled progress bar is: nothing drawn, rich not imported (machines without it run too)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def advance(self, *args, **kwargs) -> None:
+        pass
+
+
 def training_progress(enabled: bool):
     """A rich progress bar on stderr for epochs of steps, showing the last loss (task field ``loss``)."""
+    if not enabled:
+        return _NoProgress()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -35,6 +56,8 @@ def training_progress(enabled: bool):
 
 def work_progress(enabled: bool):
     """A transient rich progress bar on stderr for units of work (batches × attacks)."""
+    if not enabled:
+        return _NoProgress()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
