@@ -137,6 +137,8 @@ def convert(
     if paradigm in (2, 3):
         converted, _ = _run_finetune(converted, data, paradigm, adversarial, train_eps, epochs, lr, optimizer,
                                      schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
+    if not is_main():  # under torchrun rank 0 writes the file and reports
+        return
     report = rs.conversion_report(converted, shape)
     manifest = rs.save(converted, out)
     if as_json:
@@ -146,6 +148,13 @@ def convert(
     console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, arch {manifest['arch'] or 'unknown'})")
     if not manifest["arch"]:
         err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
+
+
+def is_main() -> bool:
+    """Rank 0 under torchrun, or alone (robust_surgery._dist, imported only when a command runs)."""
+    from robust_surgery._dist import is_main as main_rank
+
+    return main_rank()
 
 
 def _adversarial(text: str):
@@ -164,7 +173,7 @@ def _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer
 
 
 def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
-                  n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight):
+                  n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight, max_epochs_this_run=None):
     import robust_surgery as rs
 
     adv = _adversarial(adversarial)
@@ -172,10 +181,13 @@ def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, opt
         model, data, paradigm, adversarial=adv, eps=train_eps, epochs=epochs, lr=lr, optimizer=optimizer,
         schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n, keep=keep, adv_weight=adv_weight,
         checkpoint_dir=checkpoint_dir, log=log, data_root=str(data_root) if data_root else None, progress=True,
+        max_epochs_this_run=max_epochs_this_run,
     )
     from robust_surgery._meta import get_meta
 
     training = get_meta(model).get("training") or {}
+    if not is_main():
+        return model, history
 
     def val_text(row):
         robust = f", val robust {row['val_robust_acc']:.1f} %" if "val_robust_acc" in row else ""
@@ -211,6 +223,9 @@ def finetune(
     log: Optional[Path] = LOG,
     keep: str = KEEP,
     adv_weight: float = ADV_WEIGHT,
+    max_epochs_this_run: Optional[int] = typer.Option(None, "--max-epochs-this-run", help="Stop after N epochs of this "
+                                                      "run (needs --checkpoint-dir; the same command resumes).",
+                                                      rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.p{paradigm}.safetensors)."),
     data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
@@ -224,13 +239,21 @@ def finetune(
     import robust_surgery as rs
 
     out = check_out(out or Path(f"{Path(model).stem}.p{paradigm}.safetensors"), ".safetensors", "output (-o)")
+    if max_epochs_this_run is not None and (max_epochs_this_run < 1 or checkpoint_dir is None):
+        fail("--max-epochs-this-run N needs N >= 1 and --checkpoint-dir DIR (where the next run resumes from)", code=2)
     _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
                          n_train, val_n, checkpoint_dir, log, keep, adv_weight)
     with err.status(f"loading {model}"):
         net = rs.load_model(model, trust_pickle=trust_pickle, trust_code=trust_code,
                             data_root=str(data_root) if data_root else None)
     net, history = _run_finetune(net, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule,
-                                 batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
+                                 batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight,
+                                 max_epochs_this_run)
+    if not is_main():  # under torchrun rank 0 writes the file and reports
+        return
+    if len(history) < epochs:  # stopped early: the checkpoint holds the run, no model file yet
+        err.print(f"stopped after epoch {len(history)} of {epochs}; run the same command again to continue")
+        return
     rs.save(net, out)
     if as_json:
         print_json({"output": str(out), "history": history})
@@ -332,9 +355,7 @@ def evaluate(
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,
         max_batches=max_batches, progress=True, architecture=model if ":" in model else None,
     )
-    from robust_surgery.evaluation.run import dist_info
-
-    if dist_info()[0] != 0:  # under torchrun only rank 0 reports
+    if not is_main():  # under torchrun only rank 0 reports
         return
     if json_out is not None:
         if str(json_out) == "-":
@@ -403,6 +424,8 @@ def zoo_train(
     out = check_out(out or Path(f"{name}.trained.safetensors"), ".safetensors", "output (-o)")
     model, metrics = train_zoo_model(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                      data_root=str(data_root) if data_root else None, n_train=n_train)
+    if not is_main():  # under torchrun rank 0 writes the file and reports
+        return
     rs.save(model, out, arch=metrics.get("arch", f"zoo:{name}"), training=metrics)
     if as_json:
         print_json({"output": str(out), **metrics})

@@ -151,6 +151,10 @@ def pretrain(
                                 pgd_steps=pgd_steps, ramp=ramp, epochs=epochs, lr=lr, optimizer=optimizer,
                                 schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
                                 data_root=str(data_root) if data_root else None, progress=True)
+    from robust_surgery._dist import is_main
+
+    if not is_main():  # under torchrun rank 0 writes the file and reports
+        return
     rs.save(net, out)
     if as_json:
         print_json({"output": str(out), "history": history})

@@ -27,7 +27,9 @@ VAL_N = typer.Option(1000, "--val-n", help="Held-out points (end of the training
                      rich_help_panel=_FT)
 CHECKPOINT_DIR = typer.Option(None, "--checkpoint-dir", help="Checkpoint after every epoch here; rerun to resume.",
                               rich_help_panel=_FT)
-LOG = typer.Option(None, "--log", help="Write the per-epoch JSON log here.", rich_help_panel=_FT)
+# --log-file: torchrun reads "--log" as an ambiguous prefix of its own --log-dir/--log-... options
+LOG = typer.Option(None, "--log", "--log-file", help="Write the per-epoch JSON log here (--log-file under torchrun).",
+                   rich_help_panel=_FT)
 KEEP = typer.Option("best", "--keep", help="best: the best validated epoch (the model before fine-tuning counts as "
                     "epoch 0); last: the last epoch.", rich_help_panel=_FT)
 ADV_WEIGHT = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the loss (1-w)·CE(clean) + w·CE(adv); "

@@ -68,6 +68,10 @@ def _finish(model, report, test, attack, eps, steps, out, as_json, extra_rows):
         fail("--attack needs budgets: --eps 0.05,0.1", code=2)
     with err.status("evaluating on the target test set"):
         report["test"] = target_accuracy(model, *test, attacks=attacks, eps=eps_values, steps=steps)
+    from robust_surgery._dist import is_main
+
+    if not is_main():  # under torchrun rank 0 writes the file and reports
+        return
     manifest = save_reprogrammed(model, out, reprogram=report)
     if as_json:
         print_json({"output": str(out), "report": report, "arch_kwargs": manifest["arch_kwargs"]})

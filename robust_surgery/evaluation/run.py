@@ -26,6 +26,7 @@ from robust_surgery.evaluation.budgets import check_budgets, format_eps, parse_e
 from robust_surgery.evaluation.checks import CheckResult, run_checks
 from robust_surgery.evaluation.kinds import CheckJob, Source
 from robust_surgery._files import atomic_path, check_output_path
+from robust_surgery._dist import all_reduce_sum_, dist_info
 from robust_surgery._loops import work_progress
 from robust_surgery._meta import get_meta
 from robust_surgery.nn.layers import linear_mode, straight_through_mode
@@ -253,32 +254,6 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size, steps, restarts,
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed
-# --------------------------------------------------------------------------------------------
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) alone; under torchrun (WORLD_SIZE > 1) the process
-    group is initialised on first call (NCCL with CUDA, else gloo)."""
-    import os
-
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 def _attack_batch(job: Job, target: AttackTarget, model: nn.Module, xb, yb, n_classes: int, seed: int) -> torch.Tensor:
@@ -454,12 +429,12 @@ def evaluate(
 
     done = torch.zeros(n_batches, dtype=torch.int64)
     done[st["done"]] = 1
-    _all_reduce_(done, world)
+    all_reduce_sum_(done, world)
     complete = bool((done > 0).all())
-    clean_counts = {v: int(_all_reduce_(st["clean"][v].to(torch.int64), world).sum()) for v in variants}
-    robust = {k: _all_reduce_(t.to(torch.int64), world).bool() for k, t in st["robust"].items()}
-    grad_zero = int(_all_reduce_(st["grad_zero"].to(torch.int64), world).sum())
-    nondet = int(_all_reduce_(torch.tensor(st["nondeterministic"]), world))
+    clean_counts = {v: int(all_reduce_sum_(st["clean"][v].to(torch.int64), world).sum()) for v in variants}
+    robust = {k: all_reduce_sum_(t.to(torch.int64), world).bool() for k, t in st["robust"].items()}
+    grad_zero = int(all_reduce_sum_(st["grad_zero"].to(torch.int64), world).sum())
+    nondet = int(all_reduce_sum_(torch.tensor(st["nondeterministic"]), world))
 
     results = []
     for v in variants:

@@ -19,6 +19,7 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
+from robust_surgery._dist import all_reduce_sum_, dist_info
 from robust_surgery._files import check_output_path
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
 from robust_surgery._meta import set_meta
@@ -148,17 +149,25 @@ def _training_loss(target, cfg: FinetuneConfig, x_clean, x_adv, y) -> torch.Tens
 
 
 def _validate(model, target, cfg: FinetuneConfig, xv, yv, n_classes: int) -> dict:
+    """Validation accuracies in percent: clean, and robust to the training attack (seeded per chunk of
+    500 points). Under torchrun each rank takes every world-th chunk and the counts are summed."""
+    rank, world = dist_info()
     model.eval()
-    out = {"val_clean_acc": 100.0 * evaluate_accuracy(target, xv, yv, batch_size=500)[0] / max(len(xv), 1)}
-    if cfg.adversarial and len(xv):
-        robust = 0
-        for i in range(0, len(xv), 500):
-            xb, yb = xv[i:i + 500], yv[i:i + 500]
+    counts = torch.zeros(2, dtype=torch.int64)  # clean, robust
+    for c, i in enumerate(range(0, len(xv), 500)):
+        if c % world != rank:
+            continue
+        xb, yb = xv[i:i + 500], yv[i:i + 500]
+        counts[0] += evaluate_accuracy(target, xb, yb, batch_size=500)[0]
+        if cfg.adversarial:
             x_adv = adversarial_batch(model, target, cfg, xb, yb, cfg.seed + 7919 + i, n_classes)
             with torch.no_grad():
                 ok = (target(xb).argmax(1) == yb) & (target(x_adv).argmax(1) == yb)
-            robust += int(ok.sum())
-        out["val_robust_acc"] = 100.0 * robust / len(xv)
+            counts[1] += int(ok.sum())
+    all_reduce_sum_(counts, world)
+    out = {"val_clean_acc": 100.0 * int(counts[0]) / max(len(xv), 1)}
+    if cfg.adversarial and len(xv):
+        out["val_robust_acc"] = 100.0 * int(counts[1]) / len(xv)
     return out
 
 

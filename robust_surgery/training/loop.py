@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from robust_surgery._dist import all_reduce_sum_, average_gradients_, dist_info, shard
 from robust_surgery._files import atomic_path
 from robust_surgery._json import strict_dumps
 from robust_surgery._loops import check_finite_loss, training_progress
@@ -99,7 +100,17 @@ def train_loop(
     there (atomically) with ``record`` (the run's fingerprint); ``resume`` is such a checkpoint,
     already read and checked by the caller, to continue from. ``log``: the history as JSON after
     every epoch. ``max_epochs_this_run`` stops early (a rerun continues from the checkpoint).
+
+    Under torchrun (a process group of W ranks): every rank holds the whole model and data and visits
+    the same global batches; rank r steps on its contiguous share of each batch, its loss scaled by
+    share·W / batch, and the gradients are averaged over the ranks before the optimizer step (what
+    DistributedDataParallel does), so a step equals the single-process step on the whole batch up
+    to rounding (BatchNorm in training mode sees only the share; attacks with a random start draw
+    per share). The loss and the extras are summed over ranks; only rank 0 writes the checkpoint
+    and the log; ``end_epoch`` runs on every rank (it may shard its own work, see finetune).
     """
+    rank, world = dist_info()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     history: list[dict] = []
     best = {"score": -math.inf, "state": None, "epoch": None, "start": None}
     start = 0
@@ -125,16 +136,31 @@ def train_loop(
             total, sums = 0.0, {}
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
-                out = step(x[idx].to(device), y[idx].to(device), epoch, s)
-                check_finite_loss(out.loss, epoch, s, optimizer.param_groups[0]["lr"])
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                mine = shard(idx, rank, world)
+                if len(mine) == 0:  # a last batch smaller than the world: this rank adds nothing
+                    out = BatchLoss(sum(p.sum() * 0.0 for p in params if p.requires_grad))
+                else:
+                    out = step(x[mine].to(device), y[mine].to(device), epoch, s)
+                if world == 1:
+                    check_finite_loss(out.loss, epoch, s, optimizer.param_groups[0]["lr"])
+                    optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    value = float(out.loss.detach())
+                else:  # this rank's share of the batch mean; gradients and loss summed over the ranks
+                    optimizer.zero_grad(set_to_none=True)
+                    (out.loss * (len(mine) * world / len(idx))).backward()
+                    summed = average_gradients_(params, world, out.loss.detach().reshape(1) * len(mine))
+                    value = float(summed) / len(idx)
+                    check_finite_loss(torch.tensor(value), epoch, s, optimizer.param_groups[0]["lr"])
                 optimizer.step()
-                value = float(out.loss.detach())
                 total += value * len(idx)
                 for k, v in (out.sums or {}).items():
                     sums[k] = sums.get(k, 0) + v
                 bar.update(task, advance=1, loss=value)
+            if world > 1 and sums:
+                keys = sorted(sums)
+                summed = all_reduce_sum_(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64), world)
+                sums = {k: (int(v) if isinstance(sums[k], int) else float(v)) for k, v in zip(keys, summed.tolist())}
             row = {"epoch": epoch + 1, **({"lr": lr_now} if lr_in_row else {}), loss_name: total / n, **sums}
             if after_epoch is not None:
                 after_epoch(epoch)
@@ -144,11 +170,11 @@ def train_loop(
             history.append(row)
             if score is not None and score(row) > best["score"]:
                 best = {**best, "score": score(row), "epoch": epoch + 1, "state": _snapshot(model)}
-            if checkpoint is not None:
+            if checkpoint is not None and rank == 0:
                 with atomic_path(checkpoint, make_parents=True) as tmp:
                     torch.save({"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "history": history, "best": best, "epoch": epoch + 1}, tmp)
-            if log is not None:
+            if log is not None and rank == 0:
                 with atomic_path(log, make_parents=True) as tmp:
                     tmp.write_text(strict_dumps(history, indent=2))
     if score is not None and keep_best and len(history) == epochs and best["state"] is not None:

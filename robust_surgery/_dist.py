@@ -1,0 +1,72 @@
+"""Process groups for torchrun: who this process is, and the few collective steps the loops need.
+
+Alone, a process is rank 0 of 1 and every helper here is a no-op. Under ``torchrun``
+(``WORLD_SIZE`` > 1) the default process group is initialised on first use: NCCL when CUDA is
+available, else gloo. The evaluation shards batches over ranks and sums per-point results; the
+training loop shards each global batch over ranks and averages gradients (``docs/python-api.md``,
+distributed).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["dist_info", "all_reduce_sum_", "is_main", "shard", "average_gradients_"]
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) alone; under torchrun (WORLD_SIZE > 1) the process
+    group is initialised on first call (NCCL with CUDA, else gloo)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (the process that writes files and prints results), and when alone."""
+    return dist_info()[0] == 0
+
+
+def all_reduce_sum_(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum ``t`` over the ``world`` ranks in place (nothing when alone); returns ``t``."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shard(index: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous part of ``index`` (sizes differ by at most one; the whole when alone)."""
+    return index if world == 1 else index.tensor_split(world)[rank]
+
+
+def average_gradients_(params, world: int, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Sum the gradients of ``params`` over the ranks and divide by ``world`` (what DistributedDataParallel
+    does after backward), in one all-reduce of one flat buffer per dtype; ``extra`` (a small tensor,
+    e.g. the batch loss) is summed in the same call and returned summed."""
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype: dict = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    summed_extra = None
+    if extra is not None and not by_dtype:
+        return all_reduce_sum_(extra.detach().clone(), world)
+    for i, (dtype, group) in enumerate(by_dtype.items()):
+        parts = [g.reshape(-1) for g in group]
+        if i == 0 and extra is not None:
+            parts.append(extra.detach().reshape(-1).to(dtype))
+        flat = all_reduce_sum_(torch.cat(parts), world)
+        n = 0
+        for g in group:
+            g.copy_(flat[n:n + g.numel()].view_as(g) / world)
+            n += g.numel()
+        if i == 0 and extra is not None:
+            summed_extra = flat[n:].view_as(extra)
+    return summed_extra
