@@ -294,18 +294,38 @@ def robust_pattern_match(
 
 
 def mix(lam, z_lpm: torch.Tensor, z_nrpm: torch.Tensor) -> torch.Tensor:
-    """The hybrid ``lam * z_lpm + (1 - lam) * z_nrpm`` (λ a float or a 0-dim tensor)."""
-    if torch.is_tensor(lam) and not lam.requires_grad and lam.dim() == 0 and bool(lam == 0):
-        return z_nrpm
+    """The hybrid ``lam * z_lpm + (1 - lam) * z_nrpm`` (λ a float or a 0-dim tensor). Only a Python
+    number is looked at (λ = 0 returns z_nrpm): a tensor's value is never read here, so the
+    function traces under torch.export and runs on the meta device."""
     if not torch.is_tensor(lam) and lam == 0:
         return z_nrpm
     return lam * z_lpm + (1 - lam) * z_nrpm
 
 
 def _is_exactly_one(lam) -> bool:
-    if torch.is_tensor(lam):
-        return not lam.requires_grad and bool(lam == 1)
-    return lam == 1
+    """λ == 1 for a Python number (the NRPM term is skipped); a tensor's value is not read (see mix)."""
+    return not torch.is_tensor(lam) and lam == 1
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _low_precision(x: torch.Tensor):
+    """The half-precision dtype the NRPM output should have, or None to compute as is.
+
+    The reweighting's weights reach 1/ε and their sums D/ε (5e5 for D = 512, ε = 1e-3): beyond
+    float16's range (6.5e4), so half-precision inputs (or autocast to half precision) run the IRLS in
+    float32, autocast off, and the result is cast back; never silent inf/NaN."""
+    if x.dtype in _LOW_PRECISION:
+        return x.dtype
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in _LOW_PRECISION:
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -334,6 +354,10 @@ def nrpm_linear(
     """
     if settings.is_linear or _is_exactly_one(lam):
         return F.linear(x, weight, bias)
+    low = _low_precision(x)
+    if low is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return nrpm_linear(x.float(), weight.float(), _f32(bias), lam, settings, memory_budget).to(low)
     lead = x.shape[:-1]
     D = x.shape[-1]
     rows = x.reshape(1, -1, D)
@@ -403,6 +427,12 @@ def nrpm_conv(
     conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
     if settings.is_linear or _is_exactly_one(lam):
         return conv(xp, weight, bias, stride, 0, dilation, groups)
+    low = _low_precision(x)
+    if low is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return nrpm_conv(x.float(), weight.float(), _f32(bias), lam, settings, stride=stride, padding=padding,
+                             dilation=dilation, groups=groups, padding_mode=padding_mode, z_lpm=_f32(z_lpm),
+                             memory_budget=memory_budget).to(low)
     if z_lpm is None:
         z_lpm = conv(xp, weight, None, stride, 0, dilation, groups)
     B, O = x.shape[0], weight.shape[0]

@@ -63,6 +63,21 @@ class NRPMLayer:
         self.memory_budget = memory_budget
         dtype = self.weight.dtype if self.weight.is_floating_point() else torch.get_default_dtype()
         self.lam_logit = nn.Parameter(torch.tensor(lam_to_logit(lam), dtype=dtype, device=self.weight.device))
+        self._sync_lam_flags()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_lam_flags()
+
+    def _sync_lam_flags(self) -> None:
+        """Cache whether λ is exactly 1 or 0 as Python bools, read where λ is set (init, set_lam, loading
+        a state_dict), so that forward never reads a tensor's value: no host sync, and forward works
+        under torch.export and on the meta device. Training cannot reach λ = 0 or 1 from inside (0, 1)
+        (the logit would have to become infinite), and a λ of exactly 0 or 1 stays frozen."""
+        if self.lam_logit.is_meta:
+            return
+        value = float(torch.sigmoid(self.lam_logit.detach()))
+        self._lam_is_one, self._lam_is_zero = value == 1.0, value == 0.0
 
     @property
     def lam(self) -> torch.Tensor:
@@ -78,6 +93,7 @@ class NRPMLayer:
         """Set λ in [0, 1] in place (keeps the parameter object)."""
         with torch.no_grad():
             self.lam_logit.fill_(lam_to_logit(lam))
+        self._sync_lam_flags()
 
     force_dense: bool = False  # set by linear_mode(): run as the original layer whatever λ
     straight_through: bool = False  # set by straight_through_mode(): NRPM values, linear gradients
@@ -92,9 +108,14 @@ class NRPMLayer:
             return y_lin + (y - y_lin).detach()
         return self._nrpm_forward(x)
 
+    def _lam_arg(self):
+        """λ for the functional call: 0.0 (a number: the linear term is skipped) when exactly 0 and frozen,
+        else the tensor (so autograd still sees λ where it is a trainable parameter)."""
+        return 0.0 if self._lam_is_zero and not self.lam_logit.requires_grad else self.lam
+
     def _runs_dense(self) -> bool:
         """True when the output equals the original layer: λ == 1, norm L2, K == 0 or linear_mode."""
-        return self.force_dense or self.settings.is_linear or float(torch.sigmoid(self.lam_logit.detach())) == 1.0
+        return self.force_dense or self.settings.is_linear or self._lam_is_one
 
     def nrpm_extra_repr(self) -> str:
         s = self.settings
@@ -164,7 +185,7 @@ class NRPMLinear(NRPMLayer, nn.Linear):
         return nn.Linear.forward(self, x)
 
     def _nrpm_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nrpm_linear(x, self.weight, self.bias, self.lam, self.settings, self.memory_budget)
+        return nrpm_linear(x, self.weight, self.bias, self._lam_arg(), self.settings, self.memory_budget)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self.nrpm_extra_repr()}"
@@ -184,7 +205,7 @@ class _NRPMConvNd(NRPMLayer):
         if self.padding_mode != "zeros":
             xp = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         return nrpm_conv(
-            xp, self.weight, self.bias, self.lam, self.settings,
+            xp, self.weight, self.bias, self._lam_arg(), self.settings,
             stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups,
             memory_budget=self.memory_budget,
         )

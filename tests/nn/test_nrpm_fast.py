@@ -241,7 +241,28 @@ def test_skips_work_that_cannot_matter():
     assert torch.equal(Fn.nrpm_linear(x, w, b, 0.3, NRPMSettings("L2", 3)), lin)
     assert torch.equal(Fn.nrpm_linear(x, w, b, 0.3, NRPMSettings("L1", 0)), lin)
     z = torch.randn(2, 2)
-    assert Fn.mix(torch.tensor(0.0), torch.randn(2, 2), z) is z
+    assert Fn.mix(0.0, torch.randn(2, 2), z) is z  # a number: skipped
+    assert torch.equal(Fn.mix(torch.tensor(0.0), torch.randn(2, 2), z), z)  # a tensor's value is never read
+
+
+def test_forward_never_reads_a_tensor_value_meta_device_and_export():
+    """λ == 1 / 0 are cached as Python bools where λ is set, so forward runs on the meta device and
+    torch.export traces a converted network at λ = 1 (the dense path) with the eager numbers."""
+    import robust_surgery as rs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    conv = rs.convert(net, paradigm=1, norm="L1", K=2, lam=0.5)
+    meta = conv.to("meta")
+    assert meta(torch.empty(2, 1, 8, 8, device="meta")).shape == (2, 3)
+    conv = rs.convert(net, paradigm=1, norm="L1", K=2, lam=1.0)
+    x = torch.rand(2, 1, 8, 8)
+    exported = torch.export.export(conv, (x,))
+    assert torch.equal(exported.module()(x), conv(x)) and torch.equal(conv(x), net(x))
+    state = conv.state_dict()
+    other = rs.convert(net, paradigm=1, norm="L1", K=2, lam=0.5)
+    other.load_state_dict(state)  # loading λ = 1 switches the cached flag too
+    assert all(m._lam_is_one for _, m in rs.nrpm_layers(other)) and torch.equal(other(x), net(x))
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, eager):

@@ -54,13 +54,25 @@ def backend_status() -> dict:
     return out
 
 
+def _tracing(x: torch.Tensor) -> bool:
+    """True under torch.compile/torch.export tracing (dynamo, or fake tensors of non-strict export)."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)
+
+
 def select_backend(settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> ModuleType:
     """The backend that runs this problem: x (G, R, D), w (G, O, D), z0 (G, R, O).
 
     CPU tensors go to the C kernels, CUDA tensors to Triton (with TRITON_INTERPRET=1 set before
     import, CPU tensors go to Triton's interpreter instead: tests), when that backend supports
-    the problem; everything else runs eager.
+    the problem; everything else runs eager, and so does anything traced by torch.compile or
+    torch.export (the fused kernels are opaque calls they cannot trace).
     """
+    if _tracing(x):  # torch.compile / torch.export see the eager chunks: plain torch ops they can trace
+        return eager
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         fused = get_backend("c")
     elif x.device.type in ("cpu", "cuda"):
