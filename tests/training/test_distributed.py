@@ -112,3 +112,23 @@ def test_two_gloo_processes_fine_tune_lenet_like_one(tmp_path, shared_data):
     assert worst <= 1e-6, worst
     assert [r["val_clean_acc"] for r in dist["history"]] == [r["val_clean_acc"] for r in one["history"]]
     assert all(abs(a["train_loss"] - b["train_loss"]) <= 1e-6 for a, b in zip(dist["history"], one["history"]))
+
+
+def test_two_nodes_through_torchruns_rendezvous_train_the_single_process_model(tmp_path, shared_data):
+    """docs/cli.md's two-machine example, both 'machines' on localhost: c10d rendezvous, one process each."""
+    start = tmp_path / "start.safetensors"
+    rs.save(rs.convert(rs.load_model("zoo:mnist-mlp-rs"), paradigm=1, norm="L1", K=1, lam=0.7), start)
+    args = ["finetune", str(start), "--paradigm", "3", "--data", "mnist", "--n-train", "200", "--val-n", "100",
+            "--epochs", "1", "--batch-size", "64", "--adversarial", "none", "--lr", "0.01"]
+    env = {**os.environ, "ROBUST_SURGERY_DATA": str(shared_data), "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "-m", "robust_surgery.cli.app", *args, "-o", str(tmp_path / "multi.safetensors")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in nodes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one = runner.invoke(app, [*args, "-o", str(tmp_path / "one.safetensors")])
+    assert one.exit_code == 0, one.output
+    _compare(tmp_path / "multi.safetensors", tmp_path / "one.safetensors")
