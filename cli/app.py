@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .options import (ADV_WEIGHT, ADVERSARIAL, BATCH_SIZE, CHECKPOINT_DIR, DATA_ROOT, EPOCHS, KEEP, LOG, LR, N_TRAIN,
-                      OPTIMIZER, SCHEDULE, SEED, TRUST_CODE, TRUST_PICKLE, VAL_N)
+from .options import (ADV_WEIGHT, ADVERSARIAL, AMP, BATCH_SIZE, CHECKPOINT_DIR, DATA_ROOT, DEVICE, EPOCHS, KEEP, LOG, LR,
+                      N_TRAIN, OPTIMIZER, SCHEDULE, SEED, TRUST_CODE, TRUST_PICKLE, VAL_N)
 from .render import (SurgeryGroup, check_out, console, err, fail, guard, print_json,
                      write_json)
 
@@ -68,6 +68,8 @@ def convert(
     trust_code: bool = TRUST_CODE,
     non_strict: bool = typer.Option(False, "--non-strict", help="Load weights that match the architecture and ignore the rest."),
     data_root: Optional[Path] = DATA_ROOT,
+    device: str = DEVICE,
+    amp: str = AMP,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     recalibrate_bn: int = typer.Option(0, "--recalibrate-bn", help="After converting, re-estimate every BatchNorm's running statistics on N clean training batches of --data (no training step; recorded in the manifest)."),
     data: Optional[str] = typer.Option(None, "--data", help="Training data (mnist, cifar10 or a path): for --recalibrate-bn and paradigms 2-3.", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
@@ -113,7 +115,7 @@ def convert(
             fail(f"--override must be JSON mapping layer names/patterns to settings: {e}", code=2)
     if paradigm in (2, 3):  # every training setting is checked before anything is loaded or trained
         _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
-                             n_train, val_n, checkpoint_dir, log, keep, adv_weight)
+                             n_train, val_n, checkpoint_dir, log, keep, adv_weight, device, amp)
     with err.status(f"loading {model}"):
         net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, strict=not non_strict,
                             data_root=str(data_root) if data_root else None)
@@ -136,7 +138,8 @@ def convert(
                   + ", ".join(f"{k}={settings[k]}" for k in used) + "; flags override")
     if paradigm in (2, 3):
         converted, _ = _run_finetune(converted, data, paradigm, adversarial, train_eps, epochs, lr, optimizer,
-                                     schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight)
+                                     schedule, batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep,
+                                     adv_weight, device=device, amp=amp)
     if not is_main():  # under torchrun rank 0 writes the file and reports
         return
     report = rs.conversion_report(converted, shape)
@@ -148,6 +151,13 @@ def convert(
     console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, arch {manifest['arch'] or 'unknown'})")
     if not manifest["arch"]:
         err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
+
+
+def resolve_device(spec: str):
+    """torch.device of a --device word (robust_surgery._device)."""
+    from robust_surgery._device import resolve_device as resolve
+
+    return resolve(spec)
 
 
 def is_main() -> bool:
@@ -162,18 +172,20 @@ def _adversarial(text: str):
 
 
 def _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
-                         n_train, val_n, checkpoint_dir, log, keep, adv_weight) -> None:
+                         n_train, val_n, checkpoint_dir, log, keep, adv_weight, device="auto", amp="none") -> None:
     """Refuse bad training settings and unusable checkpoint/log paths before any work starts."""
     from robust_surgery.training.finetune import FinetuneConfig, check_finetune_paths
 
     FinetuneConfig(paradigm=paradigm, adversarial=_adversarial(adversarial), eps=train_eps, epochs=epochs, lr=lr,
                    optimizer=optimizer, schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n,
-                   n_train=n_train, keep=keep, adv_weight=adv_weight)
+                   n_train=n_train, keep=keep, adv_weight=adv_weight, amp=amp)
+    resolve_device(device)
     check_finetune_paths(checkpoint_dir, log)
 
 
 def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
-                  n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight, max_epochs_this_run=None):
+                  n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight, max_epochs_this_run=None,
+                  device="auto", amp="none", sync_bn=False):
     import robust_surgery as rs
 
     adv = _adversarial(adversarial)
@@ -181,7 +193,7 @@ def _run_finetune(model, data, paradigm, adversarial, train_eps, epochs, lr, opt
         model, data, paradigm, adversarial=adv, eps=train_eps, epochs=epochs, lr=lr, optimizer=optimizer,
         schedule=schedule, batch_size=batch_size, seed=seed, n_train=n_train, val_n=val_n, keep=keep, adv_weight=adv_weight,
         checkpoint_dir=checkpoint_dir, log=log, data_root=str(data_root) if data_root else None, progress=True,
-        max_epochs_this_run=max_epochs_this_run,
+        max_epochs_this_run=max_epochs_this_run, device=resolve_device(device), amp=amp, sync_bn=sync_bn,
     )
     from robust_surgery._meta import get_meta
 
@@ -223,11 +235,15 @@ def finetune(
     log: Optional[Path] = LOG,
     keep: str = KEEP,
     adv_weight: float = ADV_WEIGHT,
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Paradigm 3 under torchrun on GPUs: BatchNorm statistics "
+                                 "over the global batch (SyncBatchNorm).", rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     max_epochs_this_run: Optional[int] = typer.Option(None, "--max-epochs-this-run", help="Stop after N epochs of this "
                                                       "run (needs --checkpoint-dir; the same command resumes).",
                                                       rich_help_panel="Fine-tuning (paradigms 2 and 3)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.p{paradigm}.safetensors)."),
     data_root: Optional[Path] = DATA_ROOT,
+    device: str = DEVICE,
+    amp: str = AMP,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
@@ -242,13 +258,13 @@ def finetune(
     if max_epochs_this_run is not None and (max_epochs_this_run < 1 or checkpoint_dir is None):
         fail("--max-epochs-this-run N needs N >= 1 and --checkpoint-dir DIR (where the next run resumes from)", code=2)
     _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
-                         n_train, val_n, checkpoint_dir, log, keep, adv_weight)
+                         n_train, val_n, checkpoint_dir, log, keep, adv_weight, device, amp)
     with err.status(f"loading {model}"):
         net = rs.load_model(model, trust_pickle=trust_pickle, trust_code=trust_code,
                             data_root=str(data_root) if data_root else None)
     net, history = _run_finetune(net, data, paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule,
                                  batch_size, seed, n_train, val_n, checkpoint_dir, log, data_root, keep, adv_weight,
-                                 max_epochs_this_run)
+                                 max_epochs_this_run, device, amp, sync_bn)
     if not is_main():  # under torchrun rank 0 writes the file and reports
         return
     if len(history) < epochs:  # stopped early: the checkpoint holds the run, no model file yet
@@ -333,6 +349,8 @@ def evaluate(
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     data_root: Optional[Path] = DATA_ROOT,
+    device: str = DEVICE,
+    amp: str = AMP,
 ):
     """Attack a model over an ε sweep and print robust accuracy with the sanity report card.
 
@@ -354,6 +372,7 @@ def evaluate(
         queries=queries, compare_original=compare_original, checks=False if no_checks else None,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,
         max_batches=max_batches, progress=True, architecture=model if ":" in model else None,
+        device=resolve_device(device), amp=amp,
     )
     if not is_main():  # under torchrun only rank 0 reports
         return

@@ -34,3 +34,7 @@ KEEP = typer.Option("best", "--keep", help="best: the best validated epoch (the 
                     "epoch 0); last: the last epoch.", rich_help_panel=_FT)
 ADV_WEIGHT = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the loss (1-w)·CE(clean) + w·CE(adv); "
                           "1 = adversarial batches only.", rich_help_panel=_FT)
+
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available, cuda:LOCAL_RANK under torchrun), cpu, "
+                      "cuda or cuda:N.")
+AMP = typer.Option("none", "--amp", help="Mixed precision: none, bf16 or fp16 (autocast; NRPM estimates stay float32).")

@@ -8,11 +8,13 @@ distributed).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+from torch import nn
 
-__all__ = ["dist_info", "all_reduce_sum_", "is_main", "shard", "average_gradients_"]
+__all__ = ["dist_info", "all_reduce_sum_", "is_main", "shard", "average_gradients_", "synchronized_batchnorm"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -70,3 +72,33 @@ def average_gradients_(params, world: int, extra: torch.Tensor | None = None) ->
         if i == 0 and extra is not None:
             summed_extra = flat[n:].view_as(extra)
     return summed_extra
+
+
+@contextlib.contextmanager
+def synchronized_batchnorm(model: nn.Module, enabled: bool = True):
+    """Inside the block every BatchNorm of ``model`` is a SyncBatchNorm sharing its parameters and
+    buffers, so training-mode statistics are taken over the global batch of all ranks (what
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, undone on exit so the model keeps its own
+    classes). Nothing changes when alone or not ``enabled``. Every rank must run the same forwards."""
+    if not enabled or dist_info()[1] == 1:
+        yield model
+        return
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                sync = nn.SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                        child.track_running_stats)
+                for attr in ("weight", "bias"):
+                    setattr(sync, attr, getattr(child, attr))
+                for attr in ("running_mean", "running_var", "num_batches_tracked"):
+                    setattr(sync, attr, getattr(child, attr))
+                sync.train(child.training)
+                setattr(parent, name, sync)
+                swapped.append((parent, name, child, sync))
+    try:
+        yield model
+    finally:
+        for parent, name, child, sync in swapped:
+            child.train(sync.training)
+            setattr(parent, name, child)

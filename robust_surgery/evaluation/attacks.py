@@ -82,12 +82,15 @@ def _logits(out) -> torch.Tensor:
 class AttackTarget(nn.Module):
     """The model as attacks see it: [0, 1] images in, one ``(N, classes)`` logits tensor out.
 
-    ``mean``/``std`` (per channel) normalise inside when the model expects normalised inputs.
+    ``mean``/``std`` (per channel) normalise inside when the model expects normalised inputs;
+    ``amp`` (a dtype, e.g. torch.bfloat16) runs the model under autocast, logits returned in float32.
     """
 
-    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 amp: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.amp = amp
         if (mean is None) != (std is None):
             raise InvalidInputError("give both mean and std (per channel), or neither")
         self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -96,7 +99,11 @@ class AttackTarget(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
             x = (x - self.mean) / self.std
-        out = _logits(self.model(x))
+        if self.amp is None:
+            out = _logits(self.model(x))
+        else:
+            with torch.autocast(x.device.type, dtype=self.amp):
+                out = _logits(self.model(x)).float()
         if out.dim() != 2:
             raise InvalidTypeError(f"the model's logits must have shape (N, classes), got {tuple(out.shape)}")
         return out

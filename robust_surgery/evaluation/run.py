@@ -26,6 +26,7 @@ from robust_surgery.evaluation.budgets import check_budgets, format_eps, parse_e
 from robust_surgery.evaluation.checks import CheckResult, run_checks
 from robust_surgery.evaluation.kinds import CheckJob, Source
 from robust_surgery._files import atomic_path, check_output_path
+from robust_surgery._device import resolve_amp
 from robust_surgery._dist import all_reduce_sum_, dist_info
 from robust_surgery._loops import work_progress
 from robust_surgery._meta import get_meta
@@ -216,9 +217,10 @@ def _plan(attacks: Sequence[str], eps: Sequence[float], threat: str, variants: l
 
 
 def _record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[Job], *, threat: str, batch_size: int,
-            seed: int, mean, std) -> dict:
+            seed: int, mean, std, amp=None) -> dict:
     """Everything that changes an evaluation's numbers (see :mod:`robust_surgery.io.runrecord`)."""
-    return {
+    extra = {} if resolve_amp(amp) is None else {"amp": str(resolve_amp(amp)).split(".")[1]}
+    return {**extra,
         "version": RECORD_VERSION, "threat model": threat, "points": len(x), "batch size": batch_size, "seed": seed,
         "mean": None if mean is None else [float(v) for v in mean],
         "std": None if std is None else [float(v) for v in std],
@@ -297,6 +299,7 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = False,
     architecture: str | None = None,
+    amp: str | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` under ``attacks`` at every ε of ``eps`` on ``data``.
 
@@ -309,7 +312,8 @@ def evaluate(
     the λ = 1 network of a converted model. ``checks`` (default: on for converted models) adds
     the sanity report card. ``state``: a file keeping per-point results so an interrupted run
     resumes; ``max_batches`` stops after that many new batches (a partial report). Under
-    ``torchrun`` every rank takes every world-th batch and the counts are summed.
+    ``torchrun`` every rank takes every world-th batch and the counts are summed. ``amp``:
+    ``"bf16"``/``"fp16"`` runs the model's forward passes under autocast (attacks included).
     """
     t0 = time.time()
     if not isinstance(model, nn.Module):
@@ -363,7 +367,7 @@ def evaluate(
     state_path = Path(f"{state}.rank{rank}") if state and world > 1 else (Path(state) if state else None)
     # the run's record (weights and data digests, every setting) matters only to a state file
     record = _record(model, x, y, jobs, threat=threat, batch_size=batch_size, seed=seed, mean=mean,
-                     std=std) if state_path else None
+                     std=std, amp=amp) if state_path else None
     st = {"record": pack_record(record) if record else None, "done": [],
           "clean": {v: torch.zeros(N, dtype=torch.int8) for v in variants},
           "robust": {j.key: torch.zeros(N, dtype=torch.int8) for j in jobs},
@@ -377,7 +381,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    target = AttackTarget(model, mean, std).to(dev).eval()  # torchattacks restores this mode after attacking
+    target = AttackTarget(model, mean, std, amp=resolve_amp(amp)).to(dev).eval()  # torchattacks restores this mode after attacking
     with torch.no_grad():
         n_classes = target(x[:1].to(dev)).shape[1]
     check_labels_fit(y, n_classes)

@@ -19,7 +19,8 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
-from robust_surgery._dist import all_reduce_sum_, dist_info
+from robust_surgery._device import resolve_amp
+from robust_surgery._dist import all_reduce_sum_, dist_info, synchronized_batchnorm
 from robust_surgery._files import check_output_path
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
 from robust_surgery._meta import set_meta
@@ -60,6 +61,8 @@ class FinetuneConfig:
     n_train: int | None = None
     keep: str = "best"
     adv_weight: float = 0.5
+    amp: str | None = None  # None/"none": float32; "bf16"/"fp16": autocast (NRPM estimates stay float32)
+    sync_bn: bool = False  # paradigm 3 under torchrun: BatchNorm statistics over the global batch
 
     def __post_init__(self):
         if self.paradigm not in (2, 3):
@@ -72,6 +75,7 @@ class FinetuneConfig:
             raise InvalidInputError(f"adv_weight is the adversarial share of the loss, in [0, 1]; got {self.adv_weight!r}")
         if self.keep not in ("best", "last"):
             raise InvalidInputError(f"keep must be 'best' (best validated epoch, the start included) or 'last', got {self.keep!r}")
+        resolve_amp(self.amp)  # an unknown word is a clear error
         if self.schedule not in ("constant", "cosine", "step"):
             raise InvalidInputError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
         for name, value in (("epochs (--epochs)", self.epochs), ("batch_size (--batch-size)", self.batch_size),
@@ -226,6 +230,8 @@ def finetune(
     n_train: int | None = None,
     keep: str = "best",
     adv_weight: float = 0.5,
+    amp: str | None = None,
+    sync_bn: bool = False,
     checkpoint_dir: str | Path | None = None,
     log: str | Path | None = None,
     max_epochs_this_run: int | None = None,
@@ -243,12 +249,16 @@ def finetune(
     history one dict per epoch (loss, lr, seconds, validation accuracies). With
     ``checkpoint_dir`` a checkpoint is written after every epoch and a rerun resumes from it;
     ``log`` receives the history as JSON after every epoch. ``max_epochs_this_run`` stops early
-    (the checkpoint lets the next call continue).
+    (the checkpoint lets the next call continue). ``amp``: ``"bf16"`` or ``"fp16"`` runs the
+    model's forward passes (training, attacks, validation) under autocast; ``device``: where to
+    train (default: where the model is); ``sync_bn``: under torchrun, paradigm 3 takes BatchNorm
+    statistics over the global batch (SyncBatchNorm) instead of each rank's share.
     """
     cfg = FinetuneConfig(paradigm=paradigm, adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps,
                          epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                          schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
-                         keep=keep, adv_weight=adv_weight)
+                         keep=keep, adv_weight=adv_weight, amp=None if amp in (None, "none") else amp,
+                         sync_bn=bool(sync_bn))
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"finetune takes an nn.Module, got a {type(model).__name__}; load it first "
                         "(robust_surgery.load('converted.safetensors'))")
@@ -263,7 +273,7 @@ def finetune(
         raise InvalidInputError("nothing to train: the model has no trainable parameters for this paradigm (a λ of "
                                 "exactly 0 or 1 cannot move: convert with 0 < lam < 1, or use paradigm 3)")
     opt = make_optimizer(params, cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    target = AttackTarget(model).to(dev).eval()
+    target = AttackTarget(model, amp=resolve_amp(cfg.amp)).to(dev).eval()
     with torch.no_grad():
         n_classes = target(xt[:1].to(dev)).shape[1]
     check_labels_fit(torch.cat([yt, yv]), n_classes)
@@ -285,13 +295,18 @@ def finetune(
         return {**_validate(model, target, cfg, xv, yv, n_classes),
                 "lam": {name: m.lam_value for name, m in nrpm_layers(model)}}
 
-    result = train_loop(
-        model, opt, xt, yt, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        order=lambda epoch: epoch_permutation(len(xt), cfg.seed, epoch), lr_at=lambda epoch: lr_at_epoch(cfg, epoch),
-        end_epoch=end_epoch, score=lambda row: row.get("val_robust_acc", row["val_clean_acc"]),
-        start_row=lambda: _validate(model, target, cfg, xv, yv, n_classes), keep_best=cfg.keep == "best",
-        checkpoint=ckpt, record=pack_record(record) if ckpt else None, resume=resume, log=Path(log) if log else None,
-        max_epochs_this_run=max_epochs_this_run, device=dev, progress=progress)
+    # paradigm 2 keeps BatchNorm frozen (eval mode): nothing to synchronise
+    if cfg.sync_bn and cfg.paradigm == 3 and dist_info()[1] > 1 and dev.type != "cuda":
+        raise InvalidInputError("sync_bn (--sync-bn) needs CUDA: torch's SyncBatchNorm runs on GPUs only; on CPU "
+                                "leave it off (each rank then normalises by its own share of the batch)")
+    with synchronized_batchnorm(model, cfg.sync_bn and cfg.paradigm == 3):
+        result = train_loop(
+            model, opt, xt, yt, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            order=lambda epoch: epoch_permutation(len(xt), cfg.seed, epoch), lr_at=lambda epoch: lr_at_epoch(cfg, epoch),
+            end_epoch=end_epoch, score=lambda row: row.get("val_robust_acc", row["val_clean_acc"]),
+            start_row=lambda: _validate(model, target, cfg, xv, yv, n_classes), keep_best=cfg.keep == "best",
+            checkpoint=ckpt, record=pack_record(record) if ckpt else None, resume=resume, log=Path(log) if log else None,
+            max_epochs_this_run=max_epochs_this_run, device=dev, progress=progress)
     history, best = result.history, {"epoch": result.best_epoch, "start": result.start}
     model.eval()
     kept = best["epoch"] if cfg.keep == "best" else len(history)

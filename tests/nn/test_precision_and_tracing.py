@@ -1,4 +1,5 @@
 """Half precision never gives silent NaN; torch.export / torch.compile trace converted networks."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +56,33 @@ def test_compile_fullgraph_inference_matches_eager():
     with torch.no_grad():
         got = torch.compile(conv, fullgraph=True)(x)
         torch.testing.assert_close(got, conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_fine_tuning_and_evaluation_of_a_converted_lenet(shared_data):
+    """rs.finetune(amp="bf16") and rs.evaluate(amp="bf16") run and land near float32 (stated tolerance:
+    3 points of validation and robust accuracy on these 200/100 points)."""
+    results = {}
+    for amp in (None, "bf16"):
+        torch.manual_seed(0)
+        net = rs.convert(rs.load_model("zoo:mnist-lenet"), paradigm=1, norm="L1", K=1, lam=0.8)
+        net, history = rs.finetune(net, "mnist", paradigm=2, adversarial="fgsm", eps=0.1, epochs=1, n_train=200,
+                                   val_n=100, lr=0.05, amp=amp)
+        report = rs.evaluate(net, "mnist", attacks=("fgsm",), eps=(0.1,), n=100, checks=False, amp=amp)
+        results[amp] = (history[-1]["val_clean_acc"], history[-1]["val_robust_acc"], report.worst("nrpm")[0.1])
+        assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+    for a, b in zip(results[None], results["bf16"]):
+        assert abs(a - b) <= 3.0, results
+
+
+def test_device_and_amp_words_are_checked():
+    from robust_surgery._device import resolve_amp, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_amp("bf16") is torch.bfloat16
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(rs.errors.InvalidInputError, match="--device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        resolve_device("tpu")
+    with pytest.raises(rs.errors.InvalidInputError, match="--amp must be one of none, bf16, fp16"):
+        resolve_amp("fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(rs.errors.InvalidInputError, match="no CUDA device is available here; use --device cpu"):
+            resolve_device("cuda")

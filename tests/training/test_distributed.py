@@ -132,3 +132,38 @@ def test_two_nodes_through_torchruns_rendezvous_train_the_single_process_model(t
     one = runner.invoke(app, [*args, "-o", str(tmp_path / "one.safetensors")])
     assert one.exit_code == 0, one.output
     _compare(tmp_path / "multi.safetensors", tmp_path / "one.safetensors")
+
+
+BN_DRIVER = """
+import sys, torch
+import robust_surgery as rs
+from robust_surgery._dist import is_main
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                          torch.nn.Linear(4 * 26 * 26, 10))
+net = rs.convert(net, paradigm=1, norm="L1", K=1, lam=0.8)
+net, history = rs.finetune(net, "mnist", paradigm=3, adversarial=None, epochs=1, batch_size=32, n_train=96,
+                           val_n=50, lr=0.05, seed=4, sync_bn=sys.argv[2] == "sync")
+if is_main():
+    assert type(net[1]) is torch.nn.BatchNorm2d  # the model keeps its own classes
+    torch.save(net.state_dict(), sys.argv[1])
+"""
+
+
+def test_sync_bn_on_cpu_is_a_clear_error_and_without_it_ranks_normalise_by_their_share(tmp_path, shared_data):
+    """Paradigm 3 with BatchNorm under 2 gloo processes: torch's SyncBatchNorm runs on GPUs only, so
+    sync_bn on CPU stops with one clear error; without it each rank normalises by its own half-batch,
+    and the model differs from one process (the GPU check is where --sync-bn is measured)."""
+    script = tmp_path / "driver.py"
+    script.write_text(BN_DRIVER)
+    env = {**os.environ, "ROBUST_SURGERY_DATA": str(shared_data), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(script), str(tmp_path / "sync.pt"), "sync"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "sync_bn (--sync-bn) needs CUDA" in proc.stderr
+    _torchrun([str(tmp_path / "local.pt"), "local"], shared_data, script)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), "local"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, local = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "local.pt", weights_only=True)
+    assert max(float((local[k].double() - one[k].double()).abs().max()) for k in one if one[k].is_floating_point()) > 1e-4
