@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .options import DATA_ROOT, TRUST_CODE, TRUST_PICKLE
+from .options import AMP, DATA_ROOT, DEVICE, TRUST_CODE, TRUST_PICKLE
 from .render import check_out, console, err, fail, guard, print_json
 
 DATA_HELP = "mnist, cifar10, a path, or synthetic[:d=64,k=3,seed=0,...] (the sparse-coding task)."
@@ -115,6 +115,8 @@ def pretrain(
     hidden: int = typer.Option(256, "--hidden", help="Hidden units of the 'mlp' model."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
     data_root: Optional[Path] = DATA_ROOT,
+    device: str = DEVICE,
+    amp: str = AMP,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print the epoch history as JSON on stdout."),
@@ -126,6 +128,7 @@ def pretrain(
     """
     import robust_surgery as rs
     from robust_surgery.purification.inherit import random_encoder
+    from robust_surgery._device import resolve_device
     from robust_surgery.training.pretrain import pretrain as run_pretrain
     from robust_surgery.purification.synthetic import parse_synthetic_spec
 
@@ -150,7 +153,8 @@ def pretrain(
     net, history = run_pretrain(net, task or data, adversarial=adversarial, eps=train_eps, threat=threat,
                                 pgd_steps=pgd_steps, ramp=ramp, epochs=epochs, lr=lr, optimizer=optimizer,
                                 schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
-                                data_root=str(data_root) if data_root else None, progress=True)
+                                data_root=str(data_root) if data_root else None, progress=True,
+                                device=resolve_device(device), amp=amp)
     from robust_surgery._dist import is_main
 
     if not is_main():  # under torchrun rank 0 writes the file and reports

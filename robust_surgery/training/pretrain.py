@@ -21,6 +21,7 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import THREATS, AttackTarget
 from robust_surgery.training.finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
+from robust_surgery._device import resolve_amp
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
 from robust_surgery._meta import set_meta
 from robust_surgery.purification.synthetic import SparseCodingTask
@@ -57,6 +58,7 @@ class PretrainConfig:
     seed: int = 0
     val_n: int = 0
     n_train: int | None = None
+    amp: str | None = None  # None: float32; "bf16"/"fp16": autocast
 
     def __post_init__(self):
         if self.adversarial not in ADVERSARIAL:
@@ -70,6 +72,7 @@ class PretrainConfig:
             raise InvalidInputError(f"ramp is the fraction of training over which ε grows, in [0, 1); got {self.ramp}")
         if self.adversarial and self.eps == 0:
             raise InvalidInputError(f"adversarial={self.adversarial!r} needs a budget eps > 0")
+        resolve_amp(self.amp)
         if self.pgd_steps < 1:
             raise InvalidInputError(f"pgd_steps must be >= 1, got {self.pgd_steps}")
 
@@ -112,6 +115,7 @@ def pretrain(
     seed: int = 0,
     val_n: int = 0,
     n_train: int | None = None,
+    amp: str | None = None,
     data_root=None,
     device=None,
     progress: bool = False,
@@ -127,7 +131,8 @@ def pretrain(
     adversarial = None if adversarial in (None, "", "none", "clean") else adversarial
     cfg = PretrainConfig(adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps, ramp=ramp,
                          epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                         batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train)
+                         batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
+                         amp=None if amp in (None, "none") else amp)
     if any(type(m).__name__.startswith("NRPM") for m in model.modules()):
         raise InvalidInputError("pretrain trains plain models; for an NRPM-converted model use robust_surgery.finetune "
                          "(surgery finetune)")
@@ -137,7 +142,7 @@ def pretrain(
     for p in model.parameters():
         p.requires_grad_(True)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    target = AttackTarget(model).to(dev).eval()
+    target = AttackTarget(model, amp=resolve_amp(cfg.amp)).to(dev).eval()
     with torch.no_grad():
         n_classes = target(xt[:1].to(dev)).shape[1]
     torch.manual_seed(cfg.seed)
