@@ -7,7 +7,7 @@ import torch
 
 from robust_surgery.errors import InvalidInputError
 
-__all__ = ["AMP", "resolve_device", "resolve_amp"]
+__all__ = ["AMP", "resolve_device", "resolve_amp", "amp_name"]
 
 #: ``--amp`` words: autocast's dtype (None: full float32)
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,3 +46,9 @@ def resolve_amp(spec: str | torch.dtype | None) -> torch.dtype | None:
     if key not in AMP:
         raise InvalidInputError(f"--amp must be one of {', '.join(AMP)}, got {spec!r}")
     return AMP[key]
+
+
+def amp_name(spec: str | torch.dtype | None) -> str | None:
+    """The ``--amp`` word a config records: None for full float32, else ``bf16``/``fp16``."""
+    dtype = resolve_amp(spec)
+    return next((k for k, v in AMP.items() if v is dtype), None) if dtype is not None else None

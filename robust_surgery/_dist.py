@@ -51,27 +51,23 @@ def shard(index: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 def average_gradients_(params, world: int, extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Sum the gradients of ``params`` over the ranks and divide by ``world`` (what DistributedDataParallel
-    does after backward), in one all-reduce of one flat buffer per dtype; ``extra`` (a small tensor,
-    e.g. the batch loss) is summed in the same call and returned summed."""
-    grads = [p.grad for p in params if p.grad is not None]
-    by_dtype: dict = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    summed_extra = None
-    if extra is not None and not by_dtype:
-        return all_reduce_sum_(extra.detach().clone(), world)
-    for i, (dtype, group) in enumerate(by_dtype.items()):
-        parts = [g.reshape(-1) for g in group]
-        if i == 0 and extra is not None:
-            parts.append(extra.detach().reshape(-1).to(dtype))
-        flat = all_reduce_sum_(torch.cat(parts), world)
+    does after backward), one all-reduce of one flat buffer per dtype; ``extra`` (a small tensor, e.g.
+    the batch loss) rides along in its dtype's buffer and comes back summed (not divided)."""
+    summed = None if extra is None else extra.detach().clone()
+    groups: dict = {}  # dtype -> [(tensor, is a gradient)]
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.dtype, []).append((p.grad, True))
+    if summed is not None:
+        groups.setdefault(summed.dtype, []).append((summed, False))
+    for items in groups.values():
+        flat = all_reduce_sum_(torch.cat([t.reshape(-1) for t, _ in items]), world)
         n = 0
-        for g in group:
-            g.copy_(flat[n:n + g.numel()].view_as(g) / world)
-            n += g.numel()
-        if i == 0 and extra is not None:
-            summed_extra = flat[n:].view_as(extra)
-    return summed_extra
+        for t, is_grad in items:
+            part = flat[n:n + t.numel()].view_as(t)
+            t.copy_(part / world if is_grad else part)
+            n += t.numel()
+    return summed
 
 
 @contextlib.contextmanager
@@ -79,10 +75,16 @@ def synchronized_batchnorm(model: nn.Module, enabled: bool = True):
     """Inside the block every BatchNorm of ``model`` is a SyncBatchNorm sharing its parameters and
     buffers, so training-mode statistics are taken over the global batch of all ranks (what
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, undone on exit so the model keeps its own
-    classes). Nothing changes when alone or not ``enabled``. Every rank must run the same forwards."""
+    classes). Nothing changes when alone or not ``enabled``. Every rank must run the same forwards.
+    torch's SyncBatchNorm runs on GPUs only: a model on another device is a clear error."""
     if not enabled or dist_info()[1] == 1:
         yield model
         return
+    if any(p.device.type != "cuda" for p in model.parameters()):
+        from robust_surgery.errors import InvalidInputError
+
+        raise InvalidInputError("sync_bn (--sync-bn) needs CUDA: torch's SyncBatchNorm runs on GPUs only; on CPU "
+                                "leave it off (each rank then normalises by its own share of the batch)")
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

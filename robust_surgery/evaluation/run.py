@@ -26,7 +26,7 @@ from robust_surgery.evaluation.budgets import check_budgets, format_eps, parse_e
 from robust_surgery.evaluation.checks import CheckResult, run_checks
 from robust_surgery.evaluation.kinds import CheckJob, Source
 from robust_surgery._files import atomic_path, check_output_path
-from robust_surgery._device import resolve_amp
+from robust_surgery._device import amp_name, resolve_amp
 from robust_surgery._dist import all_reduce_sum_, dist_info
 from robust_surgery._loops import work_progress
 from robust_surgery._meta import get_meta
@@ -219,7 +219,7 @@ def _plan(attacks: Sequence[str], eps: Sequence[float], threat: str, variants: l
 def _record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[Job], *, threat: str, batch_size: int,
             seed: int, mean, std, amp=None) -> dict:
     """Everything that changes an evaluation's numbers (see :mod:`robust_surgery.io.runrecord`)."""
-    extra = {} if resolve_amp(amp) is None else {"amp": str(resolve_amp(amp)).split(".")[1]}
+    extra = {} if amp_name(amp) is None else {"amp": amp_name(amp)}
     return {**extra,
         "version": RECORD_VERSION, "threat model": threat, "points": len(x), "batch size": batch_size, "seed": seed,
         "mean": None if mean is None else [float(v) for v in mean],

@@ -19,7 +19,7 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
-from robust_surgery._device import resolve_amp
+from robust_surgery._device import amp_name, resolve_amp
 from robust_surgery._dist import all_reduce_sum_, dist_info, synchronized_batchnorm
 from robust_surgery._files import check_output_path
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
@@ -257,7 +257,7 @@ def finetune(
     cfg = FinetuneConfig(paradigm=paradigm, adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps,
                          epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                          schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
-                         keep=keep, adv_weight=adv_weight, amp=None if amp in (None, "none") else amp,
+                         keep=keep, adv_weight=adv_weight, amp=amp_name(amp),
                          sync_bn=bool(sync_bn))
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"finetune takes an nn.Module, got a {type(model).__name__}; load it first "
@@ -296,9 +296,6 @@ def finetune(
                 "lam": {name: m.lam_value for name, m in nrpm_layers(model)}}
 
     # paradigm 2 keeps BatchNorm frozen (eval mode): nothing to synchronise
-    if cfg.sync_bn and cfg.paradigm == 3 and dist_info()[1] > 1 and dev.type != "cuda":
-        raise InvalidInputError("sync_bn (--sync-bn) needs CUDA: torch's SyncBatchNorm runs on GPUs only; on CPU "
-                                "leave it off (each rank then normalises by its own share of the batch)")
     with synchronized_batchnorm(model, cfg.sync_bn and cfg.paradigm == 3):
         result = train_loop(
             model, opt, xt, yt, step, epochs=cfg.epochs, batch_size=cfg.batch_size,

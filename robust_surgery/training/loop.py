@@ -81,8 +81,6 @@ def train_loop(
     progress: bool = False,
     label: str = "epoch",
     loss_name: str = "train_loss",
-    lr_in_row: bool = True,
-    after_epoch: Optional[Callable[[int], None]] = None,
 ) -> LoopResult:
     """Train ``model`` in place on ``x`` (N, ...) and ``y`` (N,) for ``epochs`` epochs.
 
@@ -161,9 +159,7 @@ def train_loop(
                 keys = sorted(sums)
                 summed = all_reduce_sum_(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64), world)
                 sums = {k: (int(v) if isinstance(sums[k], int) else float(v)) for k, v in zip(keys, summed.tolist())}
-            row = {"epoch": epoch + 1, **({"lr": lr_now} if lr_in_row else {}), loss_name: total / n, **sums}
-            if after_epoch is not None:
-                after_epoch(epoch)
+            row = {"epoch": epoch + 1, "lr": lr_now, loss_name: total / n, **sums}
             if end_epoch is not None:
                 row.update(end_epoch(epoch))
             row["seconds"] = time.time() - t0

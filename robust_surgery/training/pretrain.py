@@ -21,7 +21,7 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import THREATS, AttackTarget
 from robust_surgery.training.finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
-from robust_surgery._device import resolve_amp
+from robust_surgery._device import amp_name, resolve_amp
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
 from robust_surgery._meta import set_meta
 from robust_surgery.purification.synthetic import SparseCodingTask
@@ -132,7 +132,7 @@ def pretrain(
     cfg = PretrainConfig(adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps, ramp=ramp,
                          epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                          batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
-                         amp=None if amp in (None, "none") else amp)
+                         amp=amp_name(amp))
     if any(type(m).__name__.startswith("NRPM") for m in model.modules()):
         raise InvalidInputError("pretrain trains plain models; for an NRPM-converted model use robust_surgery.finetune "
                          "(surgery finetune)")

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from robust_surgery.errors import InvalidInputError
 from robust_surgery.nn.backends import eager
@@ -56,11 +57,7 @@ def backend_status() -> dict:
 
 def _tracing(x: torch.Tensor) -> bool:
     """True under torch.compile/torch.export tracing (dynamo, or fake tensors of non-strict export)."""
-    if torch.compiler.is_compiling():
-        return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(x)
+    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def select_backend(settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> ModuleType:
