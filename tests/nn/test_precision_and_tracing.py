@@ -42,13 +42,70 @@ def _net(lam):
     return rs.convert(net, paradigm=1, norm="L1", K=2, lam=lam).eval()
 
 
-def test_export_at_lambda_one_half_traces_the_eager_chunks_without_switching_the_c_kernels_off():
+def _needs_c():
+    if not backends.get_backend("c").enabled():
+        pytest.skip("the C kernels are off or no C compiler is here")
+
+
+def _fused_nodes(graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if "robust_surgery" in str(n.target)]
+
+
+def test_export_at_lambda_one_half_keeps_the_fused_kernel_as_one_operator_node():
+    """torch.export sees the C kernels as the custom operator robust_surgery::nrpm_irls (one node per
+    NRPM layer, traced through its fake implementation) and the exported program equals eager."""
+    _needs_c()
     conv, x = _net(0.5), torch.rand(2, 1, 8, 8)
-    c = backends.get_backend("c")
-    before = c.switch.value
     exported = torch.export.export(conv, (x,))
-    torch.testing.assert_close(exported.module()(x), conv(x), rtol=1e-5, atol=1e-6)
-    assert c.switch.value == before  # tracing chose eager; nothing failed, nothing was switched off
+    assert _fused_nodes(exported.graph) == ["robust_surgery.nrpm_irls.default"] * 2
+    torch.testing.assert_close(exported.module()(x), conv(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("geometry", ["dense", "conv"])
+def test_the_custom_operators_pass_torch_library_opcheck(geometry):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the operator
+    pair, checked by torch.library.opcheck on float64 inputs."""
+    _needs_c()
+    from robust_surgery.nn.backends import ops
+
+    torch.manual_seed(0)
+    if geometry == "dense":
+        x, w, z0 = torch.rand(2, 5, 7), torch.rand(2, 3, 7), torch.rand(2, 5, 3)
+        geo = []
+    else:  # 1 image, 2 groups of 2 channels, a 2×2 kernel over a 4×5 padded input -> 3×4 outputs
+        x, w, z0 = torch.rand(1, 4, 4, 5), torch.rand(2, 3, 8), torch.rand(2, 12, 3)
+        geo = [2, 1, 2, 2, 2, 1, 1, 1, 1, 3, 4]
+    args = [t.double().requires_grad_() for t in (x, w, z0)]
+    result = torch.library.opcheck(ops.nrpm_irls, (*args, "c", "Huber", 2, 1e-3, 4.0, 0.3, geo, 1, 1, True))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_compile_fullgraph_training_step_runs_the_fused_kernels_and_matches_eager_gradients():
+    """A converted conv net compiled with fullgraph=True: forward and backward run the C kernels from
+    inside the compiled graphs, and the gradients equal eager's (float64)."""
+    _needs_c()
+    net = _net(0.5).double().train()
+    x, y = torch.rand(3, 1, 8, 8, dtype=torch.float64), torch.arange(3)
+    F.cross_entropy(net(x), y).backward()
+    want = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    c = backends.get_backend("c")
+    compiled = torch.compile(net, fullgraph=True)
+    F.cross_entropy(compiled(x), y).backward()  # compiles
+    before = dict(c.calls)
+    net.zero_grad()
+    F.cross_entropy(compiled(x), y).backward()
+    assert {k: c.calls[k] - before[k] for k in before} == {"forward": 2, "backward": 2}
+    for got, ref in zip((p.grad for p in net.parameters()), want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_converted_resnet18_traces_without_graph_breaks():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = rs.convert(torchvision.models.resnet18(num_classes=10), paradigm=3, norm="L1", K=1, lam=0.5)
+    explained = torch._dynamo.explain(net)(torch.rand(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 def test_compile_fullgraph_inference_matches_eager():

@@ -8,19 +8,20 @@ Three backends, each a module with the interface described in :mod:`robust_surge
 * ``c`` — fused C kernels for CPU tensors (built on first use with the system compiler);
 * ``triton`` — fused Triton kernels for CUDA tensors (CPU tensors too under ``TRITON_INTERPRET=1``).
 
+The fused backends run through the ``torch.library`` custom operators of
+:mod:`robust_surgery.nn.backends.ops`, so torch.compile and torch.export trace them as single nodes.
+
 :func:`use_backend` is the one switch (environment variables do the same, see ``docs/kernels.md``);
 :func:`run` picks the fused backend that supports the problem, else eager, and falls back to eager
 for good (with one warning) when a fused kernel fails to build or launch.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 from typing import Callable, Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from robust_surgery.errors import InvalidInputError
 from robust_surgery.nn.backends import eager
@@ -32,7 +33,13 @@ def get_backend(name: str) -> ModuleType:
     """The backend module called ``name`` (one of :data:`NAMES`); imported on first use."""
     if name not in NAMES:
         raise InvalidInputError(f"unknown NRPM backend {name!r}; choose one of {', '.join(NAMES)}")
-    return importlib.import_module(f"robust_surgery.nn.backends.{name}")
+    if name == "c":  # plain import statements (not importlib): torch.compile traces them
+        from robust_surgery.nn.backends import c as module
+    elif name == "triton":
+        from robust_surgery.nn.backends import triton as module
+    else:
+        module = eager
+    return module
 
 
 def use_backend(name: str, enabled: Optional[bool] = True) -> None:
@@ -55,28 +62,40 @@ def backend_status() -> dict:
     return out
 
 
-def _tracing(x: torch.Tensor) -> bool:
-    """True under torch.compile/torch.export tracing (dynamo, or fake tensors of non-strict export)."""
-    return torch.compiler.is_compiling() or is_fake(x)
-
-
 def select_backend(settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> ModuleType:
     """The backend that runs this problem: x (G, R, D), w (G, O, D), z0 (G, R, O).
 
     CPU tensors go to the C kernels, CUDA tensors to Triton (with TRITON_INTERPRET=1 set before
     import, CPU tensors go to Triton's interpreter instead: tests), when that backend supports
-    the problem; everything else runs eager, and so does anything traced by torch.compile or
-    torch.export (the fused kernels are opaque calls they cannot trace).
+    the problem; everything else (meta tensors too) runs eager. The fused kernels are the custom
+    operators of :mod:`robust_surgery.nn.backends.ops`, so torch.compile and torch.export trace
+    them as single nodes; the eager chunks are plain torch ops they trace as well.
     """
-    if _tracing(x):  # torch.compile / torch.export see the eager chunks: plain torch ops they can trace
-        return eager
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         fused = get_backend("c")
     elif x.device.type in ("cpu", "cuda"):
         fused = get_backend("triton")
     else:
         return eager
-    return fused if fused.supports(settings, x, w, z0) else eager
+    return fused if _supports(fused, settings, x, w, z0) else eager
+
+
+def _supports(fused: ModuleType, settings, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> bool:
+    """``fused.supports(...)``; while torch.compile traces, asked outside the trace (the check reads
+    switches and the file system, and may build the kernels) about the same dtypes and device."""
+    if not torch.compiler.is_compiling():
+        return fused.supports(settings, x, w, z0)
+    return _supports_outside_trace(fused.NAME, settings.norm, settings.K, x.dtype, w.dtype, z0.dtype, x.device.type)
+
+
+@torch.compiler.assume_constant_result
+def _supports_outside_trace(name: str, norm: str, K: int, x_dtype, w_dtype, z_dtype, device: str) -> bool:
+    from robust_surgery.nn.functional import NRPMSettings
+
+    def probe(dtype):
+        return torch.ones((1, 1, 1), dtype=dtype, device=device)
+
+    return get_backend(name).supports(NRPMSettings(norm, K), probe(x_dtype), probe(w_dtype), probe(z_dtype))
 
 
 def run(src, x, w, z0, settings, reweight: Callable, dreweight: Optional[Callable], rows: int, outs: int) -> torch.Tensor:

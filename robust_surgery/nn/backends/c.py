@@ -37,6 +37,7 @@ float32 and float64 CPU tensors. ``ROBUST_SURGERY_NRPM_CPU_KERNEL=0`` or ``use_b
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -98,9 +99,15 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+    """The C compiler's path ($CC, else cc, gcc or clang on PATH), None without one."""
+    return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=8)
+def _find_compiler(cc: Optional[str], path: Optional[str]) -> Optional[str]:  # cached: PATH lookups cost 50 µs
+    for name in (cc, "cc", "gcc", "clang"):
+        if name and shutil.which(name, path=path):
+            return shutil.which(name, path=path)
     return None
 
 
@@ -397,34 +404,15 @@ def backward_partitions(G: int, B: int, Lp: int, O: int, D: int, x_numel: int, i
     return private, int(max(1, min(units, PARTITIONS, fits)))
 
 
-class PatternMatchFn(torch.autograd.Function):
-    """z_NRPM of every row; saves only x, w, z0 and the small per-output iterates and sums."""
-
-    @staticmethod
-    def forward(ctx, x, w, z0, geo, settings):
-        out, zs, sums = forward(x, w, z0, settings, keep=True, geo=geo)
-        ctx.save_for_backward(x, w, z0, zs, sums)
-        ctx.geo, ctx.settings = geo, settings
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, z0, zs, sums = ctx.saved_tensors
-        gx, gw, gz0 = backward(x, w, z0, zs, sums, grad, ctx.settings, *ctx.needs_input_grad[:2], geo=ctx.geo)
-        return gx, gw, gz0, None, None
-
-
 def run(src, x, w, z0, settings, reweight=None, dreweight=None, rows=None, outs=None) -> torch.Tensor:
     """z_NRPM (G, R, O) of a row source of the eager backend (dense rows, or conv rows gathered
     from the padded input inside the kernel), differentiable in x, w and z0; one kernel call per
-    layer. The eager chunking arguments (reweight, dreweight, rows, outs) are not needed: the
-    kernels run a built-in norm over the whole problem."""
-    from robust_surgery.nn.backends.eager import ConvRows
+    layer and direction, through the ``robust_surgery::nrpm_irls`` operator
+    (:mod:`robust_surgery.nn.backends.ops`), which torch.compile and torch.export keep as one node.
+    ``rows`` × ``outs`` (the eager chunk size) serve only if the kernel fails and eager takes over."""
+    from robust_surgery.nn.backends import ops
 
-    geo = conv_geometry(src) if isinstance(src, ConvRows) else None
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or z0.requires_grad):
-        return PatternMatchFn.apply(x, w, z0, geo, settings)
-    return forward(x, w, z0, settings, keep=False, geo=geo)[0]
+    return ops.run(NAME, src, x, w, z0, settings, rows or 1, outs or 1)
 
 
 def disable(err: Exception) -> None:

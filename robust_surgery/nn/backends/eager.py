@@ -282,15 +282,21 @@ def _chunks(R0: int, R1: int, O: int, rows: int, outs: int):
             yield r0, min(R1, r0 + rows), slice(o0, o0 + outs)
 
 
+def _count(direction: str) -> None:
+    """Count a chunk call, except while torch.compile traces (a counter is a side effect it refuses)."""
+    if not torch.compiler.is_compiling():
+        calls[direction] += 1
+
+
 def forward(*args):
     """One eager (optionally compiled) forward chunk; the arguments of :func:`forward_chunk`."""
-    calls["forward"] += 1
+    _count("forward")
     return _call(forward_chunk, *args)
 
 
 def backward(*args):
     """One eager (optionally compiled) backward chunk; the arguments of :func:`backward_chunk`."""
-    calls["backward"] += 1
+    _count("backward")
     return _call(backward_chunk, *args)
 
 
@@ -334,36 +340,44 @@ class RobustPatternMatchFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, w, z0, *saved = ctx.saved_tensors
-        need_x, need_w, need_z0 = ctx.needs_input_grad[:3]
-        src, K = ctx.src, ctx.K
-        gx = src.grad_zeros(x) if need_x else None
-        gw = torch.zeros_like(w) if need_w else None
-        gz0 = torch.zeros_like(z0) if need_z0 else None
-        O = w.shape[1]
-        for b0, b1 in src.blocks():
-            xb = src.block(x, b0, b1)
-            gxb = torch.zeros_like(xb) if need_x else None
-            for r0, r1, o in _chunks(b0, b1, O, ctx.rows, ctx.outs):
-                xc, wc, zc = xb[:, r0 - b0:r1 - b0], w[:, o], z0[:, r0:r1, o]
-                gc = grad_out[:, r0:r1, o]
-                if ctx.dreweight is not None:
-                    zs_all, s_all = saved
-                    gxc, gwc, gzc = ctx.bwd(
-                        xc, wc, zc, [zs_all[k, :, r0:r1, o] for k in range(K)],
-                        [s_all[k, :, r0:r1, o] for k in range(K)], gc, K, ctx.reweight, ctx.dreweight,
-                        ctx.d_first, need_x, need_w)
-                else:
-                    gxc, gwc, gzc = _autograd_chunk(xc, wc, zc, gc, K, ctx.reweight, ctx.d_first, need_x, need_w)
-                if need_x:
-                    gxb[:, r0 - b0:r1 - b0] += gxc
-                if need_w:
-                    gw[:, o] += gwc
-                if need_z0:
-                    gz0[:, r0:r1, o] = gzc
-            if need_x:
-                src.add_grad(gx, b0, b1, gxb)
-            del xb, gxb
+        zs_all, s_all = saved if saved else (None, None)
+        gx, gw, gz0 = irls_backward(ctx.src, x, w, z0, zs_all, s_all, grad_out, ctx.K, ctx.reweight, ctx.dreweight,
+                                    ctx.rows, ctx.outs, ctx.d_first, *ctx.needs_input_grad[:3], bwd=ctx.bwd)
         return gx, gw, gz0, None, None, None, None, None, None, None, None
+
+
+def irls_backward(src, x, w, z0, zs_all, s_all, grad_out, K: int, reweight, dreweight, rows: int, outs: int,
+                  d_first: bool, need_x: bool, need_w: bool, need_z0: bool, bwd: Callable = backward):
+    """Chunked VJP of :func:`irls_forward`: grad_out (G, R, O) = dL/dz_K -> (g_x shaped like x, g_w, g_z0),
+    each None when not needed. ``zs_all``/``s_all``: what the forward kept (K, G, R, O); None when the
+    reweighting has no registered derivative (each chunk is then recomputed under autograd).
+    ``bwd`` runs one chunk (signature of :func:`backward_chunk`): eager, or the fused Triton kernel."""
+    gx = src.grad_zeros(x) if need_x else None
+    gw = torch.zeros_like(w) if need_w else None
+    gz0 = torch.zeros_like(z0) if need_z0 else None
+    O = w.shape[1]
+    for b0, b1 in src.blocks():
+        xb = src.block(x, b0, b1)
+        gxb = torch.zeros_like(xb) if need_x else None
+        for r0, r1, o in _chunks(b0, b1, O, rows, outs):
+            xc, wc, zc = xb[:, r0 - b0:r1 - b0], w[:, o], z0[:, r0:r1, o]
+            gc = grad_out[:, r0:r1, o]
+            if dreweight is not None:
+                gxc, gwc, gzc = bwd(xc, wc, zc, [zs_all[k, :, r0:r1, o] for k in range(K)],
+                                    [s_all[k, :, r0:r1, o] for k in range(K)], gc, K, reweight, dreweight,
+                                    d_first, need_x, need_w)
+            else:
+                gxc, gwc, gzc = _autograd_chunk(xc, wc, zc, gc, K, reweight, d_first, need_x, need_w)
+            if need_x:
+                gxb[:, r0 - b0:r1 - b0] += gxc
+            if need_w:
+                gw[:, o] += gwc
+            if need_z0:
+                gz0[:, r0:r1, o] = gzc
+        if need_x:
+            src.add_grad(gx, b0, b1, gxb)
+        del xb, gxb
+    return gx, gw, gz0
 
 
 def _autograd_chunk(x, w, z0, g, K, reweight, d_first, need_x, need_w):

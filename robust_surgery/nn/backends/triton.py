@@ -337,12 +337,13 @@ def disable(err: Exception) -> None:
 
 
 def run(src, x, w, z0, settings, reweight, dreweight, rows: int, outs: int) -> torch.Tensor:
-    """z_NRPM (G, R, O) of a row source, differentiable: the eager backend's block loop with the
-    fused chunk functions, one launch per unfolded row block (all outputs at once)."""
-    from robust_surgery.nn.backends import eager
+    """z_NRPM (G, R, O) of a row source, differentiable, through the ``robust_surgery::nrpm_irls``
+    operator (:mod:`robust_surgery.nn.backends.ops`): the eager backend's block loop with the fused
+    chunk functions, one launch per unfolded row block (all outputs at once); ``rows`` × ``outs``
+    (the eager chunk size) serve if the backward kernel fails."""
+    from robust_surgery.nn.backends import ops
 
-    fns = chunk_functions(settings, eager.backward, rows, outs)
-    return eager.run(src, x, w, z0, settings, reweight, dreweight, src.block_rows, w.shape[1], fns)
+    return ops.run(NAME, src, x, w, z0, settings, rows, outs)
 
 
 def chunk_functions(settings, eager_backward: Callable, rows: int, outs: int):
