@@ -430,6 +430,8 @@ def zoo_train(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on the first N training images only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: NAME.trained.safetensors)."),
+    device: str = DEVICE,
+    amp: str = AMP,
     data_root: Optional[Path] = DATA_ROOT,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ):
@@ -442,7 +444,8 @@ def zoo_train(
 
     out = check_out(out or Path(f"{name}.trained.safetensors"), ".safetensors", "output (-o)")
     model, metrics = train_zoo_model(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                     data_root=str(data_root) if data_root else None, n_train=n_train)
+                                     data_root=str(data_root) if data_root else None, n_train=n_train,
+                                     device=device, amp=amp)
     if not is_main():  # under torchrun rank 0 writes the file and reports
         return
     rs.save(model, out, arch=metrics.get("arch", f"zoo:{name}"), training=metrics)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .options import DATA_ROOT, TRUST_CODE, TRUST_PICKLE
+from .options import AMP, DATA_ROOT, DEVICE, TRUST_CODE, TRUST_PICKLE
 from .render import check_out, console, err, fail, guard, print_json
 
 reprogram_app = typer.Typer(help="Reprogram a frozen source model for a new task (AR, BAR, R2DL).", no_args_is_help=True)
@@ -46,10 +46,12 @@ def _ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
         fail(f"{what} takes whole numbers separated by commas (3,32,32), got {text!r}", code=2)
 
 
-def _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code):
+def _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code, device, amp):
+    from robust_surgery._device import resolve_amp, resolve_device
     from robust_surgery.reprogram.pipeline import load_source, load_target
 
     check_out(out, ".safetensors", "output (-o)")
+    resolve_device(device), resolve_amp(amp)  # bad words fail before anything loads
     root = str(data_root) if data_root else None
     with err.status(f"loading {source} and {target}"):
         src = load_source(source, data_root=root, trust_pickle=trust_pickle, trust_code=trust_code)
@@ -58,7 +60,7 @@ def _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_c
     return src, train, test
 
 
-def _finish(model, report, test, attack, eps, steps, out, as_json, extra_rows):
+def _finish(model, report, test, attack, eps, steps, out, as_json, amp, extra_rows):
     from robust_surgery.evaluation.budgets import parse_eps
     from robust_surgery.reprogram.pipeline import save_reprogrammed, target_accuracy
 
@@ -67,7 +69,7 @@ def _finish(model, report, test, attack, eps, steps, out, as_json, extra_rows):
     if attacks and not eps_values:
         fail("--attack needs budgets: --eps 0.05,0.1", code=2)
     with err.status("evaluating on the target test set"):
-        report["test"] = target_accuracy(model, *test, attacks=attacks, eps=eps_values, steps=steps)
+        report["test"] = target_accuracy(model, *test, attacks=attacks, eps=eps_values, steps=steps, amp=amp)
     from robust_surgery._dist import is_main
 
     if not is_main():  # under torchrun rank 0 writes the file and reports
@@ -116,6 +118,8 @@ def ar(
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points: fgsm,pgd,...", rich_help_panel=_EVAL),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack (L∞ on the [0, 1] target inputs): 0.05,0.1.", rich_help_panel=_EVAL),
     steps: int = PGD_STEPS,
+    device: str = DEVICE,
+    amp: str = AMP,
     data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
@@ -128,12 +132,13 @@ def ar(
     from robust_surgery.reprogram.ar import ARConfig, reprogram_ar
 
     cfg = ARConfig(epochs=epochs, lr=lr, reg=reg, batch_size=batch_size, decay=decay, decay_every=decay_every, seed=seed)
-    src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code)
+    src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code,
+                                   device, amp)
     model, report = reprogram_ar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,
-                                 low_dim=low_dim, mapping=mapping, m=m, progress=True)
+                                 low_dim=low_dim, mapping=mapping, m=m, progress=True, device=device, amp=amp)
     report.update(source=source, target=target)
     last = report["history"][-1]
-    _finish(model, report, test, attack, eps, steps, out, as_json, lambda r: [
+    _finish(model, report, test, attack, eps, steps, out, as_json, amp, lambda r: [
         ("program entries d", str(r["d"])), ("final training loss", f"{last['loss']:.4f}"),
         ("training accuracy (last epoch)", f"{last['train_acc']:.1f} %")])
 
@@ -166,6 +171,8 @@ def bar(
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points (white-box, for the robustness study): fgsm,pgd,...", rich_help_panel=_EVAL),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack: 0.05,0.1.", rich_help_panel=_EVAL),
     steps: int = PGD_STEPS,
+    device: str = DEVICE,
+    amp: str = AMP,
     data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
@@ -180,11 +187,13 @@ def bar(
     cfg = BARConfig(steps=steps_train, q=q, beta=beta, lr=lr, batch_size=batch_size, gamma=gamma,
                     class_balance=class_balance, decay=decay, decay_every=decay_every, seed=seed, budget=budget,
                     price_per_1000=price)
-    src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code)
+    src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code,
+                                   device, amp)
     model, report = reprogram_bar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,
-                                  low_dim=low_dim or None, mapping=mapping, m=m, progress=True)
+                                  low_dim=low_dim or None, mapping=mapping, m=m, progress=True, device=device,
+                                  amp=amp)
     report.update(source=source, target=target)
-    _finish(model, report, test, attack, eps, steps, out, as_json, lambda r: [
+    _finish(model, report, test, attack, eps, steps, out, as_json, amp, lambda r: [
         ("program entries d", str(r["d"])), ("steps", str(r["steps"])),
         ("queries (mapping + training)", f"{r['queries']:,} ({r['mapping_queries']:,} + {r['queries'] - r['mapping_queries']:,})"),
         (f"cost at {r['price_per_1000']:g} per 1000 queries", f"{r['cost']:.2f}")])

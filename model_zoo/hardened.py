@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 __all__ = ["HARDENED", "SHIPPED", "HardenRecipe", "harden", "hardened_architecture"]
@@ -91,12 +92,14 @@ def hardened_architecture(recipe: HardenRecipe) -> nn.Module:
 
 def harden(recipe: HardenRecipe, *, data_root: str | os.PathLike | None = None,
            checkpoint_dir: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
-           n_train: int | None = None, progress: bool = True) -> tuple[nn.Module, dict]:
+           n_train: int | None = None, progress: bool = True, device: str | torch.device | None = "auto",
+           amp: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
     """Run ``recipe``: load the pretrained base, convert, adversarially fine-tune, (unconvert).
 
     Returns (model in eval mode, metrics): the recipe, train CPU/wall seconds, the kept epoch,
     the final λ per layer, the per-epoch history. ``checkpoint_dir`` makes it resumable (one
-    checkpoint per epoch); ``n_train``: the first n training images only (quick checks).
+    checkpoint per epoch); ``n_train``: the first n training images only (quick checks);
+    ``device``/``amp`` as in :func:`robust_surgery.finetune`.
     """
     import robust_surgery as rs
     from robust_surgery.data.datasets import load_dataset
@@ -109,13 +112,13 @@ def harden(recipe: HardenRecipe, *, data_root: str | os.PathLike | None = None,
     cpu, wall = time.process_time(), time.time()
     model, history = rs.finetune(start, dataset, recipe.paradigm, **recipe.finetune_kwargs(), n_train=n_train,
                                  checkpoint_dir=checkpoint_dir, log=Path(log) if log else None,
-                                 data_root=data_root, progress=progress)
+                                 data_root=data_root, progress=progress, device=device, amp=amp)
     training = rs._meta.get_meta(model)["training"]
     lam = {n: round(m.lam_value, 4) for n, m in rs.nrpm_layers(model)}
     if recipe.classical:
         model = rs.unconvert(model)
     x_test, y_test = load_dataset(dataset, "test", data_root).tensors
-    correct, count = evaluate_accuracy(model.eval(), x_test, y_test)
+    correct, count = evaluate_accuracy(model.eval(), x_test, y_test, amp=amp)
     metrics = {"name": next((k for k, v in HARDENED.items() if v == recipe), None), **asdict(recipe),
                "test_correct": correct, "test_n": count, "test_acc": 100.0 * correct / count,
                "seconds": round(time.time() - wall, 1), "train_cpu_s": round(time.process_time() - cpu, 1),

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_surgery._device import amp_name, autocast, resolve_device
 from robust_surgery.data.datasets import load_mnist
 from robust_surgery._loops import evaluate_accuracy
 from robust_surgery.training.loop import BatchLoss, make_optimizer, train_loop
@@ -49,10 +50,12 @@ def trainable() -> list[str]:
     return sorted([*RECIPES, *HEAD_FITS, *HARDENED])
 
 
-def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_root) -> tuple[nn.Module, dict]:
+def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_root, device, amp
+              ) -> tuple[nn.Module, dict]:
     """Fit the head of a HEAD_FITS model; the gradient-training options do not apply and are refused."""
     given = [flag for flag, val in (("--epochs", epochs), ("--lr", lr), ("--batch-size", batch_size),
-                                    ("--n-train", n_train)) if val is not None]
+                                    ("--n-train", n_train), ("--amp", amp_name(amp)),
+                                    ("--device", None if str(device or "auto") == "auto" else device)) if val is not None]
     if given:
         raise InvalidInputError(f"{name}'s head is fitted by cross-validated logistic regression on frozen embeddings: "
                          f"{', '.join(given)} do not apply; drop them (only --seed and --data-root do)")
@@ -61,7 +64,7 @@ def _fit_head(name: str, *, epochs, lr, batch_size, n_train, seed: int, data_roo
                    "threads": torch.get_num_threads()}
 
 
-def _harden(name: str, *, epochs, lr, batch_size, seed: int, data_root, n_train, progress: bool):
+def _harden(name: str, *, epochs, lr, batch_size, seed: int, data_root, n_train, progress: bool, device, amp):
     """Run the hardening recipe of ``name`` (options given override the recipe's)."""
     import dataclasses
 
@@ -69,7 +72,7 @@ def _harden(name: str, *, epochs, lr, batch_size, seed: int, data_root, n_train,
     recipe = dataclasses.replace(HARDENED[name], seed=seed, **changes)
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise InvalidInputError(f"epochs and batch_size must be >= 1 and lr > 0, got {changes}")
-    model, metrics = harden(recipe, data_root=data_root, n_train=n_train, progress=progress)
+    model, metrics = harden(recipe, data_root=data_root, n_train=n_train, progress=progress, device=device, amp=amp)
     # saved files name the base architecture: rs.load rebuilds the NRPM layers from the manifest
     return model, {**metrics, "name": name, "arch": f"zoo:{recipe.base}", "torch": torch.__version__,
                    "threads": torch.get_num_threads()}
@@ -91,8 +94,8 @@ def save_state_dict_safetensors(model: nn.Module, path: str | os.PathLike,
 
 def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = None,
                     batch_size: int | None = None, seed: int = 0, data_root: str | os.PathLike | None = None,
-                    device: str | torch.device | None = None, progress: bool = True,
-                    n_train: int | None = None) -> tuple[nn.Module, dict]:
+                    device: str | torch.device | None = "auto", progress: bool = True,
+                    n_train: int | None = None, amp: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
     """Train zoo architecture ``name`` from scratch on MNIST train (60000 images, [0,1] pixels).
 
     Unset ``epochs``/``lr``/``batch_size`` take :data:`RECIPES` [name]. :data:`HARDENED` models
@@ -102,15 +105,17 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
     ``seed`` and ``data_root`` only). Returns (model in eval
     mode, metrics) with per-epoch mean train loss, test accuracy in percent on the 10000 test
     images, test_correct, seconds and the recipe. Progress goes to stderr. ``n_train``: train on
-    the first n training images only (quick checks).
+    the first n training images only (quick checks). ``device``: ``auto`` (CUDA when there is one),
+    ``cpu`` or ``cuda[:N]``; ``amp``: ``bf16``/``fp16`` trains and evaluates under autocast.
     """
+    amp_name(amp), resolve_device(device)  # bad words fail before anything loads
     if name in HARDENED:
         return _harden(name, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, data_root=data_root,
-                       n_train=n_train, progress=progress)
+                       n_train=n_train, progress=progress, device=device, amp=amp)
     entry = get_entry(name)
     if name in HEAD_FITS:
         return _fit_head(name, epochs=epochs, lr=lr, batch_size=batch_size, n_train=n_train, seed=seed,
-                         data_root=data_root)
+                         data_root=data_root, device=device, amp=amp)
     if name not in RECIPES:
         raise ZooError(
             f"No training recipe for '{name}' (dataset {entry.dataset}); trainable: {', '.join(trainable())}"
@@ -121,7 +126,7 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
             recipe[key] = val
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0:
         raise InvalidInputError(f"epochs and batch_size must be >= 1 and lr > 0, got {recipe}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
 
     x_train, y_train = load_mnist("train", data_root)
     if n_train is not None:
@@ -135,16 +140,18 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
 
     def step(xb, yb, epoch, s):
         model.train()
-        return BatchLoss(F.cross_entropy(model(xb), yb))
+        with autocast(device, amp):
+            logits = model(xb).float()
+        return BatchLoss(F.cross_entropy(logits, yb))
 
     history = train_loop(model, opt, x_train, y_train, step, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
                          order=lambda epoch: torch.randperm(len(x_train), generator=gen), device=device,
                          progress=progress, label=f"{name} epoch").history
     losses = [row["train_loss"] for row in history]
     model.eval()
-    correct, count = evaluate_accuracy(model, x_test, y_test, device=device)
+    correct, count = evaluate_accuracy(model, x_test, y_test, device=device, amp=amp)
     metrics = {
-        "name": name, "seed": seed, "device": str(device), **recipe, "n_train": len(x_train),
+        "name": name, "seed": seed, "device": str(device), "amp": amp_name(amp), **recipe, "n_train": len(x_train),
         "train_loss": losses, "test_correct": correct, "test_n": count,
         "test_acc": 100.0 * correct / count, "seconds": time.time() - t0,
         "torch": torch.__version__, "threads": torch.get_num_threads(),

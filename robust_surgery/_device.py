@@ -1,13 +1,14 @@
 """Where a model runs and in what precision: the ``--device`` and ``--amp`` words, resolved once."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from robust_surgery.errors import InvalidInputError
 
-__all__ = ["AMP", "resolve_device", "resolve_amp", "amp_name"]
+__all__ = ["AMP", "resolve_device", "resolve_amp", "amp_name", "autocast"]
 
 #: ``--amp`` words: autocast's dtype (None: full float32)
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,3 +53,12 @@ def amp_name(spec: str | torch.dtype | None) -> str | None:
     """The ``--amp`` word a config records: None for full float32, else ``bf16``/``fp16``."""
     dtype = resolve_amp(spec)
     return next((k for k, v in AMP.items() if v is dtype), None) if dtype is not None else None
+
+
+def autocast(device: str | torch.device, amp: str | torch.dtype | None):
+    """The context a model's forward runs in: ``torch.autocast`` on ``device``'s type for ``amp``
+    (``bf16``/``fp16``), nothing for float32 (None/``none``)."""
+    dtype = resolve_amp(amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -4,13 +4,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_surgery._device import autocast
+
 __all__ = ["check_finite_loss", "evaluate_accuracy", "training_progress", "work_progress"]
 
 
 @torch.inference_mode()
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int = 1000, device: str | torch.device | None = None) -> tuple[int, int]:
-    """(number correct, number of points) of ``model`` (in eval mode) on images N x C x H x W, labels N."""
+                      batch_size: int = 1000, device: str | torch.device | None = None,
+                      amp: str | torch.dtype | None = None) -> tuple[int, int]:
+    """(number correct, number of points) of ``model`` (in eval mode) on images N x C x H x W, labels N;
+    ``amp`` (``bf16``/``fp16``) runs the forward passes under autocast."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -18,7 +22,8 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     for i in range(0, len(images), batch_size):
         xb = images[i:i + batch_size].to(device)
         yb = labels[i:i + batch_size].to(device)
-        correct += int((model(xb).argmax(1) == yb).sum())
+        with autocast(device, amp):
+            correct += int((model(xb).argmax(1) == yb).sum())
     model.train(was_training)
     return correct, len(images)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from robust_surgery.evaluation.attacks import check_unit_range
+from robust_surgery._device import amp_name, autocast, resolve_device
 from robust_surgery._loops import evaluate_accuracy
 from robust_surgery.training.loop import BatchLoss, make_optimizer, train_loop
 from robust_surgery.reprogram.losses import mapped_nll
@@ -49,8 +50,11 @@ class SourceChangedError(RuntimeError):
 
 
 def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
-             val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False) -> list[dict]:
-    """Train the program of ``model`` on target data ``x`` ``(N, c, h, w)`` in [0, 1], ``y`` ``(N,)``.
+             val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False,
+             amp: str | torch.dtype | None = None) -> list[dict]:
+    """Train the program of ``model`` on target data ``x`` ``(N, c, h, w)`` in [0, 1], ``y`` ``(N,)``,
+    on the device of the program's weights; ``amp`` (``bf16``/``fp16``) runs the source under autocast
+    (the mapped probabilities and the loss stay float32).
 
     Returns one record per epoch (mean loss, train accuracy of the batches, optional validation
     accuracy in %, lr, seconds). Raises :class:`SourceChangedError` if the source moved.
@@ -74,11 +78,12 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
 
     def step(xb, yb, epoch, s):
         model.train()
-        h = model.mapped_probs(xb)
+        with autocast(w.device, amp):
+            h = model.mapped_probs(xb).float()
         return BatchLoss(mapped_nll(h, yb) + cfg.reg * w.pow(2).sum(), {"correct": int((h.argmax(1) == yb).sum())})
 
     def end_epoch(epoch):
-        return {} if val is None else {"val_acc": 100.0 * evaluate_accuracy(model, val[0], val[1], batch_size=500)[0] / len(val[0])}
+        return {} if val is None else {"val_acc": 100.0 * evaluate_accuracy(model, val[0], val[1], batch_size=500, amp=amp)[0] / len(val[0])}
 
     history = train_loop(model, opt, x, y, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          order=lambda epoch: torch.randperm(len(x), generator=g), lr_at=lr_at, end_epoch=end_epoch,
@@ -94,9 +99,13 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
 def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
                  n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
                  low_dim: int | None = None, mapping: str = "one-to-one", m: int = 1,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False,
+                 device: str | torch.device | None = "auto", amp: str | torch.dtype | None = None
                  ) -> tuple[ReprogrammedModel, dict]:
     """Build the AR pipeline around a frozen ``source`` and train it on ``(x, y)``.
+
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``; None: where the source is): where the source
+    and the program run; ``amp``: autocast of the source's forward passes (``bf16``/``fp16``).
 
     ``canvas``: the source's input shape (default: the zoo entry's); ``data_size``: the side of
     the embedded target input; ``mapping``: ``one-to-one``, ``random`` or ``frequency`` with ``m``
@@ -106,13 +115,17 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     canvas = tuple(canvas) if canvas else source_canvas(source)
     n_target = n_target or int(y.max()) + 1
     freeze_source(source)
+    if device is not None:
+        source.to(resolve_device(device))
     n_source = source_classes(source, canvas)
     program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim)
-    probs = lambda z: torch.softmax(source(z), dim=-1)  # noqa: E731  (white-box: the source itself)
+    dev = next(source.parameters()).device
+    probs = lambda z: torch.softmax(source(z.to(dev)), dim=-1).to(z.device)  # noqa: E731  (white-box: the source)
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=probs, program=program, x=x)
-    model = ReprogrammedModel(source, program.to(next(source.parameters()).device), table)
-    history = train_ar(model, x, y, cfg, val=val, progress=progress)
+    model = ReprogrammedModel(source, program.to(dev), table)
+    history = train_ar(model, x, y, cfg, val=val, progress=progress, amp=amp)
     report = {"method": "ar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
+              "device": str(next(source.parameters()).device), "amp": amp_name(amp),
               "low_dim": low_dim, "d": program.d, "n_train": len(x), "history": history,
               "seconds": round(time.time() - t0, 2)}
     return model, report

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from robust_surgery.evaluation.attacks import check_unit_range
+from robust_surgery._device import amp_name, resolve_device
 from robust_surgery._loops import training_progress
 from robust_surgery.reprogram.losses import class_balance_weights, focal_loss
 from robust_surgery.reprogram.mapping import LabelMapping
@@ -113,7 +114,8 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
 
 def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARConfig = BARConfig(), *,
                   n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
-                  low_dim: int | None = 8, mapping: str = "frequency", m: int = 1, progress: bool = False
+                  low_dim: int | None = 8, mapping: str = "frequency", m: int = 1, progress: bool = False,
+                  device: str | torch.device | None = "auto", amp: str | torch.dtype | None = None
                   ) -> tuple[ReprogrammedModel, dict]:
     """BAR around ``source``: the source is wrapped in a :class:`QueryOracle` for all of training.
 
@@ -121,20 +123,24 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     ``mapping``: ``frequency`` (from the source labels of the target training data under the
     initial program; its queries count), ``random`` or ``one-to-one``, ``m`` labels per class.
     Returns the pipeline (holding the source, for evaluation) and a report with the queries
-    used and their cost at ``cfg.price_per_1000``.
+    used and their cost at ``cfg.price_per_1000``. ``device``/``amp``: where and in what precision the
+    source answers queries (None: where it is); the program is optimised on the CPU.
     """
     t0 = time.time()
     canvas = tuple(canvas) if canvas else source_canvas(source)
     n_target = n_target or int(y.max()) + 1
     freeze_source(source)
-    oracle = QueryOracle(source, budget=cfg.budget, price_per_1000=cfg.price_per_1000)
+    if device is not None:
+        source.to(resolve_device(device))
+    oracle = QueryOracle(source, budget=cfg.budget, price_per_1000=cfg.price_per_1000, amp=amp)
     program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim)
     n_source = oracle(program(x[:1])).shape[-1]
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=oracle, program=program, x=x)
     mapping_queries = oracle.queries
     result = train_bar(program, table, oracle, x, y, cfg, progress=progress)
-    model = ReprogrammedModel(source, program, table)
+    model = ReprogrammedModel(source, program.to(next(source.parameters()).device), table)  # evaluated as one net
     report = {"method": "bar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
+              "device": str(next(source.parameters()).device), "amp": amp_name(amp),
               "low_dim": low_dim, "d": program.d, "n_train": len(x), "steps": result["steps"],
               "queries": oracle.queries, "mapping_queries": mapping_queries,
               "queries_per_step": cfg.batch_size * (cfg.q + 1),

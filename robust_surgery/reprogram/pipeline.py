@@ -185,21 +185,22 @@ def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: 
 
 def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str] = (),
                     eps: Sequence[float] = (), steps: int = 20, seed: int = 0, batch_size: int = 128,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, amp: str | torch.dtype | None = None) -> dict:
     """Clean (and, with ``attacks`` and ``eps``, adversarial) accuracy in % of the whole pipeline.
 
     ``x`` ``(N, c, h, w)`` target test inputs in [0, 1], ``y`` ``(N,)``. The attacks run on the
     pipeline program → source → mapping (:func:`robust_surgery.evaluate`, no report card); the
-    result has ``clean_acc``, ``n_examples`` and ``robust_acc`` ``{attack: {eps_str: %}}``.
+    result has ``clean_acc``, ``n_examples`` and ``robust_acc`` ``{attack: {eps_str: %}}``. The
+    pipeline runs where its parameters are; ``amp``: autocast (``bf16``/``fp16``).
     """
     from robust_surgery.evaluation.run import evaluate, format_eps
     from robust_surgery._loops import evaluate_accuracy
 
     if not attacks or not eps:
-        c, n = evaluate_accuracy(model, x, y, batch_size=max(batch_size, 256))
+        c, n = evaluate_accuracy(model, x, y, batch_size=max(batch_size, 256), amp=amp)
         return {"clean_acc": 100.0 * c / n, "n_examples": n, "robust_acc": {}}
     report = evaluate(model, (x, y), attacks=attacks, eps=eps, steps=steps, seed=seed, batch_size=batch_size,
-                      checks=False, progress=progress)
+                      checks=False, progress=progress, device=next(model.parameters()).device, amp=amp)
     robust: dict[str, dict[str, float]] = {}
     for r in report.results:
         if r["source"] == Source.DIRECT and r.get("check") is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_surgery._device import autocast, resolve_amp
 from robust_surgery.errors import InvalidInputError, UserError
 
 __all__ = ["QueryOracle", "QueryBudgetExceeded"]
@@ -25,11 +26,13 @@ class QueryOracle:
     Every input counts as one query (``queries``); ``budget`` (None: unlimited) refuses a call
     that would exceed it (:class:`QueryBudgetExceeded`, before anything runs). Large calls are
     sent in chunks of ``max_batch``. ``price_per_1000``: the price of 1000 queries (the BAR
-    paper's unit), for :meth:`cost`.
+    paper's unit), for :meth:`cost`. The model runs where its parameters are (inputs are moved there,
+probabilities come back on the inputs' device, float32), under autocast when ``amp`` is
+``bf16``/``fp16``.
     """
 
     def __init__(self, model: nn.Module, *, budget: int | None = None, max_batch: int = 512,
-                 price_per_1000: float = 1.0):
+                 price_per_1000: float = 1.0, amp: str | torch.dtype | None = None):
         if budget is not None and budget < 1:
             raise InvalidInputError(f"a query budget must be a positive number of queries, got {budget}")
         for p in model.parameters():
@@ -39,6 +42,7 @@ class QueryOracle:
         self.max_batch = int(max_batch)
         self.price_per_1000 = float(price_per_1000)
         self.queries = 0
+        self._amp = resolve_amp(amp)  # autocast of the model's forward passes (None: float32)
 
     def remaining(self) -> int | None:
         """Queries left under the budget (None when unlimited)."""
@@ -55,8 +59,10 @@ class QueryOracle:
             raise QueryBudgetExceeded(f"{n} more queries would exceed the budget of {self.budget} "
                                       f"({self.queries} used); raise the budget or take fewer/smaller steps")
         out = []
-        with torch.no_grad():
+        device = next(self._model.parameters(), x).device
+        with torch.no_grad(), autocast(device, self._amp):
             for i in range(0, n, self.max_batch):
-                out.append(torch.softmax(self._model(x[i:i + self.max_batch].detach()), dim=-1))
+                logits = self._model(x[i:i + self.max_batch].detach().to(device)).float()
+                out.append(torch.softmax(logits, dim=-1).to(x.device))
         self.queries += n
         return torch.cat(out).detach().clone()

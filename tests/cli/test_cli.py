@@ -139,3 +139,19 @@ def test_shared_finetuning_options_carry_the_librarys_defaults():
                  "keep", "adv_weight"):
         assert conv[name].default is fine[name].default is getattr(options, name.upper())
         assert conv[name].default.default == lib[name], name
+
+
+def test_zoo_train_takes_device_and_amp(tmp_path):
+    """bf16 autocast training of the MLP recipe: recorded in the metrics, accuracy near float32's
+    (same seed and data; stated tolerance 3 points)."""
+    accs = {}
+    for amp in ("none", "bf16"):
+        res = run("zoo", "train", "mnist-mlp", "--epochs", "1", "--n-train", "3000", "--device", "cpu", "--amp", amp,
+                  "-o", tmp_path / f"{amp}.safetensors", "--json")
+        assert res.exit_code == 0, res.output
+        metrics = json.loads(res.stdout)
+        assert metrics["device"] == "cpu" and metrics["amp"] == (None if amp == "none" else amp)
+        accs[amp] = metrics["test_acc"]
+    assert accs["bf16"] > 80.0 and abs(accs["bf16"] - accs["none"]) <= 3.0, accs
+    res = run("zoo", "train", "mnist-mlp", "--amp", "fp8", "-o", tmp_path / "x.safetensors")
+    assert res.exit_code == 1 and "--amp must be one of none, bf16, fp16" in res.stderr
