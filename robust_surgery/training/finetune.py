@@ -19,7 +19,7 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
-from robust_surgery._device import amp_name, resolve_amp
+from robust_surgery._device import amp_name, resolve_amp, resolve_device
 from robust_surgery._dist import all_reduce_sum_, dist_info, synchronized_batchnorm
 from robust_surgery._files import check_output_path
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
@@ -251,7 +251,7 @@ def finetune(
     ``log`` receives the history as JSON after every epoch. ``max_epochs_this_run`` stops early
     (the checkpoint lets the next call continue). ``amp``: ``"bf16"`` or ``"fp16"`` runs the
     model's forward passes (training, attacks, validation) under autocast; ``device``: where to
-    train (default: where the model is); ``sync_bn``: under torchrun, paradigm 3 takes BatchNorm
+    train (``auto``, ``cpu``, ``cuda[:N]`` or a torch.device; default: where the model is); ``sync_bn``: under torchrun, paradigm 3 takes BatchNorm
     statistics over the global batch (SyncBatchNorm) instead of each rank's share.
     """
     cfg = FinetuneConfig(paradigm=paradigm, adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps,
@@ -266,7 +266,7 @@ def finetune(
         raise InvalidInputError("finetune needs a converted model (with NRPM layers): run robust_surgery.convert first")
     ckpt = check_finetune_paths(checkpoint_dir, log)
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
-    dev = torch.device(device) if device else next(model.parameters()).device
+    dev = resolve_device(device) if device else next(model.parameters()).device
     apply_paradigm(model, cfg.paradigm)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

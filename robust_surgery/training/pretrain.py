@@ -21,7 +21,7 @@ from torch import nn
 
 from robust_surgery.evaluation.attacks import THREATS, AttackTarget
 from robust_surgery.training.finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
-from robust_surgery._device import amp_name, resolve_amp
+from robust_surgery._device import amp_name, resolve_amp, resolve_device
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
 from robust_surgery._meta import set_meta
 from robust_surgery.purification.synthetic import SparseCodingTask
@@ -137,7 +137,7 @@ def pretrain(
         raise InvalidInputError("pretrain trains plain models; for an NRPM-converted model use robust_surgery.finetune "
                          "(surgery finetune)")
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
-    dev = torch.device(device) if device else next(model.parameters()).device
+    dev = resolve_device(device) if device else next(model.parameters()).device
     model.to(dev)
     for p in model.parameters():
         p.requires_grad_(True)
