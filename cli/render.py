@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import os
 import sys
 
@@ -58,6 +59,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one yellow ``warning:`` line on stderr (no file name, no source line)."""
+    err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def guard(fn):
     """Print a user error as one red ``error:`` line on stderr, exit code 1 (no traceback).
 
@@ -69,7 +75,9 @@ def guard(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except KeyboardInterrupt:

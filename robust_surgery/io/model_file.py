@@ -276,7 +276,7 @@ def load(path: str | os.PathLike, *, arch: str | None = None, data_root: str | N
 # --------------------------------------------------------------------------------------------
 def _layer_manifest(model: nn.Module) -> dict[str, dict]:
     layers = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # every name of a shared layer
         if isinstance(m, NRPMLayer):
             layers[name] = {"type": type(m).__name__, **m.settings.to_dict(), "lam": m.lam_value}
     return layers

@@ -34,20 +34,24 @@ def lam_to_logit(lam: float) -> float:
 _KEPT_PRIVATE = ("_reversed_padding_repeated_twice",)
 
 
-def _copy_layer_state(src: nn.Module, dst: nn.Module) -> None:
+def _copy_layer_state(src: nn.Module, dst: nn.Module, extra_private: tuple[str, ...] = ()) -> None:
     """Give ``dst`` the configuration (stride, padding, ...) of ``src`` and share its tensors.
 
-    Public attributes and torch's private padding cache are copied; parameters and buffers are
-    shared (no weight is copied); ``lam_logit`` stays behind; hooks are not carried over.
+    Public attributes, torch's private padding cache and the ``extra_private`` attributes are
+    copied; parameters, buffers and child modules are shared (no weight is copied); ``lam_logit``
+    stays behind; hooks are not carried over.
     """
+    kept = _KEPT_PRIVATE + tuple(extra_private)
     for k, v in vars(src).items():
-        if (not k.startswith("_") or k in _KEPT_PRIVATE) and k not in ("settings", "memory_budget", "force_dense", "straight_through"):
+        if (not k.startswith("_") or k in kept) and k not in ("settings", "memory_budget", "force_dense", "straight_through"):
             dst.__dict__[k] = v
     for k, p in src._parameters.items():
         if k != "lam_logit":
             dst._parameters[k] = p
     for k, b in src._buffers.items():
         dst._buffers[k] = b
+    for k, m in src._modules.items():
+        dst._modules[k] = m
     dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
 
 
@@ -57,12 +61,18 @@ class NRPMLayer:
     dense_type: type[nn.Module]
     settings: NRPMSettings
     memory_budget: int | None
+    _extra_private: tuple[str, ...] = ()  # private attributes of the dense type that travel with a conversion
+
+    def _reference_weight(self) -> torch.Tensor:
+        """The tensor whose dtype and device λ takes."""
+        return self.weight
 
     def _init_nrpm(self, settings: NRPMSettings, lam: float, memory_budget: int | None) -> None:
         self.settings = settings
         self.memory_budget = memory_budget
-        dtype = self.weight.dtype if self.weight.is_floating_point() else torch.get_default_dtype()
-        self.lam_logit = nn.Parameter(torch.tensor(lam_to_logit(lam), dtype=dtype, device=self.weight.device))
+        ref = self._reference_weight()
+        dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        self.lam_logit = nn.Parameter(torch.tensor(lam_to_logit(lam), dtype=dtype, device=ref.device))
         self._sync_lam_flags()
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -125,21 +135,27 @@ class NRPMLayer:
     @classmethod
     def from_dense(cls, layer: nn.Module, settings: NRPMSettings | None = None, lam: float = DEFAULT_LAM,
                    memory_budget: int | None = None):
-        """Build the NRPM layer from a plain one, sharing its weight and bias tensors."""
+        """Build the NRPM layer from a plain one (a ``dense_type`` or a subclass of it that computes
+        the same, e.g. ``NonDynamicallyQuantizableLinear``), sharing its weight and bias tensors;
+        :meth:`to_dense` gives back the layer's own class."""
         if not isinstance(layer, cls.dense_type):
             raise InvalidTypeError(f"{cls.__name__}.from_dense needs an nn.{cls.dense_type.__name__}, got {type(layer).__name__}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        _copy_layer_state(layer, new)
+        _copy_layer_state(layer, new, cls._extra_private)
+        if type(layer) is not cls.dense_type:
+            new._dense_class = type(layer)
         new._init_nrpm(settings or NRPMSettings(), lam, memory_budget)
         new.train(layer.training)
         return new
 
     def to_dense(self) -> nn.Module:
-        """The plain layer with the same weight and bias tensors (λ and settings dropped)."""
-        dense = self.dense_type.__new__(self.dense_type)
+        """The plain layer, of the class it was converted from, with the same weight and bias tensors
+        (λ and settings dropped)."""
+        cls = getattr(self, "_dense_class", self.dense_type)
+        dense = cls.__new__(cls)
         nn.Module.__init__(dense)
-        _copy_layer_state(self, dense)
+        _copy_layer_state(self, dense, self._extra_private)
         dense.train(self.training)
         return dense
 

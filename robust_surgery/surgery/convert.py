@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from torch import nn
 
 from robust_surgery._meta import get_meta, set_meta
 from robust_surgery.nn.functional import DEFAULT_LAM, DEFAULTS, LAYER_SETTING_NAMES, NRPMSettings
+from robust_surgery.nn.attention import NRPMMultiheadAttention
 from robust_surgery.nn.layers import NRPMConv1d, NRPMConv2d, NRPMConv3d, NRPMLayer, NRPMLinear
 from robust_surgery.errors import InvalidInputError, InvalidTypeError
 
@@ -26,6 +28,8 @@ __all__ = [
     "LayerConfig",
     "register_converter",
     "convertible_types",
+    "converter_for",
+    "skipped_layers",
     "convert",
     "unconvert",
     "nrpm_layers",
@@ -66,8 +70,9 @@ def register_converter(layer_type: type) -> Callable[[Converter], Converter]:
 
     The returned module should be an :class:`~robust_surgery.nn.NRPMLayer` (it carries
     ``settings`` and ``lam_logit``) and have a ``to_dense()`` method so ``unconvert`` and
-    saving work. Matching is by exact type: a subclass with its own ``forward`` (timm's
-    ``Conv2dSame``, say) is not converted as its parent would be.
+    saving work. Matching is by exact type, and a subclass that does not override ``forward``
+    (``NonDynamicallyQuantizableLinear``) or is listed in :data:`EQUIVALENT_SUBCLASSES` is
+    converted as its base; a subclass with a ``forward`` of its own needs its own converter.
     """
 
     def wrap(fn: Converter) -> Converter:
@@ -78,8 +83,97 @@ def register_converter(layer_type: type) -> Callable[[Converter], Converter]:
 
 
 def convertible_types() -> tuple[type, ...]:
-    """The layer types ``convert`` knows how to replace."""
+    """The layer types ``convert`` has a converter for so far (library layers join on first sight,
+    see :data:`LIBRARY_LAYERS`; subclasses of these may convert as their base, see :func:`converter_for`)."""
     return tuple(_CONVERTERS)
+
+
+# Layer types of optional libraries, by their class's import path, and our NRPM class for each;
+# imported only when a model holds such a layer (our own modules: nothing read from a file picks them).
+LIBRARY_LAYERS: dict[str, str] = {
+    "transformers.pytorch_utils.Conv1D": "robust_surgery.nn.transformers_conv1d:NRPMConv1D",
+    "timm.layers.conv2d_same.Conv2dSame": "robust_surgery.nn.timm_conv2d_same:NRPMConv2dSame",
+}
+# Subclasses that override ``forward`` with exactly their base's computation: converted as the base.
+EQUIVALENT_SUBCLASSES: set[str] = {
+    "timm.layers.linear.Linear",  # casts weights to the input dtype under TorchScript only
+}
+
+
+def _type_path(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _equivalent_base(t: type) -> type | None:
+    """The registered base type a subclass converts as: one whose ``forward`` it does not override."""
+    for base in t.__mro__[1:]:
+        if base in _CONVERTERS and (getattr(t, "forward", None) is getattr(base, "forward", None)
+                                    or _type_path(t) in EQUIVALENT_SUBCLASSES):
+            return base
+    return None
+
+
+def converter_for(module: nn.Module) -> tuple[Converter | None, type | None]:
+    """(converter, the type it was registered for) that turns ``module`` into its NRPM layer;
+    (None, None) when there is none. Library layers (:data:`LIBRARY_LAYERS`) register on first sight."""
+    t = type(module)
+    if isinstance(module, NRPMLayer):
+        return None, None
+    if t not in _CONVERTERS and _type_path(t) in LIBRARY_LAYERS:
+        where, _, name = LIBRARY_LAYERS[_type_path(t)].partition(":")
+        register_converter(t)(_builtin(getattr(importlib.import_module(where), name)))
+    if t in _CONVERTERS:
+        return _CONVERTERS[t], t
+    base = _equivalent_base(t)
+    return (_CONVERTERS[base], base) if base is not None else (None, None)
+
+
+_LINEAR_LIKE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
+_LIKE_NAME = re.compile(r"Linear|Conv|Attention|Proj|Dense|LSTM|GRU|RNN")
+
+
+def _linear_like(module: nn.Module) -> bool:
+    """A module that computes a pattern match of its own: a Linear/Conv/attention/recurrent layer,
+    a library layer we know, or a class so named with a weight matrix of its own."""
+    if isinstance(module, NRPMLayer):
+        return False
+    if isinstance(module, _LINEAR_LIKE) or type(module) in _CONVERTERS or _type_path(type(module)) in LIBRARY_LAYERS:
+        return True
+    own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+    return bool(own) and _LIKE_NAME.search(type(module).__name__) is not None
+
+
+def _no_converter_reason(module: nn.Module) -> str:
+    t = type(module)
+    for base in t.__mro__[1:]:
+        if base in _CONVERTERS:
+            return (f"no converter: a {base.__name__} subclass with a forward of its own; register one with "
+                    f"@robust_surgery.register_converter({t.__name__})")
+    return f"no converter for {t.__name__}; register one with @robust_surgery.register_converter({t.__name__})"
+
+
+def skipped_layers(model: nn.Module) -> list[dict]:
+    """Every Linear/Conv-like module of ``model`` that is not an NRPM layer, as
+    ``{"name", "type", "reason"}``: the reason ``convert`` recorded (excluded, not included,
+    filter_fn, an override of None), else why it cannot be converted (no converter)."""
+    recorded = {row["name"]: row["reason"] for row in get_meta(model).get("skipped") or []}
+    rows = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or not _linear_like(module):
+            continue
+        reason = recorded.get(name)
+        if reason is None:
+            reason = "not converted" if converter_for(module)[0] is not None else _no_converter_reason(module)
+        rows.append({"name": name, "type": type(module).__name__, "reason": reason})
+    return rows
+
+
+def group_skipped(rows: list[dict]) -> list[dict]:
+    """Skipped rows grouped by (type, reason): ``{"type", "reason", "count", "names"}``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        groups.setdefault((row["type"], row["reason"]), []).append(row["name"])
+    return [{"type": t, "reason": r, "count": len(names), "names": names} for (t, r), names in groups.items()]
 
 
 def _builtin(nrpm_type: type) -> Converter:
@@ -89,7 +183,7 @@ def _builtin(nrpm_type: type) -> Converter:
     return fn
 
 
-for _nrpm in (NRPMLinear, NRPMConv1d, NRPMConv2d, NRPMConv3d):
+for _nrpm in (NRPMLinear, NRPMConv1d, NRPMConv2d, NRPMConv3d, NRPMMultiheadAttention):
     register_converter(_nrpm.dense_type)(_builtin(_nrpm))
 
 
@@ -250,15 +344,26 @@ def convert(
     exclude_p = _as_patterns(exclude, "exclude") or []
     if overrides is not None and not isinstance(overrides, Mapping):
         raise InvalidTypeError(f"overrides must be a mapping of layer name/pattern to settings, got {type(overrides).__name__}")
-    wanted = tuple(types) if types is not None else convertible_types()
-    for t in wanted:
-        if t not in _CONVERTERS:
+    wanted = tuple(types) if types is not None else None
+    for t in wanted or ():
+        if t not in _CONVERTERS and _type_path(t) not in LIBRARY_LAYERS:
             raise InvalidInputError(f"no converter registered for {t.__name__}; add one with @robust_surgery.register_converter({t.__name__})")
 
     if not inplace:
         model = copy.deepcopy(model)
 
-    candidates = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and type(m) in wanted]
+    skipped: list[dict] = []  # {"name", "type", "reason"} of every Linear/Conv-like layer left as it is
+    candidates = []
+    for n, m in model.named_modules(remove_duplicate=False):
+        if not n:
+            continue
+        conv, registered = converter_for(m)
+        if conv is not None and (wanted is None or registered in wanted or type(m) in wanted):
+            candidates.append((n, m))
+        elif _linear_like(m):
+            reason = (f"not among types={[t.__name__ for t in wanted]}" if conv is not None
+                      else _no_converter_reason(m))
+            skipped.append({"name": n, "type": type(m).__name__, "reason": reason})
     if overrides:
         for pattern in overrides:
             if not isinstance(pattern, str):
@@ -270,19 +375,24 @@ def convert(
     include_hits = {p: 0 for p in include_p or []}
     plan: list[tuple[str, nn.Module, LayerConfig]] = []
     for fqn, module in candidates:
+        why = None
         if include_p is not None:
             hits = [p for p in include_p if _pattern_matches(p, fqn)]
             for p in hits:
                 include_hits[p] += 1
             if not hits:
-                continue
-        if any(_pattern_matches(p, fqn) for p in exclude_p):
-            continue
-        if filter_fn is not None and not filter_fn(module, fqn):
-            continue
-        cfg = _layer_config(fqn, base, overrides)
-        if cfg is not None:
+                why = "not included (include=)"
+        if why is None and any(_pattern_matches(p, fqn) for p in exclude_p):
+            why = "excluded (exclude=)"
+        if why is None and filter_fn is not None and not filter_fn(module, fqn):
+            why = "filter_fn returned False"
+        cfg = _layer_config(fqn, base, overrides) if why is None else None
+        if why is None and cfg is None:
+            why = "override None (left as it is)"
+        if why is None:
             plan.append((fqn, module, cfg))
+        else:
+            skipped.append({"name": fqn, "type": type(module).__name__, "reason": why})
 
     if not plan:
         names = [n for n, _ in candidates]
@@ -303,20 +413,33 @@ def convert(
         raise NoLayerMatchedError(
             f"no layer was selected{why}. "
             + (f"Convertible layers in this model: {shown}. Check the names (exact, glob like 'layer1.*', or 're:<regex>')."
-               if names else f"This model has no layer of a convertible type ({', '.join(t.__name__ for t in wanted)}); "
+               if names else f"This model has no layer of a convertible type ({', '.join(t.__name__ for t in wanted or convertible_types())}); "
                "register a converter for its layer types with @robust_surgery.register_converter.")
         )
     for p, count in include_hits.items():
         if count == 0:
             warnings.warn(f"include pattern {p!r} matched no layer", stacklevel=2)
+    planned = [fqn for fqn, _, _ in plan]
+    for pattern in overrides or {}:
+        if not any(_pattern_matches(pattern, n) for n in planned):
+            warnings.warn(f"override {pattern!r} matches no selected layer (include/exclude/filter_fn leave out every "
+                          "layer it names); it has no effect", stacklevel=2)
+    missing = [row for row in skipped if row["reason"].startswith("no converter")]
+    if missing:
+        groups = "; ".join(f"{g['count']} × {g['type']} ({', '.join(g['names'][:3])}{', …' if g['count'] > 3 else ''})"
+                           for g in group_skipped(missing))
+        warnings.warn(f"convert: {len(missing)} Linear/Conv-like layer{'s' if len(missing) != 1 else ''} left unconverted, "
+                      f"no converter for the type: {groups}. Register one with "
+                      "@robust_surgery.register_converter(LayerType) to convert them", stacklevel=2)
 
     converted: dict[int, nn.Module] = {}  # shared modules are converted once and stay shared
     for fqn, module, cfg in plan:
         new = converted.get(id(module))
         if new is None:
-            new = _CONVERTERS[type(module)](module, cfg)
+            new = converter_for(module)[0](module, cfg)
             converted[id(module)] = new
         _replace_child(model, fqn, new)
+    set_meta(model, skipped=skipped)
     if recalibrate:
         from robust_surgery.surgery.recalibrate import recalibrate_batchnorm
 
@@ -338,6 +461,7 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = model.to_dense()
     meta = get_meta(model)
     meta.pop("paradigm", None)
+    meta.pop("skipped", None)
     return model
 
 

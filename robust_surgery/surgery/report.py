@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from robust_surgery.nn.layers import linear_mode
-from robust_surgery.surgery.convert import LayerConfig, convertible_types, nrpm_layers
+from robust_surgery.nn.layers import NRPMLayer, linear_mode
+from robust_surgery.surgery.convert import LayerConfig, converter_for, group_skipped, nrpm_layers, skipped_layers
 from robust_surgery.errors import InvalidInputError
 
 __all__ = ["LayerCost", "ConversionReport", "conversion_report", "inspect_model"]
@@ -36,6 +36,7 @@ class LayerCost:
     linear_flops: int | None = None
     nrpm_extra_flops: int | None = None
     direct_bytes: int | None = None  # what the direct method would hold per sample
+    ran: bool | None = None  # whether the layer ran in the probe forward (None: no input shape given)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ConversionReport:
     title: str = "NRPM conversion"
     input_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # Linear/Conv-like layers left as they are, grouped
 
     def totals(self) -> dict:
         def total(key):
@@ -67,6 +69,7 @@ class ConversionReport:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "layers": [asdict(r) for r in self.layers],
             "totals": self.totals(),
+            "skipped": self.skipped,
             "notes": self.notes,
         }
 
@@ -95,10 +98,27 @@ class ConversionReport:
         ratio = f"×{tot['cost_ratio']:.1f} FLOPs" if tot["cost_ratio"] else ""
         layers = f"{tot['layers']} layer" + ("" if tot["layers"] == 1 else "s")
         t.caption = f"{layers}, {tot['params']:,} parameters {ratio}".strip()
-        return t
+        if not self.skipped and not self.notes:
+            return t
+        from rich.console import Group
+        from rich.text import Text
+
+        lines = [t]
+        if self.skipped:
+            n = sum(g["count"] for g in self.skipped)
+            lines.append(Text(f"Not converted: {n} Linear/Conv-like layer{'s' if n != 1 else ''}", style="bold"))
+            for g in self.skipped:
+                names = ", ".join(g["names"][:4]) + (", …" if g["count"] > 4 else "")
+                lines.append(Text(f"  {g['count']} × {g['type']}: {g['reason']} ({names})"))
+        lines += [Text(f"warning: {note}", style="yellow") for note in self.notes]
+        return Group(*lines)
 
 
 def _shape_of(m: nn.Module) -> str:
+    if isinstance(m, nn.MultiheadAttention):
+        return f"{m.embed_dim}, {m.num_heads} heads"
+    if hasattr(m, "nx") and hasattr(m, "nf"):  # transformers' Conv1D
+        return f"{m.nx}→{m.nf}"
     if isinstance(m, nn.Linear):
         return f"{m.in_features}→{m.out_features}"
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -109,6 +129,11 @@ def _shape_of(m: nn.Module) -> str:
 
 
 def _terms_per_output(m: nn.Module) -> int:
+    """D: the terms one output sums (its input features; for attention, those of a query projection)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return int(m.embed_dim)
+    if hasattr(m, "nx") and hasattr(m, "nf"):  # transformers' Conv1D: weight (in, out)
+        return int(m.nx)
     return int(m.weight[0].numel()) if getattr(m, "weight", None) is not None else 0
 
 
@@ -123,8 +148,11 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
     found: dict[str, int] = {}
     hooks = []
     mods = dict(model.named_modules())
+    def size(out) -> int:  # attention returns (output, weights)
+        return int((out[0] if isinstance(out, tuple) else out).numel())
+
     for n in names:
-        hooks.append(mods[n].register_forward_hook(lambda mod, i, o, n=n: found.__setitem__(n, o.numel())))
+        hooks.append(mods[n].register_forward_hook(lambda mod, i, o, n=n: found.__setitem__(n, size(o))))
     p = next(model.parameters(), None)
     probe = getattr(model, "example_input", None)  # models whose input is not a float tensor (token ids)
     if callable(probe):
@@ -150,13 +178,15 @@ def _out_elements(model: nn.Module, names: list[str], input_shape) -> dict[str, 
     return found
 
 
-def _row(name: str, m: nn.Module, cfg: LayerConfig | None, out: int | None) -> LayerCost:
+def _row(name: str, m: nn.Module, cfg: LayerConfig | None, out: int | None, probed: bool = False) -> LayerCost:
     D = _terms_per_output(m)
     row = LayerCost(name=name, type=type(m).__name__, shape=_shape_of(m), D=D,
                     params=sum(p.numel() for p in m.parameters(recurse=False) if not p.dim() == 0))
     if cfg is not None:
         s = cfg.settings
         row.norm, row.K, row.eps, row.lam = s.norm, s.K, s.eps, round(cfg.lam, 6)
+    if probed:
+        row.ran = out is not None
     if out is not None:
         row.out_elements = out
         row.linear_flops = 2 * D * out
@@ -171,17 +201,37 @@ def conversion_report(model: nn.Module, input_shape=None) -> ConversionReport:
     """Report on the NRPM layers of a converted ``model``; ``input_shape`` (C, H, W...) adds costs."""
     layers = nrpm_layers(model)
     outs = _out_elements(model, [n for n, _ in layers], input_shape)
-    rows = [_row(n, m, LayerConfig(m.settings, m.lam_value), outs.get(n)) for n, m in layers]
-    return ConversionReport(rows, "NRPM conversion", tuple(input_shape) if input_shape else None)
+    for name, _ in layers:  # a child of an NRPM layer that ran (attention's out_proj) ran with it
+        parent = name.rpartition(".")[0]
+        if name not in outs and parent in outs and isinstance(model.get_submodule(parent), NRPMLayer):
+            outs[name] = outs[parent]
+    probed = input_shape is not None
+    rows = [_row(n, m, LayerConfig(m.settings, m.lam_value), outs.get(n), probed) for n, m in layers]
+    return ConversionReport(rows, "NRPM conversion", tuple(input_shape) if input_shape else None,
+                            _idle_notes(rows), group_skipped(skipped_layers(model)))
+
+
+def _idle_notes(rows: list[LayerCost]) -> list[str]:
+    idle = [r.name for r in rows if r.ran is False]
+    if not idle:
+        return []
+    shown = ", ".join(idle[:6]) + (", …" if len(idle) > 6 else "")
+    return [f"{len(idle)} converted layer{'s' if len(idle) != 1 else ''} did not run in the probe forward ({shown}): "
+            "the model reads their weights directly (its parent calls F.linear/F.conv on them, as torchvision's "
+            "Swin attention does) or never calls them, so NRPM has no effect there; exclude them or register "
+            "a converter for the parent module"]
 
 
 def inspect_model(model: nn.Module, input_shape=None, config: LayerConfig | None = None) -> ConversionReport:
     """Every convertible layer of a plain ``model``, with the cost it would have under ``config``."""
-    types = convertible_types()
-    layers = [(n, m) for n, m in model.named_modules() if n and type(m) in types]
+    layers = [(n, m) for n, m in model.named_modules() if n and converter_for(m)[0] is not None]
     outs = _out_elements(model, [n for n, _ in layers], input_shape)
     cfg = config or LayerConfig()
-    rows = [_row(n, m, cfg, outs.get(n)) for n, m in layers]
+    rows = [_row(n, m, cfg, outs.get(n), input_shape is not None) for n, m in layers]
     already = [n for n, _ in nrpm_layers(model)]
     notes = [f"{len(already)} layers are NRPM already"] if already else []
-    return ConversionReport(rows, "Convertible layers", tuple(input_shape) if input_shape else None, notes)
+    notes += _idle_notes(rows)
+    convertible = {n for n, _ in layers}
+    skipped = [r for r in skipped_layers(model) if r["name"] not in convertible]
+    return ConversionReport(rows, "Convertible layers", tuple(input_shape) if input_shape else None, notes,
+                            group_skipped(skipped))
