@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .options import (ADV_WEIGHT, ADVERSARIAL, AMP, BATCH_SIZE, CHECKPOINT_DIR, DATA_ROOT, DEVICE, EPOCHS, KEEP, LOG, LR,
-                      N_TRAIN, OPTIMIZER, SCHEDULE, SEED, TRUST_CODE, TRUST_PICKLE, VAL_N)
+from .options import (ADV_WEIGHT, ADVERSARIAL, AMP, ARCH_KWARGS, BATCH_SIZE, CHECKPOINT_DIR, DATA_ROOT, DEVICE, EPOCHS,
+                      KEEP, LOG, LR, N_TRAIN, OPTIMIZER, SCHEDULE, SEED, TRUST_CODE, TRUST_PICKLE, VAL_N,
+                      parse_arch_kwargs)
 from .render import (SurgeryGroup, check_out, console, err, fail, guard, print_json,
                      write_json)
 
@@ -52,6 +53,7 @@ def convert(
     model: str = typer.Argument(..., help=MODEL_HELP),
     paradigm: int = typer.Option(1, "--paradigm", "-p", help="1: no fine-tuning; 2: fine-tune λ only; 3: fine-tune everything."),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
     norm: Optional[str] = typer.Option(None, "--norm", help="Reweighting: L2, L1, MCP, Huber, HM (default: the zoo model's preset, else L1)."),
     K: Optional[int] = typer.Option(None, "--K", "-K", help="IRLS steps (default: the zoo model's preset, else 3)."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Paradigm 1: ε in the reweighting (default 1e-3). Paradigms 2-3: the adversarial training budget (as --train-eps)."),
@@ -117,7 +119,8 @@ def convert(
         _check_finetune_args(paradigm, adversarial, train_eps, epochs, lr, optimizer, schedule, batch_size, seed,
                              n_train, val_n, checkpoint_dir, log, keep, adv_weight, device, amp)
     with err.status(f"loading {model}"):
-        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, strict=not non_strict,
+        net = rs.load_model(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                            trust_pickle=trust_pickle, trust_code=trust_code, strict=not non_strict,
                             data_root=str(data_root) if data_root else None)
     shape = _input_shape(input_shape, net)
     if shape:
@@ -149,8 +152,6 @@ def convert(
         return
     console.print(report)
     console.print(f"saved [bold]{out}[/bold] (paradigm {paradigm}, arch {manifest['arch'] or 'unknown'})")
-    if not manifest["arch"]:
-        err.print("[yellow]warning:[/yellow] no architecture is recorded; robust_surgery.load() will need arch=...")
 
 
 def resolve_device(spec: str):
@@ -283,6 +284,7 @@ def finetune(
 def inspect(
     model: str = typer.Argument(..., help=MODEL_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
     K: int = typer.Option(3, "--K", "-K", help="IRLS steps to estimate the cost for."),
     norm: str = typer.Option("L1", "--norm", help="Reweighting to estimate the cost for."),
     lam: float = typer.Option(0.5, "--lam", help="λ to estimate the cost for."),
@@ -299,7 +301,8 @@ def inspect(
     import robust_surgery as rs
 
     with err.status(f"loading {model}"):
-        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code,
+        net = rs.load_model(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                            trust_pickle=trust_pickle, trust_code=trust_code,
                             data_root=str(data_root) if data_root else None)
     shape = _input_shape(input_shape, net)
     if rs.nrpm_layers(net):
@@ -346,6 +349,7 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the robust-accuracy curve as PNG."),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
     data_root: Optional[Path] = DATA_ROOT,
@@ -365,7 +369,8 @@ def evaluate(
     check_out(plot, ".png", "plot (--plot)")
     eps_values = parse_eps(eps) if eps is not None else None
     with err.status(f"loading {model}"):
-        net = rs.load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, data_root=root)
+        net = rs.load_model(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                            trust_pickle=trust_pickle, trust_code=trust_code, data_root=root)
     report = rs.evaluate(
         net, data, attacks=[a for a in attack.split(",") if a.strip()], eps=eps_values,
         threat=threat, n=n, batch_size=batch_size, seed=seed, steps=steps, alpha=alpha, restarts=restarts,

@@ -6,19 +6,20 @@ from typing import Optional
 
 import typer
 
-from .options import AMP, DATA_ROOT, DEVICE, TRUST_CODE, TRUST_PICKLE
+from .options import AMP, ARCH_KWARGS, DATA_ROOT, DEVICE, TRUST_CODE, TRUST_PICKLE, parse_arch_kwargs
 from .render import check_out, console, err, fail, guard, print_json
 
 DATA_HELP = "mnist, cifar10, a path, or synthetic[:d=64,k=3,seed=0,...] (the sparse-coding task)."
 MODEL_HELP = "A model file (.safetensors, .pt, .pth) or a spec: zoo:NAME, torchvision:NAME, timm:NAME."
 
 
-def _load(model: str, arch, data_root, trust_pickle: bool = False, trust_code: bool = False):
+def _load(model: str, arch, data_root, trust_pickle: bool = False, trust_code: bool = False, arch_kwargs=None):
     import robust_surgery as rs
 
     with err.status(f"loading {model}"):
         return rs.load_model(model, arch=arch, data_root=str(data_root) if data_root else None,
-                             trust_pickle=trust_pickle, trust_code=trust_code)
+                             trust_pickle=trust_pickle, trust_code=trust_code,
+                             arch_kwargs=parse_arch_kwargs(arch_kwargs))
 
 
 def _input_eps(data: str, eps: list[float]) -> list[float]:
@@ -52,6 +53,7 @@ def purification(
     filters: Optional[Path] = typer.Option(None, "--filters", help="Write the layer's kernels as an image grid (PNG)."),
     per_unit: bool = typer.Option(False, "--per-unit", help="With --json: every unit's scores too."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
     data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
@@ -66,8 +68,8 @@ def purification(
 
     check_out(plot, ".png", "plot (--plot)")
     check_out(filters, ".png", "filter image (--filters)")
-    net = _load(model, arch, data_root, trust_pickle, trust_code)
-    other = _load(compare, arch, data_root, trust_pickle, trust_code) if compare else None
+    net = _load(model, arch, data_root, trust_pickle, trust_code, arch_kwargs)
+    other = _load(compare, arch, data_root, trust_pickle, trust_code, arch_kwargs) if compare else None
     with err.status("learning the basis and scoring the units"):
         report = purification_report(net, data, layer, basis=basis, n=n, n_patches=n_patches, n_atoms=atoms, seed=seed,
                                      compare=other, model_name=model, compare_name=compare,
@@ -114,6 +116,7 @@ def pretrain(
     val_n: int = typer.Option(0, "--val-n", help="Held-out points (end of the training split) for a validation accuracy."),
     hidden: int = typer.Option(256, "--hidden", help="Hidden units of the 'mlp' model."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a weights-only file."),
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
     data_root: Optional[Path] = DATA_ROOT,
     device: str = DEVICE,
     amp: str = AMP,
@@ -143,7 +146,7 @@ def pretrain(
         net = rs.build_arch("robust_surgery.purification.synthetic:sparse_coding_mlp",
                             kwargs={"d": task.d, "hidden": hidden, "span": task.span})
     else:
-        net = _load(model, arch, data_root, trust_pickle, trust_code)
+        net = _load(model, arch, data_root, trust_pickle, trust_code, arch_kwargs)
         if scratch:
             net = random_encoder(net, seed)
     values = _floats(eps, "--eps")
@@ -183,6 +186,7 @@ def inherit(
     lam: float = typer.Option(0.5, "--lam", help="λ of the 'nrpm' encoder (paradigm 1, L1, K = 3)."),
     seed: int = typer.Option(0, "--seed", help="Seed."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of weights-only files."),
+    arch_kwargs: Optional[str] = ARCH_KWARGS,
     data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
@@ -206,7 +210,7 @@ def inherit(
             encoders[name] = random_encoder(first, seed) if source == "random" else \
                 rs.convert(first, paradigm=1, lam=lam, inplace=False)
         else:
-            encoders[name] = _load(source, arch, data_root, trust_pickle, trust_code)
+            encoders[name] = _load(source, arch, data_root, trust_pickle, trust_code, arch_kwargs)
     report = compare_encoders(encoders, data, layer, downstream=downstream, eps=_input_eps(data, _floats(eps, "--eps")),
                               threat=threat, n_train=n_train, n_test=n, steps=steps, epochs=epochs, seed=seed,
                               data_root=str(data_root) if data_root else None)

@@ -38,3 +38,23 @@ ADV_WEIGHT = typer.Option(0.5, "--adv-weight", help="Adversarial share w of the 
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available, cuda:LOCAL_RANK under torchrun), cpu, "
                       "cuda or cuda:N.")
 AMP = typer.Option("none", "--amp", help="Mixed precision: none, bf16 or fp16 (autocast; NRPM estimates stay float32).")
+
+ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help='Keyword arguments for the architecture\'s constructor, as JSON: '
+                           '\'{"num_classes": 10}\' (timm:, torchvision:, package.module:Callable specs and --arch).')
+
+
+def parse_arch_kwargs(text: str | None) -> dict | None:
+    """The --arch-kwargs JSON object, or None; a clear error for anything else."""
+    import json
+
+    from .render import fail
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 10}}': {e}", code=2)
+    if not isinstance(value, dict):
+        fail(f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 10}}', got {text!r}", code=2)
+    return value

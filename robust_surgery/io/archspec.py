@@ -161,16 +161,20 @@ def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = N
                kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Build the module named by an architecture spec; ``pretrained`` also loads its weights.
 
-    ``kwargs`` go to a ``package.module:Callable`` factory (JSON-able values only: they are
-    recorded in the manifest as ``arch_kwargs`` so :func:`robust_surgery.load` can call the
-    factory again). Inside :func:`reading_file` the consent rule of this module applies.
+    ``kwargs`` go to the constructor: ``torchvision.models.get_model``, ``timm.create_model``
+    (``{"num_classes": 10}``) or a ``package.module:Callable`` factory (JSON-able values only: they
+    are recorded in the manifest as ``arch_kwargs`` so :func:`robust_surgery.load` builds the same
+    network again); zoo models take none. Inside :func:`reading_file` the consent rule applies.
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelLoadError(f"architecture spec {spec!r} not understood; use {ARCH_HELP}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ModelLoadError(f"architecture keyword arguments must be a dict, got a {type(kwargs).__name__}")
-    if kwargs and is_spec(spec):
-        raise ModelLoadError(f"architecture keyword arguments only apply to package.module:Callable specs, not {spec!r}")
+    if kwargs and spec.startswith("zoo:"):
+        raise ModelLoadError(f"zoo models are built as shipped and take no keyword arguments ({spec!r}, given "
+                             f"{sorted(kwargs)}); use torchvision:, timm: or package.module:Callable for those")
+    if kwargs:
+        _check_json(dict(kwargs), "arch_kwargs")
     kind, _, name = spec.partition(":")
     try:
         if kind == "zoo":
@@ -178,9 +182,9 @@ def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = N
 
             model = create_model(name, pretrained=pretrained, data_root=data_root)
         elif kind == "torchvision":
-            model = _torchvision(name, pretrained)
+            model = _torchvision(name, pretrained, dict(kwargs or {}))
         elif kind == "timm":
-            model = _timm(name, pretrained)
+            model = _timm(name, pretrained, dict(kwargs or {}))
         else:
             factory = _factory(spec, kwargs)
             model = factory(**dict(kwargs or {}))
@@ -190,19 +194,23 @@ def build_arch(spec: str, *, pretrained: bool = False, data_root: str | None = N
         raise
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ModelLoadError(str(e.args[0]) if e.args else str(e)) from None
+    except TypeError as e:  # a keyword argument the constructor does not take
+        raise ModelLoadError(f"{spec} does not take the keyword arguments {sorted(kwargs or {})}: {e}") from None
     set_meta(model, arch=spec)
     if kwargs:
         set_meta(model, arch_kwargs=dict(kwargs))
     return model
 
 
-def _torchvision(name: str, pretrained: bool) -> nn.Module:
+def _torchvision(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     import torchvision
 
     if name not in torchvision.models.list_models():
         raise ModelLoadError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+    if pretrained:
+        _offline_check_torchvision(name)
     try:
-        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     except (OSError, RuntimeError) as e:  # offline download
         raise ModelLoadError(
             f"could not fetch torchvision's pretrained weights for {name!r} ({type(e).__name__}: {e}). "
@@ -210,15 +218,65 @@ def _torchvision(name: str, pretrained: bool) -> nn.Module:
         ) from None
 
 
-def _timm(name: str, pretrained: bool) -> nn.Module:
+def _timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     import timm
 
     if not timm.list_models(name) and not timm.is_model(name):
         raise ModelLoadError(f"timm has no model {name!r}; see timm.list_models('*pattern*')")
     try:
-        return timm.create_model(name, pretrained=pretrained)
+        with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as e:
         raise ModelLoadError(
             f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: {e}). "
             f"Offline? Pass a weights file instead: surgery convert {name}.safetensors --arch timm:{name}"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Offline: fail in seconds, not after a minute of retries
+# --------------------------------------------------------------------------------------------
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds (DNS included)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable() -> Iterator[None]:
+    """Within the block the Hugging Face hub client works offline (the local cache only) when
+    ``HF_HUB_OFFLINE`` is set or the hub does not answer within seconds: a missing download then
+    fails at once instead of after huggingface_hub's retries (about a minute)."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT)
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _offline_check_torchvision(name: str) -> None:
+    """Fail at once when torchvision's weights for ``name`` are neither cached nor downloadable."""
+    import os
+
+    import torch
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.exists(cached) and not _reachable(url):
+        raise ModelLoadError(
+            f"torchvision's pretrained weights for {name!r} are not in the local cache ({cached}) and "
+            f"{url.split('/')[2]} cannot be reached. Offline? Pass a weights file instead: surgery convert "
+            f"{name}.pth --arch torchvision:{name}")

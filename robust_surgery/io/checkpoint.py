@@ -126,7 +126,8 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, strict: bo
         k = bad[0]
         raise ModelLoadError(f"weights in {where} do not fit the architecture: {k} has shape {tuple(sd[k].shape)}, "
                              f"the model wants {tuple(model.state_dict()[k].shape)} ({len(bad)} such tensors). "
-                             "Is --arch right?")
+                             "Is --arch right, or does it need constructor arguments (--arch-kwargs "
+                             "'{\"num_classes\": 10}', Python: arch_kwargs=)?")
     if strict and (missing or unexpected):
         raise ModelLoadError(
             f"weights in {where} do not match the architecture: {len(missing)} missing ({_some(missing)}), "

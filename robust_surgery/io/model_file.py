@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import warnings
 import os
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
         with reading_file(trust_code or arch == manifest["arch"], path):
             model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
     else:  # the user named the architecture of a file that records none
-        model = build_arch(spec, pretrained=False, data_root=data_root)
+        model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
     if is_converted(model):
         # an architecture that comes converted (a hardened zoo entry such as zoo:mnist-lenet-p3):
         # back to its plain layers, so the manifest's layers convert it exactly as it was saved
@@ -212,8 +213,13 @@ def load_model(
     trust_code: bool = False,
     strict: bool = True,
     data_root: str | None = None,
+    arch_kwargs: dict | None = None,
 ) -> nn.Module:
     """Load a model from a spec (``zoo:mnist-mlp``, ``torchvision:resnet18``...) or a file.
+
+    ``arch_kwargs``: keyword arguments for the architecture's constructor, for a spec or the
+    ``arch`` of a weights-only file (``{"num_classes": 10}`` for timm/torchvision; JSON values,
+    recorded in the manifest of a later save). A file that records its own architecture takes none.
 
     Files: our ``.safetensors`` (rebuilt from its manifest; no ``arch`` needed), a plain
     ``.safetensors`` or ``.pt``/``.pth``/``.th`` state_dict (needs ``arch``), or a whole pickled
@@ -228,7 +234,7 @@ def load_model(
 
         check_data_root(data_root)
     if isinstance(source, str) and is_spec(source) and not Path(source).exists():
-        model = build_arch(source, pretrained=True, data_root=data_root)
+        model = build_arch(source, pretrained=True, data_root=data_root, kwargs=arch_kwargs)
         set_meta(model, source={"spec": source})
         return model.eval()
     path = Path(source)
@@ -242,6 +248,11 @@ def load_model(
     if path.suffix == ".safetensors":
         manifest = read_manifest(path)
         if manifest is not None:
+            if arch_kwargs and manifest.get("arch"):
+                raise ModelLoadError(f"{path} records its own architecture ({manifest['arch']}) and its arguments; "
+                                     "--arch-kwargs (Python: arch_kwargs=) is only for weights-only files. Drop it")
+            if arch_kwargs:
+                manifest = {**manifest, "arch_kwargs": dict(arch_kwargs)}
             return _rebuild(manifest, path, arch, data_root, trust_code)
         sd = extract_state_dict(read_checkpoint(path), path)
         obj = None
@@ -255,7 +266,7 @@ def load_model(
     else:
         if not arch:
             raise ModelLoadError(f"{path} holds only weights (a state_dict); say which architecture they belong to: {_ARCH_HELP}")
-        model = build_arch(arch, pretrained=False, data_root=data_root)
+        model = build_arch(arch, pretrained=False, data_root=data_root, kwargs=arch_kwargs)
         load_weights(model, sd, strict=strict, where=str(path))
     set_meta(model, source={"path": str(path), "sha256": digest})
     return model.eval()
@@ -314,6 +325,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
     if arch:
         set_meta(model, arch=arch)
     manifest = build_manifest(model, **extra)
+    if not manifest["arch"]:
+        warnings.warn(f"{path}: the model records no architecture, so loading it will need arch=... (CLI --arch). "
+                      "Record one: rs.save(model, path, arch='package.module:build_fn'), or build the model with "
+                      "rs.load_model/rs.build_arch (which record it); CLI: give --arch when loading a weights file",
+                      UserWarning, stacklevel=2)
     with atomic_path(path) as tmp:
         st_save_model(model, str(tmp), metadata={MANIFEST_KEY: strict_dumps(manifest)})
     return json.loads(strict_dumps(manifest))
