@@ -96,6 +96,7 @@ def convert(
     Paradigm 2: [bold]surgery convert zoo:mnist-mlp --paradigm 2 --data mnist --adversarial fgsm --train-eps 0.2 --epochs 1 -o p2.safetensors[/bold]
     """
     import robust_surgery as rs
+    from robust_surgery.surgery import presets
 
     out = check_out(out or _default_out(model), ".safetensors", "output (-o)")
     if recalibrate_bn < 0:
@@ -106,7 +107,7 @@ def convert(
         fail(f"paradigm {paradigm} ({rs.PARADIGMS[paradigm]}) fine-tunes: give the training data with --data "
              "(mnist, cifar10 or a path), or convert with --paradigm 1", code=2)
     try:  # --eps: the reweighting ε in paradigm 1, the training budget in paradigms 2-3
-        nrpm_eps, train_eps = rs.surgery.presets.paradigm_eps(paradigm, eps, nrpm_eps, train_eps)
+        nrpm_eps, train_eps = presets.paradigm_eps(paradigm, eps, nrpm_eps, train_eps)
     except rs.errors.InvalidInputError as e:
         fail(str(e), code=2)
     overrides = None
@@ -126,7 +127,7 @@ def convert(
     if shape:
         rs.inspect_model(net, shape)  # a shape the model cannot take fails here, before any work
     given = {"norm": norm, "K": K, "eps": nrpm_eps, "lam": lam, "include": include}
-    settings, used = rs.surgery.presets.resolve_settings(net, given)
+    settings, used = presets.resolve_settings(net, given)
     with err.status("converting"):
         converted = rs.convert(net, paradigm, gamma=gamma, delta=delta, exclude=exclude, overrides=overrides,
                                **settings)
@@ -405,23 +406,19 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print the list 
     """
     from rich.table import Table
 
-    from robust_surgery.io.zoo import list_models
+    from robust_surgery.io.zoo_catalog import catalog
 
-    entries = list_models()
+    entries = catalog()  # from a JSON file: listing the zoo does not import torch
     if as_json:
-        print_json([{
-            "name": e.name, "description": e.description, "dataset": e.dataset, "input_shape": list(e.input_shape),
-            "num_classes": e.num_classes, "weights": e.weights, "reference_acc": e.reference_acc,
-            "source": e.source, "license": e.license,
-        } for e in entries])
+        print_json(entries)
         return
     t = Table(title="Model zoo (use as zoo:NAME)")
     for c in ("name", "dataset", "input", "ref. acc"):
         t.add_column(c, no_wrap=True)
     t.add_column("description", ratio=1)
     for e in entries:
-        t.add_row(e.name, e.dataset, "×".join(map(str, e.input_shape)),
-                  "-" if e.reference_acc is None else f"{e.reference_acc:.2f} %", escape(e.description))
+        t.add_row(e["name"], e["dataset"], "×".join(map(str, e["input_shape"])),
+                  "-" if e["reference_acc"] is None else f"{e['reference_acc']:.2f} %", escape(e["description"]))
     console.print(t)
 
 

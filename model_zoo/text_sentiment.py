@@ -26,7 +26,7 @@ from torch import nn
 
 from robust_surgery.io.zoo import Weights, register_model
 
-from .minilm import BertConfig, BertEncoder, load_minilm_encoder, load_minilm_tokenizer, mean_pool
+from .minilm import BertEncoder, load_minilm_encoder, load_minilm_tokenizer, mean_pool
 
 if __name__ == "__main__":  # `python -m ...`: run the registered copy of this module, not a second one
     from robust_surgery.model_zoo.text_sentiment import main as _main
@@ -38,12 +38,6 @@ __all__ = ["HEAD_RECIPE", "MiniLMSentiment", "encode_sentences", "minilm_sentime
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 HEAD_RECIPE = {"test_fraction": 0.2, "split_seed": 0, "max_length": 128, "cv_folds": 5,
                "C_grid": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]}
-
-
-def _encoder_keys() -> tuple[str, ...]:
-    with torch.device("meta"):
-        keys = BertEncoder(BertConfig()).state_dict().keys()
-    return tuple(f"bert.{k}" for k in keys)
 
 
 class MiniLMSentiment(nn.Module):
@@ -95,7 +89,7 @@ class MiniLMSentiment(nn.Module):
     weights=Weights(
         "embedded:minilm-sentiment.safetensors",
         sha256="f61094deec3c831cbcd87ae06a572dc7776751836126981b81993dc0af2e8bd9",
-        fill_missing_suffixes=_encoder_keys(),
+        fill_missing_prefixes=("bert.",),  # the encoder's weights come from the [text] extra's files
     ),
     description="all-MiniLM-L6-v2 (frozen) + linear sentiment head; token ids in, needs the [text] extra",
     reference_acc=91.81,

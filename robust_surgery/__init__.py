@@ -14,43 +14,26 @@ Python API (one function per CLI command)::
 """
 __version__ = "0.1.0"
 
-from robust_surgery.evaluation.attacks import register_attack
-from robust_surgery.evaluation.run import EvalReport, evaluate
-from robust_surgery.training.finetune import finetune
-from robust_surgery.io.archspec import register_builder
-from robust_surgery.errors import ModelLoadError, NonFiniteError, OutputPathError, StateMismatchError, UntrustedCodeError, UserError
-from robust_surgery.io.model_file import build_arch, load, load_model, read_manifest, save
-from robust_surgery.nn.functional import register_reweight_derivative
-from robust_surgery.nn import (
-    NRPMConv1d,
-    NRPMConv2d,
-    NRPMConv3d,
-    NRPMLayer,
-    NRPMLinear,
-    NRPMSettings,
-    linear_mode,
-    register_reweight,
-    straight_through_mode,
-    reweight_names,
-)
-from robust_surgery.surgery.presets import preset_for, preset_note, register_preset
-from robust_surgery.surgery.recalibrate import recalibrate_batchnorm
-from robust_surgery.surgery.report import ConversionReport, conversion_report, inspect_model
-from robust_surgery.surgery.convert import (
-    PARADIGMS,
-    LayerConfig,
-    NoLayerMatchedError,
-    convert,
-    convertible_types,
-    is_converted,
-    nrpm_layers,
-    register_converter,
-    set_lam,
-    unconvert,
-)
-
-# Purification diagnostics and reprogramming load on first use (they pull in scikit-learn).
+# Every public name loads on first use (PEP 562), so `import robust_surgery` costs nothing until
+# a name is used: the CLI answers --help without importing torch, torchattacks or scikit-learn.
 _LAZY = {
+    "register_attack": "robust_surgery.evaluation.attacks",
+    "EvalReport": "robust_surgery.evaluation.run", "evaluate": "robust_surgery.evaluation.run",
+    "finetune": "robust_surgery.training.finetune",
+    "register_builder": "robust_surgery.io.archspec",
+    **{name: "robust_surgery.errors" for name in ("ModelLoadError", "NonFiniteError", "OutputPathError",
+                                                   "StateMismatchError", "UntrustedCodeError", "UserError")},
+    **{name: "robust_surgery.io.model_file" for name in ("build_arch", "load", "load_model", "read_manifest", "save")},
+    "register_reweight_derivative": "robust_surgery.nn.functional",
+    **{name: "robust_surgery.nn" for name in ("NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "NRPMLayer", "NRPMLinear",
+                                              "NRPMSettings", "linear_mode", "register_reweight",
+                                              "straight_through_mode", "reweight_names")},
+    **{name: "robust_surgery.surgery.presets" for name in ("preset_for", "preset_note", "register_preset")},
+    "recalibrate_batchnorm": "robust_surgery.surgery.recalibrate",
+    **{name: "robust_surgery.surgery.report" for name in ("ConversionReport", "conversion_report", "inspect_model")},
+    **{name: "robust_surgery.surgery.convert" for name in ("PARADIGMS", "LayerConfig", "NoLayerMatchedError", "convert",
+                                                           "convertible_types", "is_converted", "nrpm_layers",
+                                                           "register_converter", "set_lam", "unconvert")},
     "pretrain": "robust_surgery.training.pretrain",
     "purification_report": "robust_surgery.purification.diagnostics",
     "purity_scores": "robust_surgery.purification.scores",
@@ -63,23 +46,22 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    try:  # a subpackage or module: rs.errors, rs.surgery.presets, rs.nn.backends ...
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "__version__",
-    "convert", "unconvert", "set_lam", "nrpm_layers", "is_converted", "register_converter", "convertible_types",
-    "register_reweight", "register_reweight_derivative", "reweight_names", "LayerConfig", "NoLayerMatchedError", "PARADIGMS",
-    "NRPMSettings", "NRPMLayer", "NRPMLinear", "NRPMConv1d", "NRPMConv2d", "NRPMConv3d", "linear_mode", "straight_through_mode",
-    "load", "load_model", "save", "build_arch", "read_manifest", "register_builder",
-    "UserError", "ModelLoadError", "UntrustedCodeError", "OutputPathError", "StateMismatchError", "NonFiniteError",
-    "preset_for", "preset_note", "register_preset", "recalibrate_batchnorm",
-    "ConversionReport", "conversion_report", "inspect_model", "evaluate", "EvalReport", "register_attack", "finetune",
-    *_LAZY,
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = ["__version__", *_LAZY]

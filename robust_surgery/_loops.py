@@ -47,10 +47,93 @@ class _NoProgress:
         pass
 
 
+class PlainProgress:
+    """Progress for logs. When stderr is not a terminal (a batch job, ``nohup``, a CI log) rich's live
+    bars draw nothing; this prints one plain line per task every ``interval`` seconds and when the
+    task completes: ``R2DL epoch 1/2: 120/400 (30 %), 3.2 it/s, 1m27s left, loss 0.4123``.
+    Same calls as rich's ``Progress`` as used here (``add_task``, ``update``, ``advance``)."""
+
+    def __init__(self, interval: float | None = None, stream=None):
+        import os
+        import sys
+
+        self.interval = float(os.environ.get("ROBUST_SURGERY_PROGRESS_INTERVAL", "5")) if interval is None else interval
+        self.stream = stream or sys.stderr
+        self.tasks: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        import time
+
+        now = time.monotonic()
+        self.tasks.append({"description": description, "total": total, "done": 0, "fields": fields, "start": now,
+                           "printed": now, "finished": False})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, advance: float = 0, description: str | None = None, **fields) -> None:
+        import time
+
+        t = self.tasks[task]
+        t["done"] += advance
+        if description is not None:
+            t["description"] = description
+        t["fields"].update(fields)
+        now = time.monotonic()
+        complete = t["total"] is not None and t["done"] >= t["total"]
+        if (complete and not t["finished"]) or now - t["printed"] >= self.interval:
+            t["printed"], t["finished"] = now, complete
+            print(self.line(t, now), file=self.stream, flush=True)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    @staticmethod
+    def line(t: dict, now: float) -> str:
+        """One progress line: description, done/total (percent), rate, time left or taken, fields."""
+        done, total, spent = t["done"], t["total"], max(now - t["start"], 1e-9)
+        rate = done / spent
+        parts = [f"{t['description']}: {done:g}" + (f"/{total:g} ({100.0 * done / total:.0f} %)" if total else "")]
+        parts.append(f"{rate:.3g} it/s")
+        if total and done < total and rate > 0:
+            parts.append(f"{_duration((total - done) / rate)} left")
+        else:
+            parts.append(f"{_duration(spent)} taken")
+        loss = t["fields"].get("loss")
+        if isinstance(loss, float) and loss == loss:
+            parts.append(f"loss {loss:.4f}")
+        return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 def training_progress(enabled: bool):
-    """A rich progress bar on stderr for epochs of steps, showing the last loss (task field ``loss``)."""
+    """A rich progress bar on stderr for epochs of steps, showing the last loss (task field ``loss``);
+    plain lines (:class:`PlainProgress`) when stderr is not a terminal."""
     if not enabled:
         return _NoProgress()
+    if not _stderr_is_terminal():
+        return PlainProgress()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -60,9 +143,12 @@ def training_progress(enabled: bool):
 
 
 def work_progress(enabled: bool):
-    """A transient rich progress bar on stderr for units of work (batches × attacks)."""
+    """A transient rich progress bar on stderr for units of work (batches × attacks); plain lines
+    (:class:`PlainProgress`) when stderr is not a terminal."""
     if not enabled:
         return _NoProgress()
+    if not _stderr_is_terminal():
+        return PlainProgress()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -66,7 +66,8 @@ class Weights:
     ``model_zoo/checkpoints``. ``state_dict_key``: the entry of a checkpoint dict holding the
     state_dict (``None``: the file is the state_dict). ``strip_prefix``: removed from every key
     (``module.`` from DataParallel). ``drop_suffixes``: keys ending so are dropped and reported.
-    ``fill_missing_suffixes``: model keys the file may lack (left at their initial value).
+    ``fill_missing_suffixes`` / ``fill_missing_prefixes``: model keys the file may lack, by their end
+    or start (left at their initial value, or filled by the builder, as a frozen encoder is).
     """
 
     path: str
@@ -75,6 +76,7 @@ class Weights:
     strip_prefix: str = ""
     drop_suffixes: tuple[str, ...] = ()
     fill_missing_suffixes: tuple[str, ...] = ()
+    fill_missing_prefixes: tuple[str, ...] = ()
     url: str | None = None
 
     @property
@@ -214,7 +216,8 @@ def _load_weights(model: nn.Module, entry: ZooEntry, path: Path) -> dict:
     missing, unexpected, bad_shape = weight_mismatches(model, sd)
     own = model.state_dict()
     bad_shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape]
-    filled = [k for k in missing if spec.fill_missing_suffixes and k.endswith(spec.fill_missing_suffixes)]
+    filled = [k for k in missing if (spec.fill_missing_suffixes and k.endswith(spec.fill_missing_suffixes))
+              or (spec.fill_missing_prefixes and k.startswith(spec.fill_missing_prefixes))]
     missing = [k for k in missing if k not in filled]
     if unexpected or missing or bad_shape:
         parts = []

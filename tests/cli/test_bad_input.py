@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import robust_surgery as rs
+from robust_surgery.io import archspec
 from robust_surgery.cli.app import app
 
 runner = CliRunner()
@@ -212,7 +213,7 @@ def test_trust_code_is_the_users_consent(tmp_path):
         rs.register_builder("own_arch_rs:build", sys.modules["own_arch_rs"].build)  # consent given in code
         assert rs.load(tmp_path / "own.safetensors")[0].weight.shape == (5, 3)
     finally:
-        rs.io.archspec.BUILDERS.pop("own_arch_rs:build", None)
+        archspec.BUILDERS.pop("own_arch_rs:build", None)
         sys.path.remove(str(tmp_path))
 
 

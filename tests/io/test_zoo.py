@@ -159,3 +159,26 @@ def test_training_recipe_is_deterministic(shared_data, tmp_path):
 def test_no_recipe_for_cifar():
     with pytest.raises(ZooError, match="No training recipe"):
         train_zoo_model("cifar-resnet20", progress=False)
+
+
+def test_the_zoo_catalog_file_matches_the_registry():
+    """`surgery zoo list` reads model_zoo/catalog.json (no torch import); regenerate it with
+    python -m robust_surgery.io.zoo_catalog after changing the registry."""
+    from robust_surgery.io.zoo import list_models
+    from robust_surgery.io.zoo_catalog import catalog, entry_record
+
+    assert catalog() == [entry_record(e) for e in list_models()]
+
+
+def test_the_cli_answers_help_and_zoo_list_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom robust_surgery.cli.app import app\n"
+            "for argv in (['--help'], ['zoo', 'list', '--json']):\n"
+            "    try:\n        app(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'torchattacks', 'sklearn', 'scipy', 'matplotlib') if m in sys.modules)\n"
+            "print('HEAVY', heavy, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stderr and '"name": "mnist-mlp"' in out.stdout

@@ -143,3 +143,14 @@ def test_device_and_amp_words_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(rs.errors.InvalidInputError, match="no CUDA device is available here; use --device cpu"):
             resolve_device("cuda")
+
+
+def test_the_backend_choice_is_marked_constant_as_torch_marks_it():
+    """backends marks its support check as torch.compiler.assume_constant_result would (set by hand to
+    keep torch._dynamo out of the import); if torch changes how it marks functions, this fails."""
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert backends._supports_outside_trace._dynamo_marked_constant is True

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import robust_surgery as rs
+from robust_surgery.nn.functional import nrpm_linear
 from robust_surgery.nn.attention import NRPMMultiheadAttention
 from robust_surgery.surgery.convert import skipped_layers
 
@@ -122,7 +123,7 @@ def test_multihead_attention_projections_are_nrpm_below_lambda_one():
     q, k, v = torch.randn(4, 2, 8).double(), torch.randn(3, 2, 6).double(), torch.randn(3, 2, 5).double()
     conv = rs.convert(nn.ModuleDict({"a": mha}), norm="L1", K=2, lam=0.4)["a"]
     settings = rs.NRPMSettings("L1", 2)
-    lin = lambda x, w, b: rs.nn.functional.nrpm_linear(x, w, b, 0.4, settings)  # noqa: E731
+    lin = lambda x, w, b: nrpm_linear(x, w, b, 0.4, settings)  # noqa: E731
     bq, bk, bv = mha.in_proj_bias.chunk(3)
     eye = torch.eye(8, dtype=torch.float64)
     inner, _ = nn.functional.multi_head_attention_forward(

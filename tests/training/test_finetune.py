@@ -9,6 +9,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import robust_surgery as rs
+from robust_surgery.io.model_file import build_manifest
 from robust_surgery.cli.app import app
 from robust_surgery.data.datasets import load_mnist
 
@@ -46,7 +47,7 @@ def test_paradigm_2_changes_only_lambda(mnist_train):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"conv.lam_logit", "fc.lam_logit"}  # weights, biases and BatchNorm statistics untouched
     assert len(history) == 1 and history[0]["train_loss"] > 0 and "val_robust_acc" in history[0]
-    manifest = rs.io.model_file.build_manifest(model)
+    manifest = build_manifest(model)
     assert manifest["paradigm"] == 2 and manifest["training"]["adversarial"] == "fgsm"
 
 

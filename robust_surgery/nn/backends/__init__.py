@@ -88,7 +88,6 @@ def _supports(fused: ModuleType, settings, x: torch.Tensor, w: torch.Tensor, z0:
     return _supports_outside_trace(fused.NAME, settings.norm, settings.K, x.dtype, w.dtype, z0.dtype, x.device.type)
 
 
-@torch.compiler.assume_constant_result
 def _supports_outside_trace(name: str, norm: str, K: int, x_dtype, w_dtype, z_dtype, device: str) -> bool:
     from robust_surgery.nn.functional import NRPMSettings
 
@@ -96,6 +95,12 @@ def _supports_outside_trace(name: str, norm: str, K: int, x_dtype, w_dtype, z_dt
         return torch.ones((1, 1, 1), dtype=dtype, device=device)
 
     return get_backend(name).supports(NRPMSettings(norm, K), probe(x_dtype), probe(w_dtype), probe(z_dtype))
+
+
+# What torch.compiler.assume_constant_result(fn) does, without importing torch._dynamo at import
+# time (1.3 s): dynamo calls the function while tracing and keeps its result as a constant
+# (tests/nn/test_precision_and_tracing.py checks that torch still marks functions this way).
+_supports_outside_trace._dynamo_marked_constant = True
 
 
 def run(src, x, w, z0, settings, reweight: Callable, dreweight: Optional[Callable], rows: int, outs: int) -> torch.Tensor:
