@@ -13,6 +13,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidTypeError",
     "MissingFileError",
+    "MissingDependencyError",
     "ModelLoadError",
     "UntrustedCodeError",
     "OutputPathError",
@@ -36,6 +37,10 @@ class InvalidTypeError(UserError, TypeError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist (or lacks a part it must hold)."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """A package this feature needs is not installed; the message gives the install command."""
 
 
 class ModelLoadError(InvalidInputError):

@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torchattacks
 from torch import nn
 
-from robust_surgery.errors import InvalidInputError, InvalidTypeError
+from robust_surgery.errors import InvalidInputError, InvalidTypeError, MissingDependencyError
+
+try:  # installed with --no-deps (its metadata pins an old requests it never imports): docs/safety.md
+    import torchattacks
+except ImportError:
+    raise MissingDependencyError(
+        'the attacks need torchattacks, which is not installed: pip install --no-deps "torchattacks==3.5.1" '
+        "(--no-deps keeps its requests~=2.25.1 pin out; see docs/safety.md), or pip install 'robust-surgery[attacks]'"
+    ) from None
 
 __all__ = [
     "ATTACKS",

@@ -409,3 +409,22 @@ def test_a_bug_shows_its_traceback_and_a_user_error_one_line(monkeypatch):
     res = runner.invoke(app, ["inspect", "zoo:mnist-mlp-rs"])
     assert res.exit_code == 1 and not isinstance(res.exception, rs.errors.UserError)
     assert res.output.strip().splitlines() == ["error: the input is wrong; do this instead"]
+
+
+def test_without_torchattacks_an_attack_command_says_how_to_install_it(tmp_path):
+    """torchattacks is installed with --no-deps (docs/safety.md); when it is missing, one error line says how."""
+    code = """
+        import sys
+        sys.modules["torchattacks"] = None  # as if it were not installed
+        from typer.testing import CliRunner
+        from robust_surgery.cli.app import app
+        res = CliRunner().invoke(app, ["evaluate", "zoo:mnist-mlp", "--data", "mnist", "--n", "10", "--attack", "fgsm",
+                                       "--eps", "0.1"])
+        sys.stderr.write(res.stderr)
+        sys.exit(res.exit_code)
+    """
+    p = _python(code, tmp_path)
+    out, errtext = p.communicate(timeout=300)
+    lines = [line for line in errtext.splitlines() if line.startswith("error:")]
+    assert p.returncode == 1 and "Traceback" not in errtext, errtext
+    assert len(lines) == 1 and 'pip install --no-deps "torchattacks==3.5.1"' in lines[0], errtext
