@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .options import DATA_ROOT, TRUST_CODE, TRUST_PICKLE
+from .options import AMP, DATA_ROOT, DEVICE, TRUST_CODE, TRUST_PICKLE
 from .render import check_out, console, err, guard, print_json
 
 _R2DL = "Program (Θ) and mapping"
@@ -36,6 +36,8 @@ def r2dl(
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of the task held out for testing (stratified, seeded)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the amino-acid (+ dipeptide) composition logistic regressions on the same split."),
     seed: int = typer.Option(0, "--seed", help="Seed (split, shuffling, random parts)."),
+    device: str = DEVICE,
+    amp: str = AMP,
     data_root: Optional[Path] = DATA_ROOT,
     trust_pickle: bool = TRUST_PICKLE,
     trust_code: bool = TRUST_CODE,
@@ -52,10 +54,13 @@ def r2dl(
                      max_len=max_len, mapping=mapping, init=init, seed=seed, test_fraction=test_fraction,
                      n_train=n_train, n_test=n_test, random_encoder=random_encoder).check()
     check_out(out, ".safetensors", "output (-o)")
+    from robust_surgery._device import resolve_amp, resolve_device
+
+    resolve_device(device), resolve_amp(amp)  # bad words fail before anything loads
     root = str(data_root) if data_root else None
     task = load_peptide_task(target, root)
     result = run_r2dl(source, task, cfg, data_root=root, progress=True, trust_code=trust_code,
-                      trust_pickle=trust_pickle)
+                      trust_pickle=trust_pickle, device=device, amp=amp)
     report = result.summary()
     report["baselines"] = []
     if baselines:

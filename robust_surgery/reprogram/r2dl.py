@@ -240,16 +240,19 @@ class R2DLConfig:
 
 def train_r2dl(model: R2DLModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
                epochs: int = 1, batch_size: int = 32, lr: float = 1e-3, omp_every: int = 1, seed: int = 0,
-               progress: bool = False) -> list[dict]:
+               progress: bool = False, amp: str | torch.dtype | None = None) -> list[dict]:
     """Train Θ of ``model.program`` on target ids ``(N, L)``, mask ``(N, L)``, labels ``(N,)``.
 
     Adam on Θ, cross-entropy on the mapped probabilities (``-log h_y``), seeded shuffling; after
     every ``omp_every``-th step (and after the last) a k-sparse program is projected by OMP.
-    Returns one record per step: ``{"step", "epoch", "loss"}`` (loss before the update).
+    Returns one record per step: ``{"step", "epoch", "loss"}`` (loss before the update). Runs where
+    Θ is (batches are moved there); ``amp`` (``bf16``/``fp16``): the source under autocast.
     """
+    from robust_surgery._device import autocast
     from robust_surgery._loops import training_progress
 
     program = model.program
+    dev = program.theta.device
     opt = torch.optim.Adam([program.theta], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -263,8 +266,9 @@ def train_r2dl(model: R2DLModel, ids: torch.Tensor, mask: torch.Tensor, labels: 
             for s in range(steps):
                 idx = perm[s * batch_size:(s + 1) * batch_size]
                 width = int(mask[idx].sum(dim=1).max())
-                probs = model(ids[idx, :width], mask[idx, :width])
-                loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels[idx])
+                with autocast(dev, amp):
+                    probs = model(ids[idx, :width].to(dev), mask[idx, :width].to(dev)).float()
+                loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels[idx].to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -279,15 +283,20 @@ def train_r2dl(model: R2DLModel, ids: torch.Tensor, mask: torch.Tensor, labels: 
 
 @torch.inference_mode()
 def evaluate_r2dl(model: R2DLModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                  batch_size: int = 128) -> dict:
-    """Accuracy (fraction), ROC AUC of the class-1 probability (binary tasks; None otherwise) and n."""
+                  batch_size: int = 128, amp: str | torch.dtype | None = None) -> dict:
+    """Accuracy (fraction), ROC AUC of the class-1 probability (binary tasks; None otherwise) and n;
+    runs where the model is (``amp``: autocast)."""
+    from robust_surgery._device import autocast
+
     model.eval()
+    dev = model.program.theta.device
     order = torch.argsort(mask.sum(dim=1))  # similar lengths together: less padding
     probs = torch.empty(len(labels), model.mapping.n_target)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         width = int(mask[idx].sum(dim=1).max())
-        probs[idx] = model(ids[idx, :width], mask[idx, :width]).float()
+        with autocast(dev, amp):
+            probs[idx] = model(ids[idx, :width].to(dev), mask[idx, :width].to(dev)).float().cpu()
     return _scores(probs.numpy(), labels.numpy())
 
 
@@ -373,16 +382,18 @@ def _build_mapping(config: R2DLConfig, n_target: int, n_source: int, model_for_f
         return one_to_one(n_target, n_source)
     if config.mapping == "random":
         return random_mapping(n_target, n_source, 1, config.seed)
-    ids, mask, labels = model_for_freq[1:]
+    model, ids, mask, labels = model_for_freq
+    dev = model.program.theta.device
     with torch.inference_mode():
-        pred = torch.cat([model_for_freq[0].source_probs(ids[i:i + 128], mask[i:i + 128]).argmax(1)
+        pred = torch.cat([model.source_probs(ids[i:i + 128].to(dev), mask[i:i + 128].to(dev)).argmax(1).cpu()
                           for i in range(0, len(ids), 128)])
     return frequency_mapping(pred, labels, n_target, n_source)
 
 
 def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | PeptideTask = "amp",
              config: R2DLConfig | None = None, *, data_root: str | os.PathLike | None = None,
-             progress: bool = False, trust_code: bool = False, trust_pickle: bool = False) -> R2DLResult:
+             progress: bool = False, trust_code: bool = False, trust_pickle: bool = False,
+             device: str | torch.device | None = "auto", amp: str | torch.dtype | None = None) -> R2DLResult:
     """Reprogram ``source`` for the peptide task ``target`` (``amp``, ``toxicity``, a path, or a
     :class:`PeptideTask`) with R2DL and evaluate it on the task's fixed test split.
 
@@ -392,7 +403,12 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
     frequency: BAR's greedy mapping from the initial program's predictions; random) is fixed
     before training. Returns an :class:`R2DLResult` (test accuracy and AUC in ``metrics``).
     ``trust_code``/``trust_pickle`` as in :func:`robust_surgery.load_model`, for a source given as a file.
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``; None: where the source is) and ``amp`` (``bf16``/``fp16``
+    autocast of the source) say where and how the source runs; Θ trains in float32.
     """
+    from robust_surgery._device import amp_name, resolve_device
+
+    amp_name(amp)  # a bad word fails before anything loads
     config = (config or R2DLConfig()).check()
     t0 = time.time()
     torch.manual_seed(config.seed)
@@ -403,6 +419,8 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
     elif config.random_encoder:
         raise InvalidInputError("random_encoder needs a source spec (it rebuilds the encoder); pass a string")
     _check_source(source)
+    if device is not None:
+        source.to(resolve_device(device))
     task = resolve_sequence_task(target, data_root)
     train, test = split_task(task, config)
     alphabet = AMINO_ACIDS
@@ -414,17 +432,18 @@ def run_r2dl(source: str | nn.Module = "zoo:minilm-sentiment", target: str | Pep
                           source.cls_token_id, source.sep_token_id, init_ids, config.seed)
     n_source = _n_source_classes(source)
     n_target = len(task.classes)
+    program.to(source.word_embeddings.device)
     provisional = R2DLModel(program, source, one_to_one(n_target, n_source))
     mapping = _build_mapping(config, n_target, n_source, (provisional, tr_ids, tr_mask, train.labels))
-    model = R2DLModel(program, source, mapping)
+    model = R2DLModel(program, source, mapping.to(source.word_embeddings.device))
 
     history = train_r2dl(model, tr_ids, tr_mask, train.labels, epochs=config.epochs, batch_size=config.batch_size,
-                         lr=config.lr, omp_every=config.omp_every, seed=config.seed, progress=progress)
-    metrics = evaluate_r2dl(model, te_ids, te_mask, test.labels)
+                         lr=config.lr, omp_every=config.omp_every, seed=config.seed, progress=progress, amp=amp)
+    metrics = evaluate_r2dl(model, te_ids, te_mask, test.labels, amp=amp)
     task_info = {"name": task.name, "classes": list(task.classes), "source": task.source,
                  "n_train": len(train), "n_test": len(test), "alphabet": alphabet, "max_len": config.max_len}
     return R2DLResult(model, metrics, history, config, spec, task_info, time.time() - t0,
-                      {"mapping": mapping.to_dict()})
+                      {"mapping": mapping.to_dict(), "device": str(source.word_embeddings.device), "amp": amp_name(amp)})
 
 
 # --------------------------------------------------------------------------------------------

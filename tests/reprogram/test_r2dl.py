@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from robust_surgery.data.datasets import DataNotFoundError
-from robust_surgery.model_zoo.minilm import BertConfig, BertEncoder, MiniLMNotInstalledError
+from robust_surgery.model_zoo.minilm import MiniLMNotInstalledError, bert_model
 from robust_surgery.model_zoo.text_sentiment import MiniLMSentiment
 from robust_surgery.reprogram.mapping import one_to_one
 from robust_surgery.reprogram.omp import omp
@@ -24,10 +24,11 @@ needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="needs the MiniLM enco
 
 def tiny_source(seed: int = 0) -> MiniLMSentiment:
     """A 2-layer, 32-wide BERT with a 300-token vocabulary and a random head (no download)."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=80)
-    return MiniLMSentiment(BertEncoder(cfg)).eval()
+    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=80)
+    return MiniLMSentiment(bert_model(cfg)).eval()
 
 
 # ------------------------------------------------------------------------------------------ OMP
@@ -109,6 +110,23 @@ def test_r2dl_loss_decreases_and_only_theta_changes():
     assert all(not p.requires_grad for p in source.parameters())
 
 
+def test_r2dl_trains_and_evaluates_under_bf16_autocast_near_float32():
+    """amp="bf16" runs the source under autocast (Θ stays float32): the loss still falls, and the
+    evaluation lands within 0.1 in accuracy of float32's on the same model (64 sequences)."""
+    from robust_surgery.reprogram.r2dl import evaluate_r2dl
+
+    source = tiny_source()
+    program = R2DLProgram(source.word_embeddings, n_tokens=21, k=4, cls_id=1, sep_id=2, seed=0)
+    model = R2DLModel(program, source, one_to_one(2, 2))
+    ids, mask, y = _motif_task(128, seed=0)
+    start = _full_loss(model, ids, mask, y)
+    history = train_r2dl(model, ids, mask, y, epochs=4, batch_size=32, lr=0.05, seed=0, amp="bf16")
+    assert program.theta.dtype == torch.float32 and all(np.isfinite(h["loss"]) for h in history)
+    assert _full_loss(model, ids, mask, y) < start - 0.05
+    f32, b16 = evaluate_r2dl(model, ids[:64], mask[:64], y[:64]), evaluate_r2dl(model, ids[:64], mask[:64], y[:64], amp="bf16")
+    assert abs(f32["accuracy"] - b16["accuracy"]) <= 0.1 and b16["n"] == 64
+
+
 def test_dense_theta_is_never_projected():
     source = tiny_source()
     program = R2DLProgram(source.word_embeddings, n_tokens=21, k=None, cls_id=1, sep_id=2, seed=0)
@@ -182,7 +200,7 @@ def test_minilm_matches_published_sentence_embeddings():
     s1 = ["He is playing a guitar", "A man is playing guitar", "The new movie is awesome"]
     s2 = ["She is playing violin", "He is playing violin", "Dog is playing in ground"]
     with torch.no_grad():
-        e1, e2 = (F.normalize(mean_pool(enc(*tok(s)), tok(s)[1]), dim=-1) for s in (s1, s2))
+        e1, e2 = (F.normalize(mean_pool(enc(*tok(s)).last_hidden_state, tok(s)[1]), dim=-1) for s in (s1, s2))
     cos = [[0.3509, 0.5447, 0.2525], [0.2461, 0.4481, 0.2023]]
     sim = e1 @ e2.T
     assert torch.allclose(sim[:2], torch.tensor(cos), atol=6e-5)
