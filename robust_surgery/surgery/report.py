@@ -207,8 +207,14 @@ def conversion_report(model: nn.Module, input_shape=None) -> ConversionReport:
             outs[name] = outs[parent]
     probed = input_shape is not None
     rows = [_row(n, m, LayerConfig(m.settings, m.lam_value), outs.get(n), probed) for n, m in layers]
+    dense = [r.name for r in rows if r.lam == 1.0]
+    notes = _idle_notes(rows)
+    if dense and len(dense) < len(rows):  # all at λ = 1 is a deliberate start (classical training)
+        shown = ", ".join(dense[:6]) + (", …" if len(dense) > 6 else "")
+        notes.append(f"{len(dense)} converted layer{'s' if len(dense) != 1 else ''} at λ = 1 run as the original "
+                     f"layer ({shown}), an override or λ = 1 given for them; fine-tuning leaves λ = 1 frozen")
     return ConversionReport(rows, "NRPM conversion", tuple(input_shape) if input_shape else None,
-                            _idle_notes(rows), group_skipped(skipped_layers(model)))
+                            notes, group_skipped(skipped_layers(model)))
 
 
 def _idle_notes(rows: list[LayerCost]) -> list[str]:
