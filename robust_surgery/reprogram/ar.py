@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,8 @@ from robust_surgery._device import amp_name, autocast, resolve_device
 from robust_surgery._loops import evaluate_accuracy
 from robust_surgery.training.loop import BatchLoss, make_optimizer, train_loop
 from robust_surgery.reprogram.losses import mapped_nll
-from robust_surgery.reprogram.pipeline import (ReprogrammedModel, choose_mapping, freeze_source, source_canvas, source_classes,
-                       state_digest)
+from robust_surgery.reprogram.pipeline import (ReprogrammedModel, choose_mapping, freeze_source, remap_iteratively,
+                                               source_canvas, source_classes, state_digest)
 from robust_surgery.reprogram.program import CanvasSpec, Program
 from robust_surgery.errors import InvalidInputError
 
@@ -51,10 +51,12 @@ class SourceChangedError(RuntimeError):
 
 def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
              val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False,
-             amp: str | torch.dtype | None = None) -> list[dict]:
+             amp: str | torch.dtype | None = None, remap: Callable[[], bool] | None = None) -> list[dict]:
     """Train the program of ``model`` on target data ``x`` ``(N, c, h, w)`` in [0, 1], ``y`` ``(N,)``,
     on the device of the program's weights; ``amp`` (``bf16``/``fp16``) runs the source under autocast
-    (the mapped probabilities and the loss stay float32).
+    (the mapped probabilities and the loss stay float32). ``remap`` (iterative label mapping) is
+    called after every epoch but the last and re-solves the mapping for the next one; the epoch's
+    record says whether it changed (``mapping_changed``).
 
     Returns one record per epoch (mean loss, train accuracy of the batches, optional validation
     accuracy in %, lr, seconds). Raises :class:`SourceChangedError` if the source moved.
@@ -83,7 +85,11 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
         return BatchLoss(mapped_nll(h, yb) + cfg.reg * w.pow(2).sum(), {"correct": int((h.argmax(1) == yb).sum())})
 
     def end_epoch(epoch):
-        return {} if val is None else {"val_acc": 100.0 * evaluate_accuracy(model, val[0], val[1], batch_size=500, amp=amp)[0] / len(val[0])}
+        row = {} if val is None else {"val_acc": 100.0 * evaluate_accuracy(model, val[0], val[1], batch_size=500, amp=amp)[0] / len(val[0])}
+        if remap is not None and epoch < cfg.epochs - 1:
+            model.eval()
+            row["mapping_changed"] = bool(remap())
+        return row
 
     history = train_loop(model, opt, x, y, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          order=lambda epoch: torch.randperm(len(x), generator=g), lr_at=lr_at, end_epoch=end_epoch,
@@ -108,7 +114,8 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     and the program run; ``amp``: autocast of the source's forward passes (``bf16``/``fp16``).
 
     ``canvas``: the source's input shape (default: the zoo entry's); ``data_size``: the side of
-    the embedded target input; ``mapping``: ``one-to-one``, ``random`` or ``frequency`` with ``m``
+    the embedded target input; ``mapping``: ``one-to-one``, ``random``, ``frequency`` or ``ilm``
+    (frequency, re-solved from the current program after every epoch) with ``m``
     source labels per class. Returns the model and a report (settings, history, seconds).
     """
     t0 = time.time()
@@ -123,7 +130,12 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     probs = lambda z: torch.softmax(source(z.to(dev)), dim=-1).to(z.device)  # noqa: E731  (white-box: the source)
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=probs, program=program, x=x)
     model = ReprogrammedModel(source, program.to(dev), table)
-    history = train_ar(model, x, y, cfg, val=val, progress=progress, amp=amp)
+    remap = None
+    if mapping == "ilm":  # the program runs where the source is; remap_iteratively moves each batch there
+        def remap():
+            return remap_iteratively(model.mapping, lambda z: torch.softmax(source(z), dim=-1), model.program,
+                                     x.to(dev), y)
+    history = train_ar(model, x, y, cfg, val=val, progress=progress, amp=amp, remap=remap)
     report = {"method": "ar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
               "device": str(next(source.parameters()).device), "amp": amp_name(amp),
               "low_dim": low_dim, "d": program.d, "n_train": len(x), "history": history,

@@ -21,7 +21,8 @@ from robust_surgery._device import amp_name, resolve_device
 from robust_surgery._loops import training_progress
 from robust_surgery.reprogram.losses import class_balance_weights, focal_loss
 from robust_surgery.reprogram.mapping import LabelMapping
-from robust_surgery.reprogram.pipeline import ReprogrammedModel, choose_mapping, freeze_source, source_canvas
+from robust_surgery.reprogram.pipeline import (ReprogrammedModel, choose_mapping, freeze_source, remap_iteratively,
+                                               source_canvas)
 from robust_surgery.reprogram.program import CanvasSpec, Program
 from robust_surgery.reprogram.query import QueryOracle
 from robust_surgery.reprogram.zo import zo_gradient
@@ -60,12 +61,15 @@ class BARConfig:
 
 
 def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: torch.Tensor, y: torch.Tensor,
-              cfg: BARConfig = BARConfig(), *, progress: bool = False) -> dict:
+              cfg: BARConfig = BARConfig(), *, progress: bool = False, remap_every: int | None = None) -> dict:
     """Train ``program.weight`` by zeroth-order steps through ``oracle`` on ``(x, y)``.
 
     ``x`` ``(N, c, h, w)`` in [0, 1], ``y`` ``(N,)``. Stops after ``cfg.steps`` steps or when the
     next step would pass the oracle's budget. Returns ``{"steps", "queries", "history"}`` (one
     record per 10 % of the steps: mean loss and batch accuracy since the last record, queries).
+    ``remap_every``: iterative label mapping — every that many steps the mapping is re-solved from
+    the current program's predictions on all of ``x`` (len(x) queries, counted; skipped when the
+    budget cannot pay for it and a step); ``remaps`` in the result counts the changes.
     """
     check_unit_range(x)
     if len(x) != len(y) or len(x) == 0:
@@ -78,7 +82,7 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
     per_step = min(cfg.batch_size, len(x)) * (cfg.q + 1)
     log_every = max(1, cfg.steps // 10)
     history, losses, hits, seen = [], [], 0, 0
-    done = 0
+    done, remaps = 0, 0
     last: dict = {}
 
     def f(ws: torch.Tensor) -> torch.Tensor:  # (k, *W) -> (k,) focal losses, through the oracle only
@@ -104,12 +108,15 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
             hits += int((last["h"].argmax(1) == yb).sum())
             seen += len(yb)
             bar.update(task, advance=1, loss=float(loss))
+            if remap_every and done % remap_every == 0 and done < cfg.steps and \
+                    (oracle.remaining() is None or oracle.remaining() >= len(x) + per_step):
+                remaps += int(remap_iteratively(mapping, oracle, program, x, y))
             if done % log_every == 0:
                 history.append({"step": done, "loss": sum(losses) / len(losses), "batch_acc": 100.0 * hits / seen,
                                 "queries": oracle.queries, "lr": opt.param_groups[0]["lr"]})
                 losses, hits, seen = [], 0, 0
     w.grad = None
-    return {"steps": done, "queries": oracle.queries, "history": history}
+    return {"steps": done, "queries": oracle.queries, "history": history, "remaps": remaps}
 
 
 def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARConfig = BARConfig(), *,
@@ -120,7 +127,8 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     """BAR around ``source``: the source is wrapped in a :class:`QueryOracle` for all of training.
 
     ``low_dim``: side r of the coarse program (W is ``(C, r, r)``, upsampled; None: full size).
-    ``mapping``: ``frequency`` (from the source labels of the target training data under the
+    ``mapping``: ``ilm`` (frequency, re-solved from the current program once per pass over the
+    training data: len(x) queries each time), ``frequency`` (from the source labels of the target training data under the
     initial program; its queries count), ``random`` or ``one-to-one``, ``m`` labels per class.
     Returns the pipeline (holding the source, for evaluation) and a report with the queries
     used and their cost at ``cfg.price_per_1000``. ``device``/``amp``: where and in what precision the
@@ -137,12 +145,14 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     n_source = oracle(program(x[:1])).shape[-1]
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=oracle, program=program, x=x)
     mapping_queries = oracle.queries
-    result = train_bar(program, table, oracle, x, y, cfg, progress=progress)
+    passes = max(1, -(-len(x) // cfg.batch_size))  # steps per pass over the training data
+    result = train_bar(program, table, oracle, x, y, cfg, progress=progress,
+                       remap_every=passes if mapping == "ilm" else None)
     model = ReprogrammedModel(source, program.to(next(source.parameters()).device), table)  # evaluated as one net
     report = {"method": "bar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
               "device": str(next(source.parameters()).device), "amp": amp_name(amp),
               "low_dim": low_dim, "d": program.d, "n_train": len(x), "steps": result["steps"],
-              "queries": oracle.queries, "mapping_queries": mapping_queries,
+              "queries": oracle.queries, "mapping_queries": mapping_queries, "remaps": result["remaps"],
               "queries_per_step": cfg.batch_size * (cfg.q + 1),
               "cost": oracle.cost(), "price_per_1000": cfg.price_per_1000,
               "history": result["history"], "seconds": round(time.time() - t0, 2)}

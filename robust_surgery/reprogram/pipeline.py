@@ -154,17 +154,19 @@ def source_classes(source: nn.Module, canvas: tuple[int, int, int]) -> int:
         return int(source(torch.zeros(1, *canvas, device=next(source.parameters()).device)).shape[-1])
 
 
-MAPPINGS = ("one-to-one", "random", "frequency")
+MAPPINGS = ("one-to-one", "random", "frequency", "ilm")
 
 
 def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: int = 1, *, seed: int = 0,
                    probs_fn=None, program: Program | None = None, x: torch.Tensor | None = None,
                    batch_size: int = 256) -> LabelMapping:
-    """A label mapping by name: ``one-to-one``, ``random`` (m per class) or ``frequency``.
+    """A label mapping by name: ``one-to-one``, ``random`` (m per class), ``frequency`` or ``ilm``.
 
     ``frequency`` runs the initial program (W = 0) on the target training inputs ``x`` through
     ``probs_fn`` (source probabilities ``(B, n_source)``: a :class:`~.query.QueryOracle` in BAR,
-    so these queries are counted) and applies the greedy histogram assignment.
+    so these queries are counted) and applies the greedy histogram assignment. ``ilm`` (iterative
+    label mapping) starts the same way; the trainers then re-solve it from the current program
+    each epoch with :func:`remap_iteratively`.
     """
     from robust_surgery.reprogram.mapping import frequency_mapping, one_to_one, random_mapping
 
@@ -174,13 +176,33 @@ def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: 
         return one_to_one(n_target, n_source)
     if kind == "random":
         return random_mapping(n_target, n_source, m, seed=seed)
-    if kind == "frequency":
+    if kind in ("frequency", "ilm"):
         if probs_fn is None or program is None or x is None:
-            raise InvalidInputError("the frequency mapping needs the source (probs_fn), the program and the target inputs")
-        with torch.no_grad():
-            pred = torch.cat([probs_fn(program(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
-        return frequency_mapping(pred.cpu(), y, n_target, n_source, m)
+            raise InvalidInputError(f"the {kind} mapping needs the source (probs_fn), the program and the target inputs")
+        return frequency_mapping(_source_predictions(probs_fn, program, x, batch_size), y, n_target, n_source, m)
     raise InvalidInputError(f"unknown mapping {kind!r}: choose from {', '.join(MAPPINGS)}")
+
+
+def _source_predictions(probs_fn, program, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Source labels ``(N,)`` the program's current output gets, on the CPU."""
+    with torch.no_grad():
+        return torch.cat([probs_fn(program(x[i:i + batch_size])).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def remap_iteratively(mapping: LabelMapping, probs_fn, program: Program, x: torch.Tensor, y: torch.Tensor, *,
+                      batch_size: int = 256) -> bool:
+    """One step of iterative label mapping (ILM; Chen et al., CVPR 2023, "Understanding and Improving
+    Visual Prompting: A Label-Mapping Perspective"): re-solve the frequency mapping from the source
+    labels the *current* program gets on the target training inputs ``x`` ``(N, c, h, w)`` with
+    labels ``y`` ``(N,)``, and write it into ``mapping`` in place (same m per class). Returns whether
+    the assignment changed. Through a :class:`~.query.QueryOracle`, the N queries are counted."""
+    from robust_surgery.reprogram.mapping import frequency_mapping
+
+    pred = _source_predictions(probs_fn, program, x, batch_size)
+    new = frequency_mapping(pred, y, mapping.n_target, mapping.n_source, mapping.assignment.shape[1])
+    changed = not torch.equal(new.assignment, mapping.assignment.cpu())
+    mapping.assignment.copy_(new.assignment.to(mapping.assignment.device))
+    return changed
 
 
 def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str] = (),

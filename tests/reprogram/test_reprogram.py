@@ -330,3 +330,51 @@ def test_cli_reprogram_refuses_unknown_device_and_amp_words_before_loading(tmp_p
         res = _cli("reprogram", "ar", "zoo:cifar-resnet20", flag, word, "-o", tmp_path / "a.safetensors")
         assert res.exit_code == 1 and message in res.stderr and "Traceback" not in res.output
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ iterative label mapping
+class _Scripted:
+    """A stand-in source whose predictions follow a script, one list of source labels per round
+    (the 'program' is the identity; each call to it is one round)."""
+
+    def __init__(self, rounds, n_source=4):
+        self.rounds, self.n_source, self.calls = rounds, n_source, 0
+
+    def __call__(self, z):
+        labels = torch.tensor(self.rounds[min(self.calls, len(self.rounds) - 1)])[z[:, 0].long()]
+        self.calls += 1
+        return nn.functional.one_hot(labels, self.n_source).float()
+
+
+def test_ilm_re_solves_the_frequency_mapping_from_the_current_predictions():
+    from robust_surgery.reprogram.pipeline import choose_mapping, remap_iteratively
+
+    x = torch.arange(6, dtype=torch.float32).view(6, 1)  # example i carries its index
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    source = _Scripted([[2, 2, 2, 3, 3, 3],   # round 0: target 0 -> source 2, target 1 -> source 3
+                        [1, 1, 2, 0, 0, 3],   # round 1: (s0, t1) and (s1, t0) twice each: t1 <- 0 first, then t0 <- 1
+                        [1, 1, 2, 0, 0, 3]])  # round 2: nothing new
+    identity = nn.Identity()
+    mapping = choose_mapping("ilm", y, 2, 4, probs_fn=source, program=identity, x=x)
+    assert mapping.assignment.tolist() == [[2], [3]]
+    assert remap_iteratively(mapping, source, identity, x, y) is True
+    assert mapping.assignment.tolist() == [[1], [0]]
+    assert remap_iteratively(mapping, source, identity, x, y) is False and mapping.assignment.tolist() == [[1], [0]]
+
+
+def test_ar_and_bar_with_ilm_remap_between_epochs_and_count_the_queries():
+    x, y = load_target("mnist", "train", n=64)
+    _, report = reprogram_ar(_Spy(), x, y, ARConfig(epochs=3, batch_size=32), canvas=(3, 32, 32), mapping="ilm")
+    assert [("mapping_changed" in row) for row in report["history"]] == [True, True, False]
+    cfg = BARConfig(steps=4, q=2, batch_size=32)
+    _, rep = reprogram_bar(_Spy(), x, y, cfg, canvas=(3, 32, 32), low_dim=4, mapping="ilm")
+    # 1 probe + 64 for the first mapping, 4 steps × 32 × 3, one re-map after step 2 (64; none after the last)
+    assert rep["queries"] == 1 + 64 + 4 * 32 * 3 + 64 and rep["mapping"] == "ilm"
+
+
+def test_cli_takes_mapping_ilm(tmp_path):
+    res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--n-train", 64, "--n-test", 32, "--epochs", 2,
+               "--mapping", "ilm", "-o", tmp_path / "ilm.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)["report"]
+    assert report["mapping"] == "ilm" and "mapping_changed" in report["history"][0]
