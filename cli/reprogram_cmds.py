@@ -108,6 +108,8 @@ def ar(
     decay: float = DECAY,
     decay_every: int = typer.Option(2, "--decay-every", help="Epochs between decays."),
     reg: float = typer.Option(1e-6, "--reg", help="λ of the λ‖W‖² penalty."),
+    adv_eps: float = typer.Option(0.0, "--adv-eps", help="Train the program adversarially: PGD at this L∞ budget on the [0, 1] target input (0: clean)."),
+    adv_steps: int = typer.Option(7, "--adv-steps", help="PGD steps of --adv-eps training."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size."),
     seed: int = typer.Option(0, "--seed", help="Seed (shuffling, random mapping)."),
     data_size: int = DATA_SIZE,
@@ -131,7 +133,8 @@ def ar(
     """
     from robust_surgery.reprogram.ar import ARConfig, reprogram_ar
 
-    cfg = ARConfig(epochs=epochs, lr=lr, reg=reg, batch_size=batch_size, decay=decay, decay_every=decay_every, seed=seed)
+    cfg = ARConfig(epochs=epochs, lr=lr, reg=reg, batch_size=batch_size, decay=decay, decay_every=decay_every, seed=seed,
+                   adv_eps=adv_eps, adv_steps=adv_steps)
     src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code,
                                    device, amp)
     model, report = reprogram_ar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,

@@ -29,7 +29,9 @@ __all__ = ["ARConfig", "train_ar", "reprogram_ar"]
 @dataclass(frozen=True)
 class ARConfig:
     """AR settings: ``reg`` is λ of λ‖W‖²; the learning rate is multiplied by ``decay`` every
-    ``decay_every`` epochs (the paper: 0.96 every 2)."""
+    ``decay_every`` epochs (the paper: 0.96 every 2). ``adv_eps`` > 0 trains the program
+    adversarially (robust reprogramming): each batch is replaced by its PGD-``adv_steps`` copy at
+    L∞ budget ``adv_eps`` on the [0, 1] target input, made against the whole pipeline."""
 
     epochs: int = 2
     lr: float = 0.05
@@ -38,11 +40,16 @@ class ARConfig:
     decay: float = 0.96
     decay_every: int = 2
     seed: int = 0
+    adv_eps: float = 0.0
+    adv_steps: int = 7
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.reg < 0 or not 0 < self.decay <= 1 \
                 or self.decay_every < 1:
             raise InvalidInputError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1")
+        if not 0 <= self.adv_eps <= 1 or self.adv_steps < 1:
+            raise InvalidInputError(f"adversarial program training needs 0 <= adv_eps <= 1 (L∞ on [0, 1] inputs) and "
+                                    f"adv_steps >= 1, got adv_eps={self.adv_eps}, adv_steps={self.adv_steps}")
 
 
 class SourceChangedError(RuntimeError):
@@ -79,6 +86,8 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
         return lr
 
     def step(xb, yb, epoch, s):
+        if cfg.adv_eps > 0:  # robust reprogramming: learn W on the pipeline's own PGD examples
+            xb = _pgd_batch(model, xb, yb, cfg, seed=cfg.seed * 1_000_003 + epoch * 10_007 + s)
         model.train()
         with autocast(w.device, amp):
             h = model.mapped_probs(xb).float()
@@ -100,6 +109,16 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
     if state_digest(model.source) != before:
         raise SourceChangedError("the source model's weights changed while reprogramming; only W may train")
     return history
+
+
+def _pgd_batch(model: ReprogrammedModel, xb: torch.Tensor, yb: torch.Tensor, cfg: ARConfig, seed: int) -> torch.Tensor:
+    """PGD copies (L∞ ``cfg.adv_eps``, ``cfg.adv_steps`` steps) of the target batch against the pipeline."""
+    from robust_surgery.evaluation.attacks import AttackConfig, build_attack
+
+    model.eval()
+    torch.manual_seed(seed)
+    attack = build_attack(AttackConfig("pgd", cfg.adv_eps, steps=cfg.adv_steps), model, model.mapping.n_target, seed)
+    return attack(xb, yb).detach()
 
 
 def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,

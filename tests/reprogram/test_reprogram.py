@@ -378,3 +378,24 @@ def test_cli_takes_mapping_ilm(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)["report"]
     assert report["mapping"] == "ilm" and "mapping_changed" in report["history"][0]
+
+
+def test_adversarial_program_training_learns_on_pgd_copies_within_the_budget(monkeypatch):
+    from robust_surgery.reprogram import ar
+
+    seen = []
+    real = ar._pgd_batch
+
+    def recording(model, xb, yb, cfg, seed):
+        x_adv = real(model, xb, yb, cfg, seed)
+        seen.append(float((x_adv - xb).abs().max()))
+        return x_adv
+
+    monkeypatch.setattr(ar, "_pgd_batch", recording)
+    x, y = load_target("mnist", "train", n=64)
+    _, report = reprogram_ar(_Spy(), x, y, ARConfig(epochs=1, batch_size=32, adv_eps=0.1, adv_steps=2),
+                             canvas=(3, 32, 32))
+    assert len(seen) == 2 and all(0.0 < d <= 0.1 + 1e-6 for d in seen), seen
+    assert report["config"]["adv_eps"] == 0.1 and math.isfinite(report["history"][0]["loss"])
+    with pytest.raises(rs.errors.InvalidInputError, match="0 <= adv_eps <= 1"):
+        ARConfig(adv_eps=2.0)
