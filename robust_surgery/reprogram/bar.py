@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ class BARConfig:
 
 
 def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: torch.Tensor, y: torch.Tensor,
-              cfg: BARConfig = BARConfig(), *, progress: bool = False, remap_every: int | None = None) -> dict:
+              cfg: BARConfig = BARConfig(), *, progress: bool = False, remap_every: int | None = None,
+              log_every: int | None = None, on_log: Callable[[dict], dict] | None = None) -> dict:
     """Train ``program.weight`` by zeroth-order steps through ``oracle`` on ``(x, y)``.
 
     ``x`` ``(N, c, h, w)`` in [0, 1], ``y`` ``(N,)``. Stops after ``cfg.steps`` steps or when the
@@ -70,6 +71,8 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
     ``remap_every``: iterative label mapping — every that many steps the mapping is re-solved from
     the current program's predictions on all of ``x`` (len(x) queries, counted; skipped when the
     budget cannot pay for it and a step); ``remaps`` in the result counts the changes.
+    ``log_every`` (default: 10 % of the steps) sets the history's spacing; ``on_log(record)`` may add
+    fields to each record (a held-out accuracy for an accuracy-vs-queries curve, say).
     """
     check_unit_range(x)
     if len(x) != len(y) or len(x) == 0:
@@ -80,7 +83,7 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_every, gamma=cfg.decay)
     g = torch.Generator().manual_seed(cfg.seed)
     per_step = min(cfg.batch_size, len(x)) * (cfg.q + 1)
-    log_every = max(1, cfg.steps // 10)
+    log_every = log_every or max(1, cfg.steps // 10)
     history, losses, hits, seen = [], [], 0, 0
     done, remaps = 0, 0
     last: dict = {}
@@ -112,8 +115,9 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
                     (oracle.remaining() is None or oracle.remaining() >= len(x) + per_step):
                 remaps += int(remap_iteratively(mapping, oracle, program, x, y))
             if done % log_every == 0:
-                history.append({"step": done, "loss": sum(losses) / len(losses), "batch_acc": 100.0 * hits / seen,
-                                "queries": oracle.queries, "lr": opt.param_groups[0]["lr"]})
+                record = {"step": done, "loss": sum(losses) / len(losses), "batch_acc": 100.0 * hits / seen,
+                          "queries": oracle.queries, "lr": opt.param_groups[0]["lr"]}
+                history.append({**record, **(on_log(record) if on_log else {})})
                 losses, hits, seen = [], 0, 0
     w.grad = None
     return {"steps": done, "queries": oracle.queries, "history": history, "remaps": remaps}

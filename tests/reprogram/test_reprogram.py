@@ -399,3 +399,16 @@ def test_adversarial_program_training_learns_on_pgd_copies_within_the_budget(mon
     assert report["config"]["adv_eps"] == 0.1 and math.isfinite(report["history"][0]["loss"])
     with pytest.raises(rs.errors.InvalidInputError, match="0 <= adv_eps <= 1"):
         ARConfig(adv_eps=2.0)
+
+
+def test_bar_history_spacing_and_extra_fields_for_accuracy_curves():
+    from robust_surgery.reprogram.bar import train_bar
+    from robust_surgery.reprogram.mapping import one_to_one
+
+    x, y = load_target("mnist", "train", n=32)
+    program = Program(CanvasSpec((3, 32, 32), 16, 1), 4)
+    oracle = QueryOracle(_Spy())
+    seen = []
+    result = train_bar(program, one_to_one(10, 10), oracle, x, y, BARConfig(steps=3, q=2, batch_size=8),
+                       log_every=1, on_log=lambda rec: seen.append(rec["queries"]) or {"held_out": len(seen)})
+    assert [r["held_out"] for r in result["history"]] == [1, 2, 3] and seen == [24, 48, 72]
