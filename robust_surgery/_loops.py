@@ -1,6 +1,10 @@
 """Building blocks shared by the training and evaluation loops: progress bars, batched accuracy."""
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import torch
 from torch import nn
 
@@ -54,9 +58,6 @@ class PlainProgress:
     Same calls as rich's ``Progress`` as used here (``add_task``, ``update``, ``advance``)."""
 
     def __init__(self, interval: float | None = None, stream=None):
-        import os
-        import sys
-
         self.interval = float(os.environ.get("ROBUST_SURGERY_PROGRESS_INTERVAL", "5")) if interval is None else interval
         self.stream = stream or sys.stderr
         self.tasks: list[dict] = []
@@ -68,16 +69,12 @@ class PlainProgress:
         return False
 
     def add_task(self, description: str, total: float | None = None, **fields) -> int:
-        import time
-
         now = time.monotonic()
         self.tasks.append({"description": description, "total": total, "done": 0, "fields": fields, "start": now,
                            "printed": now, "finished": False})
         return len(self.tasks) - 1
 
     def update(self, task: int, advance: float = 0, description: str | None = None, **fields) -> None:
-        import time
-
         t = self.tasks[task]
         t["done"] += advance
         if description is not None:
@@ -119,8 +116,6 @@ def _duration(seconds: float) -> str:
 
 
 def _stderr_is_terminal() -> bool:
-    import sys
-
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stream

@@ -150,10 +150,11 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=probs, program=program, x=x)
     model = ReprogrammedModel(source, program.to(dev), table)
     remap = None
-    if mapping == "ilm":  # the program runs where the source is; remap_iteratively moves each batch there
+    if mapping == "ilm":  # the program now runs where the source is: its inputs go there once
+        x_dev = x.to(dev)
+
         def remap():
-            return remap_iteratively(model.mapping, lambda z: torch.softmax(source(z), dim=-1), model.program,
-                                     x.to(dev), y)
+            return remap_iteratively(model.mapping, probs, model.program, x_dev, y)
     history = train_ar(model, x, y, cfg, val=val, progress=progress, amp=amp, remap=remap)
     report = {"method": "ar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
               "device": str(next(source.parameters()).device), "amp": amp_name(amp),

@@ -23,6 +23,7 @@ and computes the same numbers on the eager path (inside compiled code too).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -52,6 +53,7 @@ def _source(x: torch.Tensor, geometry: Sequence[int]):
     return eager.ConvRows(x, kernel, stride, dilation, groups, out_sizes, items)
 
 
+@functools.lru_cache(maxsize=64)  # every kernel call rebuilds them: validate each setting once
 def _settings(norm: str, K: int, eps: float, gamma: float, delta: float):
     from robust_surgery.nn.functional import NRPMSettings
 
@@ -82,12 +84,16 @@ def nrpm_irls(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, backend: str, 
     return _pack(z0, out, zs, sums)
 
 
+def _c_geometry(src):
+    """The C kernels' offsets for a conv row source (None for dense rows)."""
+    from robust_surgery.nn.backends.c import conv_geometry
+
+    return None if isinstance(src, eager.DenseRows) else conv_geometry(src)
+
+
 def _fused_forward(fused, src, x, w, z0, settings, keep: bool):
     if fused.NAME == "c":
-        from robust_surgery.nn.backends.c import conv_geometry
-
-        geo = None if isinstance(src, eager.DenseRows) else conv_geometry(src)
-        return fused.forward(x, w, z0, settings, keep=keep, geo=geo)
+        return fused.forward(x, w, z0, settings, keep=keep, geo=_c_geometry(src))
     fwd, _ = fused.chunk_functions(settings, eager.backward, src.block_rows, w.shape[1])
     return eager.irls_forward(src, x, w, z0, settings.K, None, src.block_rows, w.shape[1], keep=keep,
                               d_first=src.D < eager.D_FIRST_BELOW, fwd=fwd)
@@ -134,10 +140,7 @@ def nrpm_irls_backward(x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor, zs: t
 
 def _fused_backward(fused, src, x, w, z0, zs, sums, grad, settings, need_x, need_w, rows, outs):
     if fused.NAME == "c":
-        from robust_surgery.nn.backends.c import conv_geometry
-
-        geo = None if isinstance(src, eager.DenseRows) else conv_geometry(src)
-        return fused.backward(x, w, z0, zs, sums, grad, settings, need_x, need_w, geo=geo)
+        return fused.backward(x, w, z0, zs, sums, grad, settings, need_x, need_w, geo=_c_geometry(src))
     # Triton: one launch per unfolded row block; the eager chunks of rows × outs if its kernel fails
     _, bwd = fused.chunk_functions(settings, eager.backward, rows, outs)
     return eager.irls_backward(src, x, w, z0, zs, sums, grad, settings.K, settings.reweight(),
