@@ -8,6 +8,12 @@ subsample R2DL trains on.
 
     python benchmarks/reprogramming_r2dl.py            # writes benchmarks/results/reprogramming_r2dl.json
     python benchmarks/reprogramming_r2dl.py --quick    # small budget (smoke run, a few minutes)
+    python benchmarks/reprogramming_r2dl.py --budget all-data --seeds 0,1,2 --tasks amp,toxicity,hemolysis \
+        --device cuda --out benchmarks/results/reprogramming_r2dl-full.json   # the issue's full budget
+
+The classical baselines (:func:`~robust_surgery.reprogram.r2dl.classical_baselines`: composition
+logistic regressions, and a random forest and gradient boosting on composition + dipeptides +
+physico-chemical descriptors) are fitted per seed on the whole training part and on the subsample.
 
 ``benchmarks/reprogramming.py`` imports :func:`run` for the README's reprogramming table. CPU
 only, one thread (the machine is shared).
@@ -29,41 +35,47 @@ TASKS = ("amp", "toxicity")
 # Full budget: 2048 training sequences, one epoch (64 Adam steps of 32), whole test part.
 FULL = {"n_train": 2048, "n_test": None, "epochs": 1, "max_len": 64}
 QUICK = {"n_train": 512, "n_test": 400, "epochs": 1, "max_len": 48}
+# The issue's full budget: every training peptide, 3 epochs, 64 residues (longer ones are cut).
+ALL_DATA = {"n_train": None, "n_test": None, "epochs": 3, "max_len": 64}
+BUDGETS = {"quick": QUICK, "full": FULL, "all-data": ALL_DATA}
 VARIANTS = ({"dense": False, "random_encoder": False}, {"dense": True, "random_encoder": False},
             {"dense": False, "random_encoder": True})
 
 
-def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: bool = False) -> list[dict]:
-    """One dict per table row: method, task (= target), variant, accuracy and auc (fractions),
-    clean_acc and auc_pct (the same in percent), n_train, n_test, seconds, notes."""
-    from robust_surgery.reprogram.r2dl import R2DLConfig, composition_baseline, run_r2dl, split_task
+def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: bool = False, *,
+        budget: str | None = None, seeds=None, device: str = "cpu") -> list[dict]:
+    """One dict per table row: method, task (= target), variant, seed, accuracy and auc (fractions),
+    clean_acc and auc_pct (the same in percent), n_train, n_test, seconds, notes. ``budget``: a
+    key of ``BUDGETS`` (default ``quick`` when ``quick``, else ``full``); ``seeds``: the split and
+    training seeds (default ``(seed,)``)."""
+    from robust_surgery.reprogram.r2dl import R2DLConfig, classical_baselines, run_r2dl, split_task
     from robust_surgery.data.sequences import load_peptide_task
 
-    budget = QUICK if quick else FULL
+    budget = BUDGETS[budget or ("quick" if quick else "full")]
     rows = []
     for name in tasks:
         task = load_peptide_task(name)
-        full_train, test = split_task(task, R2DLConfig(seed=seed, n_test=budget["n_test"]))
-        small_train, _ = split_task(task, R2DLConfig(seed=seed, n_train=budget["n_train"], n_test=budget["n_test"]))
-        for train in (full_train, small_train):
-            for dip in (False, True):
-                res = composition_baseline(train, test, dipeptides=dip, seed=seed)
-                rows.append({"method": "composition LR", "task": name,
-                             "variant": "amino acids + dipeptides" if dip else "amino acids",
-                             "accuracy": res["accuracy"], "auc": res["auc"], "n_train": len(train),
-                             "n_test": res["n"], "seconds": res["seconds"],
-                             "notes": "scikit-learn LogisticRegression on standardised composition features"})
-        for v in VARIANTS:
-            cfg = R2DLConfig(k=k, seed=seed, **budget, **v)
-            result = run_r2dl("zoo:minilm-sentiment", task, cfg, progress=progress)
-            s = result.summary()
-            rows.append({"method": "R2DL", "task": name, "variant": s["variant"], "accuracy": s["accuracy"],
-                         "auc": s["auc"], "n_train": s["task"]["n_train"], "n_test": s["task"]["n_test"],
-                         "seconds": s["seconds"], "steps": s["steps"], "first_loss": s["first_loss"],
-                         "last_loss": s["last_loss"], "config": asdict(cfg),
-                         "notes": f"source zoo:minilm-sentiment, one-to-one mapping, max_len {cfg.max_len}"})
-            print(f"{name:9s} {rows[-1]['variant']:28s} acc {s['accuracy']:.3f} auc {s['auc']:.3f} "
-                  f"{s['seconds']:.0f}s", file=sys.stderr, flush=True)
+        for sd in seeds or (seed,):
+            full_train, test = split_task(task, R2DLConfig(seed=sd, n_test=budget["n_test"]))
+            trains = [full_train]
+            if budget["n_train"] is not None:
+                trains.append(split_task(task, R2DLConfig(seed=sd, n_train=budget["n_train"], n_test=budget["n_test"]))[0])
+            for train in trains:
+                for res in classical_baselines(train, test, seed=sd):
+                    rows.append({"method": res["method"], "task": name, "variant": "baseline (scikit-learn)", "seed": sd,
+                                 "accuracy": res["accuracy"], "auc": res["auc"], "n_train": len(train),
+                                 "n_test": res["n"], "seconds": res["seconds"], "notes": "scikit-learn"})
+            for v in VARIANTS:
+                cfg = R2DLConfig(k=k, seed=sd, **budget, **v)
+                result = run_r2dl("zoo:minilm-sentiment", task, cfg, progress=progress, device=device)
+                s = result.summary()
+                rows.append({"method": "R2DL", "task": name, "variant": s["variant"], "seed": sd, "accuracy": s["accuracy"],
+                             "auc": s["auc"], "n_train": s["task"]["n_train"], "n_test": s["task"]["n_test"],
+                             "seconds": s["seconds"], "steps": s["steps"], "first_loss": s["first_loss"],
+                             "last_loss": s["last_loss"], "config": asdict(cfg),
+                             "notes": f"source zoo:minilm-sentiment, one-to-one mapping, max_len {cfg.max_len}"})
+                print(f"{name:9s} seed {sd} {rows[-1]['variant']:28s} acc {s['accuracy']:.3f} auc {s['auc']:.3f} "
+                      f"{s['seconds']:.0f}s", file=sys.stderr, flush=True)
     for r in rows:  # the column names of benchmarks/reprogramming.py's table (percent)
         r.update(target=r["task"], source="zoo:minilm-sentiment" if r["method"] == "R2DL" else "-",
                  clean_acc=100.0 * r["accuracy"], auc_pct=None if r["auc"] is None else 100.0 * r["auc"])
@@ -74,21 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small budget (512 training sequences, 400 test)")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), help="default: quick with --quick, else full")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (split and training)")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/reprogramming_r2dl[-quick].json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    rows = run(quick=args.quick, k=args.k, progress=False)
+    rows = run(quick=args.quick, tasks=args.tasks.split(","), k=args.k, progress=False, budget=args.budget,
+               seeds=[int(v) for v in args.seeds.split(",")], device=args.device)
     out = args.out or RESULTS / f"reprogramming_r2dl{'-quick' if args.quick else ''}.json"
     from robust_surgery._files import atomic_path
 
-    record = {"rows": rows, "quick": args.quick, "seconds": time.time() - t0, "torch": torch.__version__,
+    record = {"rows": rows, "quick": args.quick, "budget": args.budget or ("quick" if args.quick else "full"), "seconds": time.time() - t0, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
     with atomic_path(out, make_parents=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'task':9s} {'method':15s} {'variant':28s} {'train':>6s} {'test':>6s} {'acc':>6s} {'auc':>6s} {'s':>6s}")
+    print(f"{'task':9s} {'method':50s} {'variant':28s} {'seed':>4s} {'train':>6s} {'test':>6s} {'acc':>6s} {'auc':>6s} {'s':>6s}")
     for r in rows:
-        print(f"{r['task']:9s} {r['method']:15s} {r['variant']:28s} {r['n_train']:6d} {r['n_test']:6d} "
+        print(f"{r['task']:9s} {r['method']:50s} {r['variant']:28s} {r['seed']:4d} {r['n_train']:6d} {r['n_test']:6d} "
               f"{r['accuracy']:6.3f} {r['auc']:6.3f} {r['seconds']:6.0f}")
     print(f"wrote {out} ({record['seconds']:.0f} s)", file=sys.stderr)
     return 0

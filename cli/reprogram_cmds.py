@@ -90,6 +90,9 @@ def _finish(model, report, test, attack, eps, steps, out, as_json, amp, extra_ro
     for a, by_eps in report["test"]["robust_acc"].items():
         for e, acc in by_eps.items():
             t.add_row(f"{a} ε = {e}", f"{acc:.1f} %")
+    if len(report["test"]["robust_acc"]) > 1:
+        for e, acc in report["test"].get("worst_acc", {}).items():
+            t.add_row(f"[bold]worst[/bold] ε = {e} (per point)", f"[bold]{acc:.1f} %[/bold]")
     t.add_row("training time", f"{report['seconds']:.0f} s")
     console.print(t)
     console.print(f"saved [bold]{out}[/bold] (surgery evaluate {out} --data {report['target']} attacks the whole pipeline)")

@@ -27,6 +27,7 @@ __all__ = [
     "PEPTIDE_TASKS",
     "PeptideTask",
     "composition_features",
+    "physicochemical_features",
     "encode_sequences",
     "load_peptide_task",
     "load_uci_sentiment",
@@ -259,4 +260,37 @@ def composition_features(sequences, dipeptides: bool = False, alphabet: str = AM
                 if i >= 0 and j >= 0:
                     out[row, a + i * a + j] += 1.0
             out[row, a:] /= len(ids) - 1
+    return out
+
+
+# Per-residue scales (published constants): Kyte & Doolittle 1982 hydropathy, Eisenberg 1984
+# consensus hydrophobicity (for the helical hydrophobic moment), charge at pH 7.
+_KYTE_DOOLITTLE = dict(zip(AMINO_ACIDS, (1.8, 2.5, -3.5, -3.5, 2.8, -0.4, -3.2, 4.5, -3.9, 3.8, 1.9, -3.5, -1.6,
+                                         -3.5, -4.5, -0.8, -0.7, 4.2, -0.9, -1.3)))
+_EISENBERG = dict(zip(AMINO_ACIDS, (0.62, 0.29, -0.90, -0.74, 1.19, 0.48, -0.40, 1.38, -1.50, 1.06, 0.64, -0.78,
+                                    0.12, -0.85, -2.53, -0.18, -0.05, 1.08, 0.81, 0.26)))
+_CHARGE = {"K": 1.0, "R": 1.0, "H": 0.1, "D": -1.0, "E": -1.0}
+PHYSICOCHEMICAL_NAMES = ("length", "log_length", "net_charge", "charge_density", "hydropathy",
+                         "hydrophobic_moment", "aromatic_fraction", "hydrophobic_fraction")
+
+
+def physicochemical_features(sequences) -> np.ndarray:
+    """Global peptide descriptors ``(N, 8)``, float64, in the order of ``PHYSICOCHEMICAL_NAMES``:
+    length (residues) and its log, net charge at pH 7 (K, R +1; H +0.1; D, E −1) and charge per
+    residue, mean Kyte–Doolittle hydropathy, the helical hydrophobic moment
+    |Σ h_i e^{i·100°·i}| / n on the Eisenberg scale (amphipathic helices: high in many
+    antimicrobial peptides), the aromatic (F, W, Y) and hydrophobic (A, I, L, M, F, V, W) fractions.
+    Letters outside the 20 amino acids count in the length and in no scale."""
+    out = np.zeros((len(sequences), len(PHYSICOCHEMICAL_NAMES)))
+    angle = np.deg2rad(100.0)
+    for row, seq in enumerate(sequences):
+        seq = seq.upper()
+        n = max(len(seq), 1)
+        h = np.array([_EISENBERG.get(ch, 0.0) for ch in seq])
+        k = np.arange(len(seq)) * angle
+        moment = float(np.hypot((h * np.cos(k)).sum(), (h * np.sin(k)).sum())) / n
+        charge = sum(_CHARGE.get(ch, 0.0) for ch in seq)
+        out[row] = (len(seq), np.log1p(len(seq)), charge, charge / n,
+                    sum(_KYTE_DOOLITTLE.get(ch, 0.0) for ch in seq) / n, moment,
+                    sum(ch in "FWY" for ch in seq) / n, sum(ch in "AILMFVW" for ch in seq) / n)
     return out

@@ -212,7 +212,8 @@ def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, 
 
     ``x`` ``(N, c, h, w)`` target test inputs in [0, 1], ``y`` ``(N,)``. The attacks run on the
     pipeline program → source → mapping (:func:`robust_surgery.evaluate`, no report card); the
-    result has ``clean_acc``, ``n_examples`` and ``robust_acc`` ``{attack: {eps_str: %}}``. The
+    result has ``clean_acc``, ``n_examples``, ``robust_acc`` ``{attack: {eps_str: %}}`` and
+    ``worst_acc`` ``{eps_str: %}`` (per point, over every attack run at that ε: the headline). The
     pipeline runs where its parameters are; ``amp``: autocast (``bf16``/``fp16``).
     """
     from robust_surgery.evaluation.run import evaluate, format_eps
@@ -220,12 +221,14 @@ def target_accuracy(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, 
 
     if not attacks or not eps:
         c, n = evaluate_accuracy(model, x, y, batch_size=max(batch_size, 256), amp=amp)
-        return {"clean_acc": 100.0 * c / n, "n_examples": n, "robust_acc": {}}
+        return {"clean_acc": 100.0 * c / n, "n_examples": n, "robust_acc": {}, "worst_acc": {}}
     report = evaluate(model, (x, y), attacks=attacks, eps=eps, steps=steps, seed=seed, batch_size=batch_size,
                       checks=False, progress=progress, device=next(model.parameters()).device, amp=amp)
     robust: dict[str, dict[str, float]] = {}
     for r in report.results:
         if r["source"] == Source.DIRECT and r.get("check") is None:
             robust.setdefault(r["attack"], {})[format_eps(r["eps"])] = r["robust_acc"]
-    return {"clean_acc": report.to_dict()["clean_acc"], "n_examples": report.n, "robust_acc": robust,
+    summary = report.to_dict()
+    return {"clean_acc": summary["clean_acc"], "n_examples": report.n, "robust_acc": robust,
+            "worst_acc": summary["models"][report.variants[0]]["worst_robust_acc"],
             "eval_seconds": round(report.seconds, 2)}

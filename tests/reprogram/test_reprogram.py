@@ -412,3 +412,19 @@ def test_bar_history_spacing_and_extra_fields_for_accuracy_curves():
     result = train_bar(program, one_to_one(10, 10), oracle, x, y, BARConfig(steps=3, q=2, batch_size=8),
                        log_every=1, on_log=lambda rec: seen.append(rec["queries"]) or {"held_out": len(seen)})
     assert [r["held_out"] for r in result["history"]] == [1, 2, 3] and seen == [24, 48, 72]
+
+
+def test_target_accuracy_reports_the_per_point_worst_case_over_its_attacks():
+    x, y = load_target("mnist", "train", n=64)
+    xt, yt = load_target("mnist", "test", n=32)
+    torch.manual_seed(0)
+    model, _ = reprogram_ar(_Spy(), x, y, ARConfig(epochs=1, batch_size=32), canvas=(3, 32, 32))
+    res = target_accuracy(model, xt, yt, attacks=("fgsm", "pgd"), eps=(0.05, 0.2), steps=5)
+    assert set(res["worst_acc"]) == {"0.05", "0.2"}
+    for e, worst in res["worst_acc"].items():
+        fgsm, pgd = res["robust_acc"]["fgsm"][e], res["robust_acc"]["pgd"][e]
+        # the points robust to both: at most either set, at least their overlap inside the clean-correct ones
+        assert max(0.0, fgsm + pgd - res["clean_acc"]) - 1e-9 <= worst <= min(fgsm, pgd) + 1e-9, res
+    one = target_accuracy(model, xt, yt, attacks=("fgsm",), eps=(0.2,))
+    assert one["worst_acc"]["0.2"] == one["robust_acc"]["fgsm"]["0.2"]
+    assert target_accuracy(model, xt, yt)["worst_acc"] == {}
