@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--decay", type=float, default=0.96, help="lr × this every --decay-every epochs")
     ap.add_argument("--decay-every", type=int, default=2)
+    ap.add_argument("--cover-data", action="store_true", help="the program also acts on the digit (full-image prompt)")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--control", action="store_true", help="also the untrained source at the best setting")
@@ -56,6 +57,8 @@ def main() -> int:
         key = f"canvas{canvas}-digit{digit}-{mapping}-{'pretrained' if pretrained else 'untrained'}-e{args.epochs}-n{args.n_train}"
         if (args.decay, args.decay_every) != (0.96, 2):  # the paper's schedule kept the short key
             key += f"-d{args.decay:g}x{args.decay_every}"
+        if args.cover_data:
+            key += "-cover"
         if key in done:
             return
         torch.manual_seed(0)
@@ -64,12 +67,13 @@ def main() -> int:
                        decay_every=args.decay_every)
         t0, c0 = time.time(), time.process_time()
         model, report = reprogram_ar(source, x, y, cfg, canvas=(3, canvas, canvas), data_size=digit, mapping=mapping,
-                                     device="cpu", progress=True)
+                                     cover_data=args.cover_data, device="cpu", progress=True)
         wall = time.time() - t0
         acc = target_accuracy(model, xt, yt)["clean_acc"]
         row = {"key": key, "canvas": canvas, "digit": digit, "mapping": mapping, "pretrained": pretrained,
                "epochs": args.epochs, "n_train": len(x), "n_test": len(xt), "lr": args.lr,
-               "batch_size": args.batch_size, "decay": args.decay, "decay_every": args.decay_every, "test_acc": acc, "train_wall_s": round(wall, 1),
+               "batch_size": args.batch_size, "decay": args.decay, "decay_every": args.decay_every,
+               "cover_data": args.cover_data, "test_acc": acc, "train_wall_s": round(wall, 1),
                "train_cpu_s": round(time.process_time() - c0, 1), "images_per_s": round(args.epochs * len(x) / wall, 1),
                "history": report["history"], "cpu": cpu, "threads": torch.get_num_threads()}
         rows.append(row)

@@ -38,21 +38,32 @@ QUICK = {"n_train": 512, "n_test": 400, "epochs": 1, "max_len": 48}
 # The issue's full budget: every training peptide, 3 epochs, 64 residues (longer ones are cut).
 ALL_DATA = {"n_train": None, "n_test": None, "epochs": 3, "max_len": 64}
 BUDGETS = {"quick": QUICK, "full": FULL, "all-data": ALL_DATA}
-VARIANTS = ({"dense": False, "random_encoder": False}, {"dense": True, "random_encoder": False},
-            {"dense": False, "random_encoder": True})
+VARIANT_NAMES = {"sparse": {"dense": False, "random_encoder": False}, "dense": {"dense": True, "random_encoder": False},
+                 "random": {"dense": False, "random_encoder": True}}
+VARIANTS = tuple(VARIANT_NAMES.values())
 
 
 def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: bool = False, *,
-        budget: str | None = None, seeds=None, device: str = "cpu") -> list[dict]:
+        budget: str | None = None, seeds=None, device: str = "cpu", overrides: dict | None = None,
+        partial: Path | None = None, variants=VARIANTS, baselines: bool = True) -> list[dict]:
     """One dict per table row: method, task (= target), variant, seed, accuracy and auc (fractions),
     clean_acc and auc_pct (the same in percent), n_train, n_test, seconds, notes. ``budget``: a
     key of ``BUDGETS`` (default ``quick`` when ``quick``, else ``full``); ``seeds``: the split and
-    training seeds (default ``(seed,)``)."""
+    training seeds (default ``(seed,)``); ``overrides``: budget fields to replace (``epochs``,
+    ``max_len``); ``partial``: a JSON-lines file each row is appended to as it finishes, so a long
+    run that stops keeps what it measured; ``variants``: the R2DL variants to run (default all
+    three); ``baselines``: also fit the classical baselines."""
     from robust_surgery.reprogram.r2dl import R2DLConfig, classical_baselines, run_r2dl, split_task
     from robust_surgery.data.sequences import load_peptide_task
 
-    budget = BUDGETS[budget or ("quick" if quick else "full")]
+    budget = {**BUDGETS[budget or ("quick" if quick else "full")], **(overrides or {})}
     rows = []
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        if partial is not None:
+            with open(partial, "a") as f:
+                f.write(json.dumps(row) + "\n")
     for name in tasks:
         task = load_peptide_task(name)
         for sd in seeds or (seed,):
@@ -60,16 +71,16 @@ def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: 
             trains = [full_train]
             if budget["n_train"] is not None:
                 trains.append(split_task(task, R2DLConfig(seed=sd, n_train=budget["n_train"], n_test=budget["n_test"]))[0])
-            for train in trains:
+            for train in trains if baselines else ():
                 for res in classical_baselines(train, test, seed=sd):
-                    rows.append({"method": res["method"], "task": name, "variant": "baseline (scikit-learn)", "seed": sd,
+                    keep({"method": res["method"], "task": name, "variant": "baseline (scikit-learn)", "seed": sd,
                                  "accuracy": res["accuracy"], "auc": res["auc"], "n_train": len(train),
                                  "n_test": res["n"], "seconds": res["seconds"], "notes": "scikit-learn"})
-            for v in VARIANTS:
+            for v in variants:
                 cfg = R2DLConfig(k=k, seed=sd, **budget, **v)
                 result = run_r2dl("zoo:minilm-sentiment", task, cfg, progress=progress, device=device)
                 s = result.summary()
-                rows.append({"method": "R2DL", "task": name, "variant": s["variant"], "seed": sd, "accuracy": s["accuracy"],
+                keep({"method": "R2DL", "task": name, "variant": s["variant"], "seed": sd, "accuracy": s["accuracy"],
                              "auc": s["auc"], "n_train": s["task"]["n_train"], "n_test": s["task"]["n_test"],
                              "seconds": s["seconds"], "steps": s["steps"], "first_loss": s["first_loss"],
                              "last_loss": s["last_loss"], "config": asdict(cfg),
@@ -90,12 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (split and training)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--epochs", type=int, help="replace the budget's epochs")
+    ap.add_argument("--max-len", type=int, help="replace the budget's max_len (residues kept per sequence)")
+    ap.add_argument("--variants", default="sparse,dense,random",
+                    help="R2DL variants: sparse (k-sparse Θ), dense (dense Θ), random (k-sparse Θ, random-weight encoder)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the classical baselines")
+    ap.add_argument("--partial", type=Path, help="also append each row to this JSON-lines file as it finishes")
     ap.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/reprogramming_r2dl[-quick].json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
     rows = run(quick=args.quick, tasks=args.tasks.split(","), k=args.k, progress=False, budget=args.budget,
-               seeds=[int(v) for v in args.seeds.split(",")], device=args.device)
+               seeds=[int(v) for v in args.seeds.split(",")], device=args.device, partial=args.partial,
+               variants=[VARIANT_NAMES[v] for v in args.variants.split(",")], baselines=not args.no_baselines,
+               overrides={k: v for k, v in (("epochs", args.epochs), ("max_len", args.max_len)) if v is not None})
     out = args.out or RESULTS / f"reprogramming_r2dl{'-quick' if args.quick else ''}.json"
     from robust_surgery._files import atomic_path
 

@@ -24,6 +24,7 @@ DECAY = typer.Option(0.96, "--decay", help="Learning-rate decay factor.")
 DATA_SIZE = typer.Option(16, "--data-size", help="Side in pixels of the target input inside the canvas (resized).", rich_help_panel=_IMAGE)
 CANVAS = typer.Option(None, "--canvas", help="Source input C,H,W (zoo sources know theirs).", rich_help_panel=_IMAGE)
 M_LABELS = typer.Option(1, "--m", help="Source labels per target class.", rich_help_panel=_IMAGE)
+COVER_DATA = typer.Option(False, "--cover-data", help="The program also adds a bounded pattern to the data region (a full-image visual prompt); default: the data is left untouched.", rich_help_panel=_IMAGE)
 PGD_STEPS = typer.Option(20, "--steps", help="PGD steps.", rich_help_panel=_EVAL)
 DATA_ROOT = DATA_ROOT
 AS_JSON = typer.Option(False, "--json", help="Print the report as JSON on stdout.")
@@ -120,6 +121,7 @@ def ar(
     low_dim: Optional[int] = typer.Option(None, "--low-dim", help="Coarse program side r (W is C×r×r, upsampled).", rich_help_panel=_IMAGE),
     mapping: str = typer.Option("one-to-one", "--mapping", help="one-to-one, random, frequency or ilm (iterative: frequency re-solved every epoch).", rich_help_panel=_IMAGE),
     m: int = M_LABELS,
+    cover_data: bool = COVER_DATA,
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points: fgsm,pgd,...", rich_help_panel=_EVAL),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack (L∞ on the [0, 1] target inputs): 0.05,0.1.", rich_help_panel=_EVAL),
     steps: int = PGD_STEPS,
@@ -141,7 +143,8 @@ def ar(
     src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code,
                                    device, amp)
     model, report = reprogram_ar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,
-                                 low_dim=low_dim, mapping=mapping, m=m, progress=True, device=device, amp=amp)
+                                 low_dim=low_dim, mapping=mapping, m=m, cover_data=cover_data, progress=True,
+                                 device=device, amp=amp)
     report.update(source=source, target=target)
     last = report["history"][-1]
     _finish(model, report, test, attack, eps, steps, out, as_json, amp, lambda r: [
@@ -174,6 +177,7 @@ def bar(
     low_dim: Optional[int] = typer.Option(8, "--low-dim", help="Coarse program side r (W is C×r×r, upsampled); 0 for a full-size W.", rich_help_panel=_IMAGE),
     mapping: str = typer.Option("frequency", "--mapping", help="frequency, ilm (iterative: re-solved every pass over the data, len(data) queries each), random or one-to-one.", rich_help_panel=_IMAGE),
     m: int = M_LABELS,
+    cover_data: bool = COVER_DATA,
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points (white-box, for the robustness study): fgsm,pgd,...", rich_help_panel=_EVAL),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets for --attack: 0.05,0.1.", rich_help_panel=_EVAL),
     steps: int = PGD_STEPS,
@@ -196,8 +200,8 @@ def bar(
     src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code,
                                    device, amp)
     model, report = reprogram_bar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,
-                                  low_dim=low_dim or None, mapping=mapping, m=m, progress=True, device=device,
-                                  amp=amp)
+                                  low_dim=low_dim or None, mapping=mapping, m=m, cover_data=cover_data, progress=True,
+                                  device=device, amp=amp)
     report.update(source=source, target=target)
     _finish(model, report, test, attack, eps, steps, out, as_json, amp, lambda r: [
         ("program entries d", str(r["d"])), ("steps", str(r["steps"])),

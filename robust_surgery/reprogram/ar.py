@@ -123,7 +123,7 @@ def _pgd_batch(model: ReprogrammedModel, xb: torch.Tensor, yb: torch.Tensor, cfg
 
 def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARConfig = ARConfig(), *,
                  n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
-                 low_dim: int | None = None, mapping: str = "one-to-one", m: int = 1,
+                 low_dim: int | None = None, mapping: str = "one-to-one", m: int = 1, cover_data: bool = False,
                  val: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False,
                  device: str | torch.device | None = "auto", amp: str | torch.dtype | None = None
                  ) -> tuple[ReprogrammedModel, dict]:
@@ -135,7 +135,8 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     ``canvas``: the source's input shape (default: the zoo entry's); ``data_size``: the side of
     the embedded target input; ``mapping``: ``one-to-one``, ``random``, ``frequency`` or ``ilm``
     (frequency, re-solved from the current program after every epoch) with ``m``
-    source labels per class. Returns the model and a report (settings, history, seconds).
+    source labels per class; ``cover_data``: the program also adds a bounded pattern to the data
+    region (:class:`~.program.Program`). Returns the model and a report (settings, history, seconds).
     """
     t0 = time.time()
     canvas = tuple(canvas) if canvas else source_canvas(source)
@@ -144,7 +145,7 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     if device is not None:
         source.to(resolve_device(device))
     n_source = source_classes(source, canvas)
-    program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim)
+    program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim, cover_data)
     dev = next(source.parameters()).device
     probs = lambda z: torch.softmax(source(z.to(dev)), dim=-1).to(z.device)  # noqa: E731  (white-box: the source)
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=probs, program=program, x=x)
@@ -158,6 +159,6 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     history = train_ar(model, x, y, cfg, val=val, progress=progress, amp=amp, remap=remap)
     report = {"method": "ar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
               "device": str(next(source.parameters()).device), "amp": amp_name(amp),
-              "low_dim": low_dim, "d": program.d, "n_train": len(x), "history": history,
+              "low_dim": low_dim, "cover_data": cover_data, "d": program.d, "n_train": len(x), "history": history,
               "seconds": round(time.time() - t0, 2)}
     return model, report

@@ -125,7 +125,8 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
 
 def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARConfig = BARConfig(), *,
                   n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
-                  low_dim: int | None = 8, mapping: str = "frequency", m: int = 1, progress: bool = False,
+                  low_dim: int | None = 8, mapping: str = "frequency", m: int = 1, cover_data: bool = False,
+                  progress: bool = False,
                   device: str | torch.device | None = "auto", amp: str | torch.dtype | None = None
                   ) -> tuple[ReprogrammedModel, dict]:
     """BAR around ``source``: the source is wrapped in a :class:`QueryOracle` for all of training.
@@ -133,7 +134,8 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     ``low_dim``: side r of the coarse program (W is ``(C, r, r)``, upsampled; None: full size).
     ``mapping``: ``ilm`` (frequency, re-solved from the current program once per pass over the
     training data: len(x) queries each time), ``frequency`` (from the source labels of the target training data under the
-    initial program; its queries count), ``random`` or ``one-to-one``, ``m`` labels per class.
+    initial program; its queries count), ``random`` or ``one-to-one``, ``m`` labels per class;
+    ``cover_data``: the program also adds a bounded pattern to the data region.
     Returns the pipeline (holding the source, for evaluation) and a report with the queries
     used and their cost at ``cfg.price_per_1000``. ``device``/``amp``: where and in what precision the
     source answers queries (None: where it is); the program is optimised on the CPU.
@@ -145,7 +147,7 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     if device is not None:
         source.to(resolve_device(device))
     oracle = QueryOracle(source, budget=cfg.budget, price_per_1000=cfg.price_per_1000, amp=amp)
-    program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim)
+    program = Program(CanvasSpec(canvas, data_size, x.shape[1]), low_dim, cover_data)
     n_source = oracle(program(x[:1])).shape[-1]
     table = choose_mapping(mapping, y, n_target, n_source, m, seed=cfg.seed, probs_fn=oracle, program=program, x=x)
     mapping_queries = oracle.queries
@@ -155,7 +157,7 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     model = ReprogrammedModel(source, program.to(next(source.parameters()).device), table)  # evaluated as one net
     report = {"method": "bar", "config": asdict(cfg), "mapping": mapping, "m": m, "data_size": data_size,
               "device": str(next(source.parameters()).device), "amp": amp_name(amp),
-              "low_dim": low_dim, "d": program.d, "n_train": len(x), "steps": result["steps"],
+              "low_dim": low_dim, "cover_data": cover_data, "d": program.d, "n_train": len(x), "steps": result["steps"],
               "queries": oracle.queries, "mapping_queries": mapping_queries, "remaps": result["remaps"],
               "queries_per_step": cfg.batch_size * (cfg.q + 1),
               "cost": oracle.cost(), "price_per_1000": cfg.price_per_1000,

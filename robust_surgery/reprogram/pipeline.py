@@ -84,7 +84,8 @@ class ReprogrammedModel(nn.Module):
                              "rebuilt from its file; load the source with robust_surgery.load_model('zoo:NAME' or a "
                              "saved .safetensors) or set robust_surgery._meta.set_meta(source, arch='pkg.module:factory')")
         return {"source_arch": spec, "source_kwargs": meta.get("arch_kwargs"), "program": {
-            **self.program.spec.to_dict(), "low_dim": self.program.low_dim}, "mapping": self.mapping.to_dict()}
+            **self.program.spec.to_dict(), "low_dim": self.program.low_dim,
+            **({"cover_data": True} if self.program.cover_data else {})}, "mapping": self.mapping.to_dict()}
 
 
 def build_reprogrammed(source_arch: str, program: Mapping[str, Any], mapping: Mapping[str, Any],
@@ -93,12 +94,13 @@ def build_reprogrammed(source_arch: str, program: Mapping[str, Any], mapping: Ma
 
     ``source_arch``: the source's architecture spec (``zoo:cifar-resnet20``...), built without
     pretrained weights (the file holds them); ``program``: :meth:`CanvasSpec.to_dict` plus
-    ``low_dim``; ``mapping``: :meth:`LabelMapping.to_dict`.
+    ``low_dim`` (and ``cover_data`` when true); ``mapping``: :meth:`LabelMapping.to_dict`.
     """
     program = dict(program)
     low_dim = program.pop("low_dim", None)
+    cover_data = bool(program.pop("cover_data", False))
     source = build_arch(source_arch, pretrained=False, kwargs=source_kwargs or None)
-    return ReprogrammedModel(source, Program(CanvasSpec(**program), low_dim), LabelMapping.from_dict(mapping))
+    return ReprogrammedModel(source, Program(CanvasSpec(**program), low_dim, cover_data), LabelMapping.from_dict(mapping))
 
 
 def save_reprogrammed(model: ReprogrammedModel, path: str | os.PathLike, **extra) -> dict:

@@ -8,7 +8,12 @@ X zero outside the data. We do the same and map it to the source's input range [
     X̃ = (1 − M) ⊙ embed(x) + M ⊙ (lo + (hi − lo) · (tanh(W) + 1) / 2)
 
 so the data region is the target input itself, untouched, and the program covers the whole
-input range elsewhere (W = 0 is mid-grey). The source model's own normalisation (a module inside
+input range elsewhere (W = 0 is mid-grey). With ``cover_data`` the program also acts on the data
+region, additively, as visual prompting's full-image prompt does (its entries of W, unused
+otherwise, are the additive part; W = 0 leaves the data as it is):
+
+    X̃ = (1 − M) ⊙ clamp(embed(x) + (hi − lo) · tanh(W) / 2, lo, hi) + M ⊙ (the frame above)
+ The source model's own normalisation (a module inside
 every zoo model) follows. A low-dimensional program keeps W coarse, ``(C, r, r)``, and upsamples it
 to the canvas (nearest), which cuts d, the number of trained entries (BAR's variance).
 """
@@ -95,17 +100,19 @@ class Program(nn.Module):
     """The trainable input program: ``forward(x)`` = X̃, the source input for target inputs x.
 
     ``low_dim``: None (W has the canvas's size) or r (W is ``(C, r, r)``, upsampled to the
-    canvas). ``weight`` (W) is the only parameter; ``d`` its number of entries.
+    canvas). ``weight`` (W) is the only parameter; ``d`` its number of entries. ``cover_data``:
+    the program also adds a bounded pattern to the data region (see the module docstring).
     Input ``(B, data_channels, h, w)`` in [0, 1]; output ``(B, C, H, W)`` in ``input_range``.
     """
 
-    def __init__(self, spec: CanvasSpec, low_dim: int | None = None):
+    def __init__(self, spec: CanvasSpec, low_dim: int | None = None, cover_data: bool = False):
         super().__init__()
         C, H, W = spec.canvas
         if low_dim is not None and not 1 <= int(low_dim) <= min(H, W):
             raise InvalidInputError(f"low_dim must be between 1 and the canvas side {min(H, W)}, got {low_dim}")
         self.spec = spec
         self.low_dim = None if low_dim is None else int(low_dim)
+        self.cover_data = bool(cover_data)
         shape = (C, H, W) if low_dim is None else (C, self.low_dim, self.low_dim)
         self.weight = nn.Parameter(torch.zeros(shape))
         self.register_buffer("mask", data_mask(spec), persistent=False)
@@ -130,19 +137,32 @@ class Program(nn.Module):
         p = torch.tanh(self.full_weight(weight) * self.mask)  # P = tanh(W ⊙ M)
         return lo + (hi - lo) * (p + 1.0) / 2.0
 
+    def data_part(self, data: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The data region of X̃ from embedded inputs ``data`` ``(..., B, C, H, W)``: the inputs
+        themselves, or with ``cover_data`` the inputs plus (hi − lo)·tanh(W)/2, clamped to the
+        input range; ``weight`` ``(..., *W.shape)`` broadcasts over the batch dimension."""
+        if not self.cover_data:
+            return (1.0 - self.mask) * data
+        lo, hi = self.spec.input_range
+        add = (hi - lo) * torch.tanh(self.full_weight(weight)) / 2.0
+        if add.dim() == 4:  # (k, C, H, W) programs against (k, B, C, H, W) inputs
+            add = add[:, None]
+        return (1.0 - self.mask) * (data + add).clamp(lo, hi)
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, c, h, w)`` target inputs -> ``(B, C, H, W)`` programmed source inputs.
 
         ``weight``: use this W (same shape as the parameter) instead of the parameter (BAR's
         perturbed programs).
         """
-        return (1.0 - self.mask) * centre_embed(x, self.spec) + self.mask * self.perturbation(weight)
+        return self.data_part(centre_embed(x, self.spec), weight) + self.mask * self.perturbation(weight)
 
     def batched(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Programmed inputs for k programs at once: ``weights`` ``(k, *W.shape)`` → ``(k, B, C, H, W)``."""
         if weights.shape[1:] != self.weight.shape:
             raise InvalidInputError(f"program weights must be (k, {', '.join(map(str, self.weight.shape))}), got {tuple(weights.shape)}")
-        return (1.0 - self.mask) * centre_embed(x, self.spec)[None] + self.mask * self.perturbation(weights)[:, None]
+        return self.data_part(centre_embed(x, self.spec)[None], weights) + self.mask * self.perturbation(weights)[:, None]
 
     def extra_repr(self) -> str:
-        return f"canvas={self.spec.canvas}, data_size={self.spec.data_size}, low_dim={self.low_dim}, d={self.d}"
+        return (f"canvas={self.spec.canvas}, data_size={self.spec.data_size}, low_dim={self.low_dim}, d={self.d}"
+                + (", cover_data=True" if self.cover_data else ""))

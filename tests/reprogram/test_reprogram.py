@@ -428,3 +428,31 @@ def test_target_accuracy_reports_the_per_point_worst_case_over_its_attacks():
     one = target_accuracy(model, xt, yt, attacks=("fgsm",), eps=(0.2,))
     assert one["worst_acc"]["0.2"] == one["robust_acc"]["fgsm"]["0.2"]
     assert target_accuracy(model, xt, yt)["worst_acc"] == {}
+
+
+def test_cover_data_program_adds_a_bounded_pattern_to_the_data_and_round_trips(tmp_path):
+    spec = CanvasSpec((3, 32, 32), 16)
+    x = torch.rand(4, 1, 28, 28)
+    plain, covered = Program(spec), Program(spec, cover_data=True)
+    assert torch.equal(plain(x), covered(x))  # W = 0: the same input either way
+    torch.manual_seed(0)
+    w = torch.randn(3, 32, 32)
+    inside = 1.0 - data_mask(spec)
+    expected = inside * (centre_embed(x, spec) + torch.tanh(w) / 2).clamp(0, 1) + (1 - inside) * plain.perturbation(w)
+    assert torch.allclose(covered(x, w), expected)
+    assert torch.equal(plain(x, w) * inside, centre_embed(x, spec) * inside)  # without it the data stays
+    ws = torch.stack([w, -w])
+    assert torch.allclose(covered.batched(x, ws)[1], covered(x, -w))  # BAR's k programs at once
+    # trained by AR, saved, and rebuilt from the file with the same geometry
+    xs, ys = load_target("mnist", "train", n=64)
+    model, report = reprogram_ar(rs.load_model("zoo:cifar-resnet20"), xs, ys, ARConfig(epochs=1, batch_size=32),
+                                 cover_data=True)
+    assert report["cover_data"]
+    assert (model.program.weight.detach() * inside).abs().sum() > 0  # the data region's entries trained
+    path = tmp_path / "cover.safetensors"
+    manifest = save_reprogrammed(model, path, reprogram=report)
+    assert manifest["arch_kwargs"]["program"]["cover_data"] is True
+    back = rs.load(path)
+    assert back.program.cover_data
+    with torch.no_grad():
+        assert torch.equal(back(xs[:8]), model(xs[:8]))
