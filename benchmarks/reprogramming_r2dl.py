@@ -74,17 +74,17 @@ def run(quick: bool = False, tasks=TASKS, k: int = 10, seed: int = 0, progress: 
             for train in trains if baselines else ():
                 for res in classical_baselines(train, test, seed=sd):
                     keep({"method": res["method"], "task": name, "variant": "baseline (scikit-learn)", "seed": sd,
-                                 "accuracy": res["accuracy"], "auc": res["auc"], "n_train": len(train),
-                                 "n_test": res["n"], "seconds": res["seconds"], "notes": "scikit-learn"})
+                          "accuracy": res["accuracy"], "auc": res["auc"], "n_train": len(train),
+                          "n_test": res["n"], "seconds": res["seconds"], "notes": "scikit-learn"})
             for v in variants:
                 cfg = R2DLConfig(k=k, seed=sd, **budget, **v)
                 result = run_r2dl("zoo:minilm-sentiment", task, cfg, progress=progress, device=device)
                 s = result.summary()
                 keep({"method": "R2DL", "task": name, "variant": s["variant"], "seed": sd, "accuracy": s["accuracy"],
-                             "auc": s["auc"], "n_train": s["task"]["n_train"], "n_test": s["task"]["n_test"],
-                             "seconds": s["seconds"], "steps": s["steps"], "first_loss": s["first_loss"],
-                             "last_loss": s["last_loss"], "config": asdict(cfg),
-                             "notes": f"source zoo:minilm-sentiment, one-to-one mapping, max_len {cfg.max_len}"})
+                      "auc": s["auc"], "n_train": s["task"]["n_train"], "n_test": s["task"]["n_test"],
+                      "seconds": s["seconds"], "steps": s["steps"], "first_loss": s["first_loss"],
+                      "last_loss": s["last_loss"], "config": asdict(cfg),
+                      "notes": f"source zoo:minilm-sentiment, one-to-one mapping, max_len {cfg.max_len}"})
                 print(f"{name:9s} seed {sd} {rows[-1]['variant']:28s} acc {s['accuracy']:.3f} auc {s['auc']:.3f} "
                       f"{s['seconds']:.0f}s", file=sys.stderr, flush=True)
     for r in rows:  # the column names of benchmarks/reprogramming.py's table (percent)

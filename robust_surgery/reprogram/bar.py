@@ -126,8 +126,8 @@ def train_bar(program: Program, mapping: LabelMapping, oracle: QueryOracle, x: t
 def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARConfig = BARConfig(), *,
                   n_target: int | None = None, canvas: Sequence[int] | None = None, data_size: int = 16,
                   low_dim: int | None = 8, mapping: str = "frequency", m: int = 1, cover_data: bool = False,
-                  progress: bool = False,
-                  device: str | torch.device | None = "auto", amp: str | torch.dtype | None = None
+                  progress: bool = False, device: str | torch.device | None = "auto",
+                  amp: str | torch.dtype | None = None
                   ) -> tuple[ReprogrammedModel, dict]:
     """BAR around ``source``: the source is wrapped in a :class:`QueryOracle` for all of training.
 

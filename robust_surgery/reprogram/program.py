@@ -13,9 +13,10 @@ region, additively, as visual prompting's full-image prompt does (its entries of
 otherwise, are the additive part; W = 0 leaves the data as it is):
 
     X̃ = (1 − M) ⊙ clamp(embed(x) + (hi − lo) · tanh(W) / 2, lo, hi) + M ⊙ (the frame above)
- The source model's own normalisation (a module inside
-every zoo model) follows. A low-dimensional program keeps W coarse, ``(C, r, r)``, and upsamples it
-to the canvas (nearest), which cuts d, the number of trained entries (BAR's variance).
+
+The source model's own normalisation (a module inside every zoo model) follows. A
+low-dimensional program keeps W coarse, ``(C, r, r)``, and upsamples it to the canvas (nearest),
+which cuts d, the number of trained entries (BAR's variance).
 """
 from __future__ import annotations
 

@@ -314,7 +314,22 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"accuracy": acc, "auc": auc, "n": int(len(labels))}
 
 
-BASELINE_MODELS = ("lr", "random-forest", "gradient-boosting")
+def _baseline_classifier(model: str, seed: int):
+    """A fresh scikit-learn classifier for a key of ``BASELINE_MODELS``."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if model == "lr":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+    if model == "random-forest":
+        return RandomForestClassifier(n_estimators=500, random_state=seed, n_jobs=1)
+    return HistGradientBoostingClassifier(max_iter=300, early_stopping=False, random_state=seed)
+
+
+# baseline model key -> the name it is reported under
+BASELINE_MODELS = {"lr": "LR", "random-forest": "random forest", "gradient-boosting": "gradient boosting"}
 
 
 def composition_baseline(train: PeptideTask, test: PeptideTask, dipeptides: bool = False, seed: int = 0, *,
@@ -325,11 +340,6 @@ def composition_baseline(train: PeptideTask, test: PeptideTask, dipeptides: bool
     beside R2DL. ``model``: ``lr`` (logistic regression on standardised features, C = 1),
     ``random-forest`` (500 trees) or ``gradient-boosting`` (scikit-learn's histogram gradient
     boosting, 300 rounds, early stopping off). Returns accuracy, AUC, n, seconds and the name."""
-    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if model not in BASELINE_MODELS:
         raise InvalidInputError(f"unknown baseline model {model!r}; choose one of {', '.join(BASELINE_MODELS)}")
 
@@ -338,15 +348,12 @@ def composition_baseline(train: PeptideTask, test: PeptideTask, dipeptides: bool
         return np.hstack([f, physicochemical_features(task.sequences)]) if physchem else f
 
     t0 = time.time()
-    clf = {"lr": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed)),
-           "random-forest": lambda: RandomForestClassifier(n_estimators=500, random_state=seed, n_jobs=1),
-           "gradient-boosting": lambda: HistGradientBoostingClassifier(max_iter=300, early_stopping=False,
-                                                                       random_state=seed)}[model]()
+    clf = _baseline_classifier(model, seed)
     clf.fit(features(train), train.labels.numpy())
     probs = clf.predict_proba(features(test))
-    name = {"lr": "LR", "random-forest": "random forest", "gradient-boosting": "gradient boosting"}[model]
     feats = "composition" + (" + dipeptides" if dipeptides else "") + (" + physico-chemical" if physchem else "")
-    return {**_scores(probs, test.labels.numpy()), "seconds": time.time() - t0, "method": f"{feats} {name}"}
+    return {**_scores(probs, test.labels.numpy()), "seconds": time.time() - t0,
+            "method": f"{feats} {BASELINE_MODELS[model]}"}
 
 
 # (model, dipeptides, physchem) of the baselines fitted beside every R2DL run
