@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--decay", type=float, default=0.96, help="lr × this every --decay-every epochs")
     ap.add_argument("--decay-every", type=int, default=2)
+    ap.add_argument("--mapping-lr", type=float, default=0.01, help="learning rate of the linear mapping")
     ap.add_argument("--cover-data", action="store_true", help="the program also acts on the digit (full-image prompt)")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-test", type=int, default=2000)
@@ -59,12 +60,14 @@ def main() -> int:
             key += f"-d{args.decay:g}x{args.decay_every}"
         if args.cover_data:
             key += "-cover"
+        if mapping == "linear" and args.mapping_lr != 0.01:
+            key += f"-mlr{args.mapping_lr:g}"
         if key in done:
             return
         torch.manual_seed(0)
         source = rs.build_arch("zoo:cifar-resnet20", pretrained=pretrained)
         cfg = ARConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, decay=args.decay,
-                       decay_every=args.decay_every)
+                       decay_every=args.decay_every, mapping_lr=args.mapping_lr)
         t0, c0 = time.time(), time.process_time()
         model, report = reprogram_ar(source, x, y, cfg, canvas=(3, canvas, canvas), data_size=digit, mapping=mapping,
                                      cover_data=args.cover_data, device="cpu", progress=True)
@@ -73,7 +76,8 @@ def main() -> int:
         row = {"key": key, "canvas": canvas, "digit": digit, "mapping": mapping, "pretrained": pretrained,
                "epochs": args.epochs, "n_train": len(x), "n_test": len(xt), "lr": args.lr,
                "batch_size": args.batch_size, "decay": args.decay, "decay_every": args.decay_every,
-               "cover_data": args.cover_data, "test_acc": acc, "train_wall_s": round(wall, 1),
+               "cover_data": args.cover_data, **({"mapping_lr": args.mapping_lr} if mapping == "linear" else {}),
+               "test_acc": acc, "train_wall_s": round(wall, 1),
                "train_cpu_s": round(time.process_time() - c0, 1), "images_per_s": round(args.epochs * len(x) / wall, 1),
                "history": report["history"], "cpu": cpu, "threads": torch.get_num_threads()}
         rows.append(row)

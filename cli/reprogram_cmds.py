@@ -119,7 +119,8 @@ def ar(
     data_size: int = DATA_SIZE,
     canvas: Optional[str] = CANVAS,
     low_dim: Optional[int] = typer.Option(None, "--low-dim", help="Coarse program side r (W is C×r×r, upsampled).", rich_help_panel=_IMAGE),
-    mapping: str = typer.Option("one-to-one", "--mapping", help="one-to-one, random, frequency or ilm (iterative: frequency re-solved every epoch).", rich_help_panel=_IMAGE),
+    mapping: str = typer.Option("one-to-one", "--mapping", help="one-to-one, random, frequency, ilm (iterative: frequency re-solved every epoch) or linear (a learned output layer on the source log-probabilities, trained with W).", rich_help_panel=_IMAGE),
+    mapping_lr: float = typer.Option(0.01, "--mapping-lr", help="Adam learning rate of the linear mapping (decayed with --lr).", rich_help_panel=_IMAGE),
     m: int = M_LABELS,
     cover_data: bool = COVER_DATA,
     attack: Optional[str] = typer.Option(None, "--attack", help="Also attack the pipeline on the test points: fgsm,pgd,...", rich_help_panel=_EVAL),
@@ -139,7 +140,7 @@ def ar(
     from robust_surgery.reprogram.ar import ARConfig, reprogram_ar
 
     cfg = ARConfig(epochs=epochs, lr=lr, reg=reg, batch_size=batch_size, decay=decay, decay_every=decay_every, seed=seed,
-                   adv_eps=adv_eps, adv_steps=adv_steps)
+                   adv_eps=adv_eps, adv_steps=adv_steps, mapping_lr=mapping_lr)
     src, (x, y), test = _data(source, target, n_train, n_test, data_root, out, trust_pickle, trust_code,
                                    device, amp)
     model, report = reprogram_ar(src, x, y, cfg, canvas=_ints(canvas, "--canvas"), data_size=data_size,

@@ -1,7 +1,8 @@
 """AR: white-box adversarial reprogramming (Elsayed, Goodfellow, Sohl-Dickstein, ICLR 2019).
 
-Only the program W trains, with the source's true gradients: loss −log h_y(F(X̃)) + λ‖W‖²,
-Adam, learning rate × ``decay`` every ``decay_every`` epochs. The source is frozen; training
+Only the program W trains (and, with the learned ``linear`` mapping, its output layer), with the
+source's true gradients: loss −log h_y(F(X̃)) + λ‖W‖², Adam, learning rate × ``decay`` every
+``decay_every`` epochs. The source is frozen; training
 checks that its weights are bit-identical afterwards and raises otherwise.
 """
 from __future__ import annotations
@@ -31,7 +32,9 @@ class ARConfig:
     """AR settings: ``reg`` is λ of λ‖W‖²; the learning rate is multiplied by ``decay`` every
     ``decay_every`` epochs (the paper: 0.96 every 2). ``adv_eps`` > 0 trains the program
     adversarially (robust reprogramming): each batch is replaced by its PGD-``adv_steps`` copy at
-    L∞ budget ``adv_eps`` on the [0, 1] target input, made against the whole pipeline."""
+    L∞ budget ``adv_eps`` on the [0, 1] target input, made against the whole pipeline.
+    ``mapping_lr``: the learning rate of a learned (``linear``) mapping's A and b, decayed with
+    the program's."""
 
     epochs: int = 2
     lr: float = 0.05
@@ -42,11 +45,13 @@ class ARConfig:
     seed: int = 0
     adv_eps: float = 0.0
     adv_steps: int = 7
+    mapping_lr: float = 0.01
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.reg < 0 or not 0 < self.decay <= 1 \
-                or self.decay_every < 1:
-            raise InvalidInputError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1")
+                or self.decay_every < 1 or not self.mapping_lr > 0:
+            raise InvalidInputError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1, "
+                                    "mapping_lr > 0")
         if not 0 <= self.adv_eps <= 1 or self.adv_steps < 1:
             raise InvalidInputError(f"adversarial program training needs 0 <= adv_eps <= 1 (L∞ on [0, 1] inputs) and "
                                     f"adv_steps >= 1, got adv_eps={self.adv_eps}, adv_steps={self.adv_steps}")
@@ -76,7 +81,11 @@ def train_ar(model: ReprogrammedModel, x: torch.Tensor, y: torch.Tensor, cfg: AR
     freeze_source(model.source)
     before = state_digest(model.source)
     w = model.program.weight
-    opt = make_optimizer([w], "adam", cfg.lr)
+    groups = [{"params": [w]}]
+    learned = [p for p in model.mapping.parameters() if p.requires_grad]
+    if learned:  # a linear mapping trains beside W at its own rate (train_loop scales it by lr_scale)
+        groups.append({"params": learned, "lr": cfg.mapping_lr, "lr_scale": cfg.mapping_lr / cfg.lr})
+    opt = make_optimizer(groups, "adam", cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
 
     def lr_at(epoch):  # StepLR's chained form: × decay every decay_every epochs
@@ -133,9 +142,10 @@ def reprogram_ar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ARCon
     and the program run; ``amp``: autocast of the source's forward passes (``bf16``/``fp16``).
 
     ``canvas``: the source's input shape (default: the zoo entry's); ``data_size``: the side of
-    the embedded target input; ``mapping``: ``one-to-one``, ``random``, ``frequency`` or ``ilm``
+    the embedded target input; ``mapping``: ``one-to-one``, ``random``, ``frequency``, ``ilm``
     (frequency, re-solved from the current program after every epoch) with ``m``
-    source labels per class; ``cover_data``: the program also adds a bounded pattern to the data
+    source labels per class, or ``linear`` (a learned output layer on the source log-probabilities,
+    trained with W at ``cfg.mapping_lr``); ``cover_data``: the program also adds a bounded pattern to the data
     region (:class:`~.program.Program`). Returns the model and a report (settings, history, seconds).
     """
     t0 = time.time()

@@ -134,13 +134,17 @@ def reprogram_bar(source: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BARC
     ``low_dim``: side r of the coarse program (W is ``(C, r, r)``, upsampled; None: full size).
     ``mapping``: ``ilm`` (frequency, re-solved from the current program once per pass over the
     training data: len(x) queries each time), ``frequency`` (from the source labels of the target training data under the
-    initial program; its queries count), ``random`` or ``one-to-one``, ``m`` labels per class;
+    initial program; its queries count), ``random`` or ``one-to-one``, ``m`` labels per class
+    (not ``linear``: it needs gradients);
     ``cover_data``: the program also adds a bounded pattern to the data region.
     Returns the pipeline (holding the source, for evaluation) and a report with the queries
     used and their cost at ``cfg.price_per_1000``. ``device``/``amp``: where and in what precision the
     source answers queries (None: where it is); the program is optimised on the CPU.
     """
     t0 = time.time()
+    if mapping == "linear":
+        raise InvalidInputError("BAR cannot train the linear mapping (it learns from gradients, BAR has only queries): "
+                                "choose --mapping frequency, ilm, random or one-to-one")
     canvas = tuple(canvas) if canvas else source_canvas(source)
     n_target = n_target or int(y.max()) + 1
     freeze_source(source)

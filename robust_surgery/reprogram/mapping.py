@@ -3,6 +3,9 @@
 h_j(F) = mean of the source probabilities F_s over s in S_j (``docs/reprogramming.md``). Every target
 class gets the same number m of source labels, so a mapping is one ``(n_target, m)`` index
 tensor; source labels are never shared between target classes.
+
+:class:`LinearMapping` is the learned alternative (AR only): a trained affine layer on the
+source log-probabilities, h = softmax(A log F + b), started at one-to-one.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import torch
 from torch import nn
 
 from robust_surgery.errors import InvalidInputError
+
+_LOG_FLOOR = 1e-12
 
 
 class LabelMapping(nn.Module):
@@ -45,8 +50,7 @@ class LabelMapping(nn.Module):
 
     def forward(self, source_probs: torch.Tensor) -> torch.Tensor:
         """``(B, n_source)`` probabilities -> ``(B, n_target)`` mean probability over each S_j."""
-        if source_probs.shape[-1] != self.n_source:
-            raise InvalidInputError(f"the source model gives {source_probs.shape[-1]} classes, the mapping expects {self.n_source}")
+        _check_width(source_probs, self.n_source)
         return source_probs[..., self.assignment].mean(dim=-1)
 
     def to_dict(self) -> dict:
@@ -59,6 +63,61 @@ class LabelMapping(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_target={self.n_target}, n_source={self.n_source}, m={self.m}"
+
+
+class LinearMapping(nn.Module):
+    """A learned output layer: ``(B, n_source)`` source probabilities F → ``(B, n_target)``
+    probabilities h = softmax(A · log F + b).
+
+    A ``(n_target, n_source)`` and b ``(n_target,)`` are trained with the program (AR; they need
+    gradients, so BAR cannot use it). They start at one-to-one (A = the first ``n_target`` rows
+    of the identity, b = 0), where h is the one-to-one mapping's probabilities renormalised over
+    the target classes. A and b are parameters, saved in the model's state.
+    """
+
+    kind = "linear"
+
+    def __init__(self, n_target: int, n_source: int):
+        super().__init__()
+        if n_target < 1 or n_source < 1:
+            raise InvalidInputError(f"a linear mapping needs at least one target and one source class (got {n_target}, {n_source})")
+        self.n_source = int(n_source)
+        self.weight = nn.Parameter(torch.eye(n_target, n_source))
+        self.bias = nn.Parameter(torch.zeros(n_target))
+
+    @property
+    def n_target(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, source_probs: torch.Tensor) -> torch.Tensor:
+        """``(B, n_source)`` probabilities -> ``(B, n_target)`` probabilities (rows sum to 1)."""
+        _check_width(source_probs, self.n_source)
+        logits = nn.functional.linear(source_probs.clamp_min(_LOG_FLOOR).log(), self.weight, self.bias)
+        return torch.softmax(logits, dim=-1)
+
+    def to_dict(self) -> dict:
+        """JSON-able description (the weights live in the model's state)."""
+        return {"kind": self.kind, "n_source": self.n_source, "n_target": self.n_target}
+
+    def extra_repr(self) -> str:
+        return f"n_target={self.n_target}, n_source={self.n_source}, learned"
+
+
+def _check_width(source_probs: torch.Tensor, n_source: int) -> None:
+    if source_probs.shape[-1] != n_source:
+        raise InvalidInputError(f"the source model gives {source_probs.shape[-1]} classes, the mapping expects {n_source}")
+
+
+def mapping_from_dict(d: dict) -> nn.Module:
+    """Rebuild a mapping from its ``to_dict()``: a :class:`LinearMapping` for ``kind == "linear"``,
+    else a :class:`LabelMapping` (an index table; older files have no ``kind``). Any other kind is
+    refused: a file's description chooses among these two classes only."""
+    kind = d.get("kind", "table")
+    if kind == LinearMapping.kind:
+        return LinearMapping(int(d["n_target"]), int(d["n_source"]))
+    if kind != "table":
+        raise InvalidInputError(f"unknown label-mapping kind {kind!r} in the model file (known: table, linear)")
+    return LabelMapping.from_dict(d)
 
 
 def _check_sizes(n_target: int, n_source: int, m: int) -> None:

@@ -25,7 +25,7 @@ from robust_surgery.io.model_file import ModelLoadError, build_arch, save
 from robust_surgery._meta import get_meta
 from robust_surgery.evaluation.kinds import Source
 from robust_surgery.io.runrecord import state_digest
-from robust_surgery.reprogram.mapping import LabelMapping
+from robust_surgery.reprogram.mapping import LabelMapping, LinearMapping, mapping_from_dict
 from robust_surgery.reprogram.program import CanvasSpec, Program
 from robust_surgery.errors import InvalidInputError, InvalidTypeError
 
@@ -47,11 +47,11 @@ class ReprogrammedModel(nn.Module):
     """program → frozen source → mapping. ``forward``: ``(B, c, h, w)`` in [0, 1] → ``(B, n_target)`` log h.
 
     ``source`` maps ``(B, C, H, W)`` inputs in the canvas's input range to ``(B, n_source)``
-    logits (softmax is applied here). ``program`` holds W (the only trainable parameter);
-    ``mapping`` the label table.
+    logits (softmax is applied here). ``program`` holds W (with a :class:`LinearMapping`, its A
+    and b train too); ``mapping`` the label table or the learned output layer.
     """
 
-    def __init__(self, source: nn.Module, program: Program, mapping: LabelMapping):
+    def __init__(self, source: nn.Module, program: Program, mapping: LabelMapping | LinearMapping):
         super().__init__()
         self.program = program
         self.source = freeze_source(source)
@@ -94,13 +94,14 @@ def build_reprogrammed(source_arch: str, program: Mapping[str, Any], mapping: Ma
 
     ``source_arch``: the source's architecture spec (``zoo:cifar-resnet20``...), built without
     pretrained weights (the file holds them); ``program``: :meth:`CanvasSpec.to_dict` plus
-    ``low_dim`` (and ``cover_data`` when true); ``mapping``: :meth:`LabelMapping.to_dict`.
+    ``low_dim`` (and ``cover_data`` when true); ``mapping``: :meth:`LabelMapping.to_dict` or
+    :meth:`LinearMapping.to_dict`.
     """
     program = dict(program)
     low_dim = program.pop("low_dim", None)
     cover_data = bool(program.pop("cover_data", False))
     source = build_arch(source_arch, pretrained=False, kwargs=source_kwargs or None)
-    return ReprogrammedModel(source, Program(CanvasSpec(**program), low_dim, cover_data), LabelMapping.from_dict(mapping))
+    return ReprogrammedModel(source, Program(CanvasSpec(**program), low_dim, cover_data), mapping_from_dict(mapping))
 
 
 def save_reprogrammed(model: ReprogrammedModel, path: str | os.PathLike, **extra) -> dict:
@@ -156,13 +157,14 @@ def source_classes(source: nn.Module, canvas: tuple[int, int, int]) -> int:
         return int(source(torch.zeros(1, *canvas, device=next(source.parameters()).device)).shape[-1])
 
 
-MAPPINGS = ("one-to-one", "random", "frequency", "ilm")
+MAPPINGS = ("one-to-one", "random", "frequency", "ilm", "linear")
 
 
 def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: int = 1, *, seed: int = 0,
                    probs_fn=None, program: Program | None = None, x: torch.Tensor | None = None,
-                   batch_size: int = 256) -> LabelMapping:
-    """A label mapping by name: ``one-to-one``, ``random`` (m per class), ``frequency`` or ``ilm``.
+                   batch_size: int = 256) -> LabelMapping | LinearMapping:
+    """A label mapping by name: ``one-to-one``, ``random`` (m per class), ``frequency``, ``ilm``
+    or ``linear`` (a learned output layer, :class:`~.mapping.LinearMapping`; AR only).
 
     ``frequency`` runs the initial program (W = 0) on the target training inputs ``x`` through
     ``probs_fn`` (source probabilities ``(B, n_source)``: a :class:`~.query.QueryOracle` in BAR,
@@ -178,6 +180,10 @@ def choose_mapping(kind: str, y: torch.Tensor, n_target: int, n_source: int, m: 
         return one_to_one(n_target, n_source)
     if kind == "random":
         return random_mapping(n_target, n_source, m, seed=seed)
+    if kind == "linear":
+        if m != 1:
+            raise InvalidInputError("the linear mapping learns its own combination of source classes: drop --m (m = 1)")
+        return LinearMapping(n_target, n_source)
     if kind in ("frequency", "ilm"):
         if probs_fn is None or program is None or x is None:
             raise InvalidInputError(f"the {kind} mapping needs the source (probs_fn), the program and the target inputs")

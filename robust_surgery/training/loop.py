@@ -88,7 +88,8 @@ def train_loop(
     :class:`BatchLoss` and leaves the model in the mode it should train in; the loop does
     ``zero_grad → backward → optimizer.step``, stops with a clear error on a NaN/inf loss and
     records ``loss_name`` (the mean loss per point) and the epoch's summed extras. ``order(epoch)``
-    is the permutation of the N points; ``lr_at(epoch)`` sets the learning rate before the epoch.
+    is the permutation of the N points; ``lr_at(epoch)`` sets the learning rate before the epoch
+    (times a parameter group's ``lr_scale`` where it has one).
     ``end_epoch(epoch)`` returns the validation numbers added to the epoch's row.
 
     Best-epoch selection (``score`` given): ``start_row()`` scores the starting model as epoch 0 and
@@ -128,7 +129,7 @@ def train_loop(
             lr_now = lr_at(epoch) if lr_at is not None else optimizer.param_groups[0]["lr"]
             if lr_at is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_now
+                    group["lr"] = lr_now * group.get("lr_scale", 1.0)
             perm = order(epoch)
             task = bar.add_task(f"{label} {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
             total, sums = 0.0, {}

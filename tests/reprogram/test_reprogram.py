@@ -456,3 +456,63 @@ def test_cover_data_program_adds_a_bounded_pattern_to_the_data_and_round_trips(t
     assert back.program.cover_data
     with torch.no_grad():
         assert torch.equal(back(xs[:8]), model(xs[:8]))
+
+
+def test_linear_mapping_starts_at_one_to_one_and_rebuilds_only_known_kinds():
+    from robust_surgery.reprogram.mapping import LinearMapping, mapping_from_dict
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(5, 12), dim=-1)
+    lin = LinearMapping(10, 12)
+    renormalised = probs[:, :10] / probs[:, :10].sum(dim=1, keepdim=True)  # one-to-one, over the target classes
+    assert torch.allclose(lin(probs), renormalised, atol=1e-6)
+    assert torch.allclose(lin(probs).sum(dim=1), torch.ones(5))
+    assert isinstance(mapping_from_dict(lin.to_dict()), LinearMapping)
+    table = one_to_one(10, 12)
+    assert torch.equal(mapping_from_dict(table.to_dict()).assignment, table.assignment)  # files without a kind
+    with pytest.raises(rs.errors.InvalidInputError, match="unknown label-mapping kind 'os.system'"):
+        mapping_from_dict({"kind": "os.system", "n_source": 10, "n_target": 10})
+    with pytest.raises(rs.errors.InvalidInputError, match="gives 11 classes"):
+        lin(torch.rand(2, 11))
+
+
+def test_ar_with_a_linear_mapping_trains_it_at_its_own_rate_and_round_trips(tmp_path):
+    x, y = load_target("mnist", "train", n=64)
+    src = rs.load_model("zoo:cifar-resnet20")
+    before = state_digest(src)
+    cfg = ARConfig(epochs=3, batch_size=32, lr=0.1, mapping_lr=0.02, decay=0.5, decay_every=1)
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):  # the learning rates each step runs with: (W's, the mapping's)
+        seen.append(tuple(g["lr"] for g in self.param_groups))
+        return real_step(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", spy)
+        model, report = reprogram_ar(src, x, y, cfg, mapping="linear")
+    assert state_digest(model.source) == before
+    assert sorted({s for s in seen}) == sorted({(0.1, 0.02), (0.05, 0.01), (0.025, 0.005)})
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["program.weight", "mapping.weight",
+                                                                           "mapping.bias"]
+    assert not torch.equal(model.mapping.weight.detach(), torch.eye(10))  # it learned
+    path = tmp_path / "linear.safetensors"
+    manifest = save_reprogrammed(model, path, reprogram=report)
+    assert manifest["arch_kwargs"]["mapping"] == {"kind": "linear", "n_source": 10, "n_target": 10}
+    back = rs.load(path)
+    with torch.no_grad():
+        assert torch.equal(back(x[:8]), model(x[:8]))
+    with pytest.raises(rs.errors.InvalidInputError, match="BAR cannot train the linear mapping"):
+        reprogram_bar(_Spy(), x, y, BARConfig(steps=1, q=1, batch_size=8), canvas=(3, 32, 32), mapping="linear")
+    with pytest.raises(rs.errors.InvalidInputError, match="drop --m"):
+        reprogram_ar(_Spy(), x, y, cfg, canvas=(3, 32, 32), mapping="linear", m=2)
+
+
+def test_cli_takes_mapping_linear(tmp_path):
+    res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--n-train", 64, "--n-test", 32, "--epochs", 1,
+               "--mapping", "linear", "--mapping-lr", 0.05, "-o", tmp_path / "lin.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)["report"]
+    assert report["mapping"] == "linear" and report["config"]["mapping_lr"] == 0.05
+    res = _cli("reprogram", "ar", "zoo:cifar-resnet20", "--mapping-lr", 0, "--n-train", 16, "-o", tmp_path / "z.safetensors")
+    assert res.exit_code == 1 and "mapping_lr > 0" in res.stderr and not (tmp_path / "z.safetensors").exists()
