@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import robust_surgery as rs
 from robust_surgery.cli.app import app
+from robust_surgery.data.resolve import resolve_data
 
 runner = CliRunner()
 
@@ -33,27 +34,56 @@ def _torchrun(args, shared_data, script=None):
     return proc
 
 
-def _compare(a, b, tol=1e-6, points=0.0):
-    """Parameters within ``tol``, the same kept epoch, validation accuracies within ``points``."""
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys()
-    worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
-    assert worst <= tol, worst
+def _history_matches(a, b, points):
+    """The same kept epoch; per-epoch validation accuracies within ``points``."""
     ma, mb = rs.read_manifest(a)["training"], rs.read_manifest(b)["training"]
     assert ma["kept_epoch"] == mb["kept_epoch"]
     for ra, rb in zip(ma["history"], mb["history"], strict=True):
-        for key in ("val_clean_acc", "val_robust_acc"):
-            assert abs(ra.get(key, 0) - rb.get(key, 0)) <= points, (key, ra, rb)
+        for key, allowed in points.items():
+            assert abs(ra.get(key, 0) - rb.get(key, 0)) <= allowed, (key, ra, rb)
     return ma
 
 
-# Clean batches: equal to rounding. FGSM batches: sign(∇x) turns a rounding-level difference of the
-# weights into an ε-sized change of a near-zero-gradient pixel, so the runs drift apart a little
-# (measured: 1.8e-4 in the parameters after 8 steps); same kept epoch, validation within 1 point.
-@pytest.mark.parametrize("zoo,adv,tol,points", [("mnist-mlp-rs", "none", 1e-6, 0.0), ("mnist-mlp-rs", "fgsm", 2e-3, 1.0)])
-def test_two_gloo_processes_train_the_single_process_model(tmp_path, shared_data, zoo, adv, tol, points):
+def _largest_difference(sa, sb):
+    """The largest |a - b| over two state dicts with the same keys."""
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+def _compare(a, b, tol=1e-6):
+    """Clean batches: every parameter within ``tol``, the same validation accuracies."""
+    worst = _largest_difference(load_file(str(a)), load_file(str(b)))
+    assert worst <= tol, worst
+    return _history_matches(a, b, {"val_clean_acc": 0.0, "val_robust_acc": 0.0})
+
+
+def _same_training(a, b, start, shared_data):
+    """FGSM batches: sign(grad x) turns a rounding-level difference (a different batch shape takes a
+    different BLAS path) into an eps-sized change of a pixel, and Adam's m/sqrt(v) turns that into a
+    step of size lr on weights whose gradient is near zero (the MNIST border pixels' weights get
+    gradient only from the perturbation). So the runs drift apart, and the largest single-parameter
+    difference measures Adam, not the training: 0.029 after 8 steps on an AVX2 EPYC (1.8e-4 on an
+    AVX-512 Xeon). What does tell the same training from another one, measured on that EPYC (seeds
+    1, 3): the distance ||a - b|| over the training's movement ||b - start|| is 0.03-0.09 (a different
+    shuffle seed: 0.81-0.88), and the predictions on 1000 test digits agree on >= 99.5 % (another
+    seed: 77-91 %). Same kept epoch; on 100 validation points the clean accuracy is within 2 points
+    and the FGSM accuracy (about 10 %, near the boundary) within 5 (measured: 3)."""
+    ta, tb, t0 = (load_file(str(p)) for p in (a, b, start))
+    assert ta.keys() == tb.keys()
+    diff = sum(float(((ta[k].double() - tb[k].double()) ** 2).sum()) for k in ta) ** 0.5
+    moved = sum(float(((tb[k].double() - t0[k].double()) ** 2).sum()) for k in tb) ** 0.5
+    assert moved > 0 and diff / moved <= 0.25, (diff, moved)
+    x, _ = resolve_data("mnist", "test", n=1000, data_root=shared_data).tensors
+    with torch.no_grad():
+        pa, pb = (rs.load_model(p).eval()(x).argmax(1) for p in (a, b))
+    assert float((pa == pb).float().mean()) >= 0.98
+    return _history_matches(a, b, {"val_clean_acc": 2.0, "val_robust_acc": 5.0})
+
+
+@pytest.mark.parametrize("adv", ["none", "fgsm"])
+def test_two_gloo_processes_train_the_single_process_model(tmp_path, shared_data, adv):
     start = tmp_path / "start.safetensors"
-    rs.save(rs.convert(rs.load_model(f"zoo:{zoo}"), paradigm=1, norm="L1", K=1, lam=0.7), start)
+    rs.save(rs.convert(rs.load_model("zoo:mnist-mlp-rs"), paradigm=1, norm="L1", K=1, lam=0.7), start)
     # 100 validation points: rank 1 validates nothing (one chunk of 500); 200 training points in
     # batches of 64: the last batch (8) splits 4 + 4, every batch splits evenly
     args = ["finetune", str(start), "--paradigm", "3", "--data", "mnist", "--n-train", "200", "--val-n", "100",
@@ -62,7 +92,8 @@ def test_two_gloo_processes_train_the_single_process_model(tmp_path, shared_data
     _torchrun([*args, "--log-file", str(tmp_path / "dist.json"), "-o", str(tmp_path / "dist.safetensors")], shared_data)
     one = runner.invoke(app, [*args, "-o", str(tmp_path / "one.safetensors")])
     assert one.exit_code == 0, one.output
-    training = _compare(tmp_path / "dist.safetensors", tmp_path / "one.safetensors", tol, points)
+    files = tmp_path / "dist.safetensors", tmp_path / "one.safetensors"
+    training = _compare(*files) if adv == "none" else _same_training(*files, start, shared_data)
     assert len(json.loads((tmp_path / "dist.json").read_text())) == 2 == len(training["history"])
 
 
@@ -79,8 +110,16 @@ def test_a_run_stopped_after_epoch_1_and_resumed_under_torchrun_equals_an_uninte
     whole = [a if a != str(tmp_path / "ckpt") else str(tmp_path / "ckpt2") for a in args]
     whole[-1] = str(tmp_path / "whole.safetensors")
     assert runner.invoke(app, whole).exit_code == 0
-    _compare(tmp_path / "resumed.safetensors", tmp_path / "whole.safetensors", 2e-3, 1.0)  # FGSM batches
-    assert torch.load(tmp_path / "ckpt" / "finetune-last.pt", weights_only=True)["epoch"] == 2
+    # FGSM batches, but paradigm 2 moves only the three lambdas, none with a near-zero gradient for
+    # Adam to blow up: the epoch-2 states agree to rounding (measured: equal). The kept model is the
+    # start here (epoch 0 validates best), so the last checkpoints are what show the training
+    _history_matches(tmp_path / "resumed.safetensors", tmp_path / "whole.safetensors",
+                     {"val_clean_acc": 0.0, "val_robust_acc": 0.0, "train_loss": 1e-4})
+    last, whole_last = (torch.load(tmp_path / d / "finetune-last.pt", weights_only=True) for d in ("ckpt", "ckpt2"))
+    assert last["epoch"] == whole_last["epoch"] == 2
+    start_state = load_file(str(start))
+    assert max(float((last["model"][k] - start_state[k]).abs().max()) for k in start_state) > 0.01  # it trained
+    assert _largest_difference(last["model"], whole_last["model"]) <= 1e-5
 
 
 LENET_DRIVER = """
