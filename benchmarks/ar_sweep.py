@@ -8,7 +8,8 @@ configuration with random source weights. Results are appended to ``--out`` (JSO
 each configuration finishes; a rerun skips what is there (resumable).
 
     nice -n 10 python benchmarks/ar_sweep.py --out benchmarks/results/ar_sweep-DATE.jsonl \
-        [--configs 32:16,32:24,32:28,64:48] [--mappings one-to-one,ilm] [--epochs 4] [--n-train 20000]
+        [--configs 32:16,32:24,32:28,64:48] [--mappings one-to-one,ilm] [--epochs 4] [--n-train 20000] \
+        [--save-dir DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 import robust_surgery as rs  # noqa: E402
 from robust_surgery.nn.backends.c import cpu_features  # noqa: E402
 from robust_surgery.reprogram.ar import ARConfig, reprogram_ar  # noqa: E402
-from robust_surgery.reprogram.pipeline import load_target, target_accuracy  # noqa: E402
+from robust_surgery.reprogram.pipeline import load_target, save_reprogrammed, target_accuracy  # noqa: E402
 
 
 def main() -> int:
@@ -43,6 +44,7 @@ def main() -> int:
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--control", action="store_true", help="also the untrained source at the best setting")
+    ap.add_argument("--save-dir", type=Path, help="also save each trained pipeline here as KEY.safetensors")
     args = ap.parse_args()
     done = set()
     if args.out.exists():
@@ -73,6 +75,9 @@ def main() -> int:
                                      cover_data=args.cover_data, device="cpu", progress=True)
         wall = time.time() - t0
         acc = target_accuracy(model, xt, yt)["clean_acc"]
+        if args.save_dir:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            save_reprogrammed(model, args.save_dir / f"{key}.safetensors", reprogram=report)
         row = {"key": key, "canvas": canvas, "digit": digit, "mapping": mapping, "pretrained": pretrained,
                "epochs": args.epochs, "n_train": len(x), "n_test": len(xt), "lr": args.lr,
                "batch_size": args.batch_size, "decay": args.decay, "decay_every": args.decay_every,
