@@ -55,6 +55,16 @@ def _copy_layer_state(src: nn.Module, dst: nn.Module, extra_private: tuple[str, 
     dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
 
 
+def _no_fused_parent(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing. Its presence is what counts: torch's fused inference
+    paths (``nn.TransformerEncoderLayer``'s fast path, in eval mode without gradients) read their
+    children's weights directly and never call the children's forward, and torch takes them only
+    when no submodule carries a hook. So every NRPM layer carries this one, and a parent with an
+    NRPM child always runs the NRPM computation (without it, clean accuracy under ``no_grad`` would
+    silently be the dense layer's)."""
+    return None
+
+
 class NRPMLayer:
     """Mixin with what every NRPM layer shares: settings, λ, and the conversion from a dense layer."""
 
@@ -74,6 +84,8 @@ class NRPMLayer:
         dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
         self.lam_logit = nn.Parameter(torch.tensor(lam_to_logit(lam), dtype=dtype, device=ref.device))
         self._sync_lam_flags()
+        if _no_fused_parent not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_no_fused_parent)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

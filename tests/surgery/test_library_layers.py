@@ -137,6 +137,27 @@ def test_multihead_attention_projections_are_nrpm_below_lambda_one():
     assert conv.lam_logit.grad is not None and conv.q_proj_weight.grad is not None
 
 
+def test_a_converted_transformer_encoder_layer_never_takes_torchs_fused_fast_path():
+    """nn.TransformerEncoderLayer in eval mode without gradients runs one fused kernel on its
+    children's weights and skips their forwards: a converted layer must still compute NRPM there
+    (this is how clean accuracy is measured), and unconverting gives the fast path back."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        dense = layer(x)
+    conv = rs.convert(layer, norm="L1", K=1, lam=0.5).eval()
+    with_grad = conv(x).detach()  # gradients on: torch's own fallback, the children's forwards
+    with torch.no_grad():
+        fused_conditions = conv(x)
+    torch.testing.assert_close(fused_conditions, with_grad, rtol=1e-6, atol=1e-6)
+    assert float((fused_conditions - dense).abs().max()) > 0.05  # NRPM, not the dense layer
+    back = rs.unconvert(conv)
+    assert not any(m._forward_pre_hooks for m in back.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), dense, rtol=0, atol=0)
+
+
 def test_torchvision_vit_converts_every_projection_and_is_exact_at_lambda_one():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
