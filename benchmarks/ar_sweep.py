@@ -35,8 +35,8 @@ def main() -> int:
     ap.add_argument("--configs", default="32:16,32:24,32:28,64:48", help="canvas:digit sizes")
     ap.add_argument("--mappings", default="one-to-one,ilm")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--decay", type=float, default=0.96, help="lr × this every --decay-every epochs")
     ap.add_argument("--decay-every", type=int, default=2)
     ap.add_argument("--mapping-lr", type=float, default=0.01, help="learning rate of the linear mapping")
@@ -60,6 +60,10 @@ def main() -> int:
         key = f"canvas{canvas}-digit{digit}-{mapping}-{'pretrained' if pretrained else 'untrained'}-e{args.epochs}-n{args.n_train}"
         if (args.decay, args.decay_every) != (0.96, 2):  # the paper's schedule kept the short key
             key += f"-d{args.decay:g}x{args.decay_every}"
+        if (args.lr, args.batch_size) != (0.1, 32):  # every recorded row before these options kept the short key
+            key += f"-lr{args.lr:g}x{args.batch_size}"
+        if args.n_test != 2000:
+            key += f"-test{args.n_test}"
         if args.cover_data:
             key += "-cover"
         if mapping == "linear" and args.mapping_lr != 0.01:
