@@ -94,6 +94,16 @@ LIBRARY_LAYERS: dict[str, str] = {
     "transformers.pytorch_utils.Conv1D": "robust_surgery.nn.transformers_conv1d:NRPMConv1D",
     "timm.layers.conv2d_same.Conv2dSame": "robust_surgery.nn.timm_conv2d_same:NRPMConv2dSame",
 }
+# Parents whose forward reads their children's weights (``F.linear(x, self.qkv.weight)``), so NRPM children
+# would never run, and the class (same module, a forward that calls the children) that ``convert`` switches
+# such a parent to when it converts one of its children; ``unconvert`` switches it back. By import path,
+# imported only when a model holds one (our own modules: nothing read from a file picks them).
+WEIGHT_READING_PARENTS: dict[str, str] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention":
+        "robust_surgery.nn.swin:ModuleCallingShiftedWindowAttention",
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2":
+        "robust_surgery.nn.swin:ModuleCallingShiftedWindowAttentionV2",
+}
 # Subclasses that override ``forward`` with exactly their base's computation: converted as the base.
 EQUIVALENT_SUBCLASSES: set[str] = {
     "timm.layers.linear.Linear",  # casts weights to the input dtype under TorchScript only
@@ -120,8 +130,7 @@ def converter_for(module: nn.Module) -> tuple[Converter | None, type | None]:
     if isinstance(module, NRPMLayer):
         return None, None
     if t not in _CONVERTERS and _type_path(t) in LIBRARY_LAYERS:
-        where, _, name = LIBRARY_LAYERS[_type_path(t)].partition(":")
-        register_converter(t)(_builtin(getattr(importlib.import_module(where), name)))
+        register_converter(t)(_builtin(_import_path(LIBRARY_LAYERS[_type_path(t)])))
     if t in _CONVERTERS:
         return _CONVERTERS[t], t
     base = _equivalent_base(t)
@@ -132,10 +141,29 @@ _LINEAR_LIKE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAtt
 _LIKE_NAME = re.compile(r"Linear|Conv|Attention|Proj|Dense|LSTM|GRU|RNN")
 
 
+def _import_path(where: str) -> type:
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _calls_children(module: nn.Module) -> bool:
+    """True for a weight-reading parent (:data:`WEIGHT_READING_PARENTS`) or its switched class: its
+    pattern matches are its children's, converted as layers of their own."""
+    return hasattr(type(module), "calls_children_of") or _type_path(type(module)) in WEIGHT_READING_PARENTS
+
+
+def _route_through_children(model: nn.Module) -> None:
+    """Switch every weight-reading parent with an NRPM child to the class that calls its children."""
+    for m in model.modules():
+        where = WEIGHT_READING_PARENTS.get(_type_path(type(m)))
+        if where and any(isinstance(c, NRPMLayer) for c in m.children()):
+            m.__class__ = _import_path(where)
+
+
 def _linear_like(module: nn.Module) -> bool:
     """A module that computes a pattern match of its own: a Linear/Conv/attention/recurrent layer,
     a library layer we know, or a class so named with a weight matrix of its own."""
-    if isinstance(module, NRPMLayer):
+    if isinstance(module, NRPMLayer) or _calls_children(module):
         return False
     if isinstance(module, _LINEAR_LIKE) or type(module) in _CONVERTERS or _type_path(type(module)) in LIBRARY_LAYERS:
         return True
@@ -439,6 +467,7 @@ def convert(
             new = converter_for(module)[0](module, cfg)
             converted[id(module)] = new
         _replace_child(model, fqn, new)
+    _route_through_children(model)
     set_meta(model, skipped=skipped)
     if recalibrate:
         from robust_surgery.surgery.recalibrate import recalibrate_batchnorm
@@ -448,7 +477,8 @@ def convert(
 
 
 def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Replace every NRPM layer by its plain layer (same weight and bias tensors; λ dropped)."""
+    """Replace every NRPM layer by its plain layer (same weight and bias tensors; λ dropped) and switch
+    every weight-reading parent (:data:`WEIGHT_READING_PARENTS`) back to its own class."""
     if not inplace:
         model = copy.deepcopy(model)
     done: dict[int, nn.Module] = {}
@@ -457,6 +487,9 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if id(layer) not in done:
             done[id(layer)] = layer.to_dense()
         _replace_child(model, fqn, done[id(layer)])
+    for m in model.modules():
+        if hasattr(type(m), "calls_children_of"):
+            m.__class__ = type(m).calls_children_of
     if isinstance(model, NRPMLayer):
         model = model.to_dense()
     meta = get_meta(model)

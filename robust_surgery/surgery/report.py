@@ -223,9 +223,8 @@ def _idle_notes(rows: list[LayerCost]) -> list[str]:
         return []
     shown = ", ".join(idle[:6]) + (", …" if len(idle) > 6 else "")
     return [f"{len(idle)} converted layer{'s' if len(idle) != 1 else ''} did not run in the probe forward ({shown}): "
-            "the model reads their weights directly (its parent calls F.linear/F.conv on them, as torchvision's "
-            "Swin attention does) or never calls them, so NRPM has no effect there; exclude them or register "
-            "a converter for the parent module"]
+            "the model reads their weights directly (its parent calls F.linear/F.conv on them) or never calls "
+            "them, so NRPM has no effect there; exclude them or register a converter for the parent module"]
 
 
 def inspect_model(model: nn.Module, input_shape=None, config: LayerConfig | None = None) -> ConversionReport:
