@@ -233,10 +233,15 @@ class _NRPMConvNd(NRPMLayer):
         if self.padding_mode != "zeros":
             xp = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         return nrpm_conv(
-            xp, self.weight, self.bias, self._lam_arg(), self.settings,
+            xp, self._conv_weight(), self.bias, self._lam_arg(), self.settings,
             stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups,
             memory_budget=self.memory_budget,
         )
+
+    def _conv_weight(self) -> torch.Tensor:
+        """The kernel the layer convolves with: ``weight`` (a layer that transforms it first, as
+        weight standardization does, overrides this)."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"{self.dense_type.extra_repr(self)}, {self.nrpm_extra_repr()}"

@@ -93,6 +93,10 @@ def convertible_types() -> tuple[type, ...]:
 LIBRARY_LAYERS: dict[str, str] = {
     "transformers.pytorch_utils.Conv1D": "robust_surgery.nn.transformers_conv1d:NRPMConv1D",
     "timm.layers.conv2d_same.Conv2dSame": "robust_surgery.nn.timm_conv2d_same:NRPMConv2dSame",
+    "timm.layers.std_conv.StdConv2d": "robust_surgery.nn.timm_std_conv:NRPMStdConv2d",
+    "timm.layers.std_conv.StdConv2dSame": "robust_surgery.nn.timm_std_conv:NRPMStdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2d": "robust_surgery.nn.timm_std_conv:NRPMScaledStdConv2d",
+    "timm.layers.std_conv.ScaledStdConv2dSame": "robust_surgery.nn.timm_std_conv:NRPMScaledStdConv2dSame",
 }
 # Parents whose forward reads their children's weights (``F.linear(x, self.qkv.weight)``), so NRPM children
 # would never run, and the class (same module, a forward that calls the children) that ``convert`` switches
@@ -103,6 +107,10 @@ WEIGHT_READING_PARENTS: dict[str, str] = {
         "robust_surgery.nn.swin:ModuleCallingShiftedWindowAttention",
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2":
         "robust_surgery.nn.swin:ModuleCallingShiftedWindowAttentionV2",
+    "timm.models.beit.Attention": "robust_surgery.nn.timm_attention:ModuleCallingBeitAttention",
+    "timm.models.eva.EvaAttention": "robust_surgery.nn.timm_attention:ModuleCallingEvaAttention",
+    "timm.models.swin_transformer_v2.WindowAttention":
+        "robust_surgery.nn.timm_attention:ModuleCallingSwinV2WindowAttention",
 }
 # Subclasses that override ``forward`` with exactly their base's computation: converted as the base.
 EQUIVALENT_SUBCLASSES: set[str] = {
@@ -139,6 +147,10 @@ def converter_for(module: nn.Module) -> tuple[Converter | None, type | None]:
 
 _LINEAR_LIKE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
 _LIKE_NAME = re.compile(r"Linear|Conv|Attention|Proj|Dense|LSTM|GRU|RNN")
+# 2-D parameters that are tables added to scores, not weights matched with the input: attention
+# biases and relative-position tables (LeViT's attention_biases, Swin's relative_position_bias_table,
+# MViT-v2's rel_pos_h)
+_TABLE_NAME = re.compile(r"bias|pos", re.IGNORECASE)
 
 
 def _import_path(where: str) -> type:
@@ -157,17 +169,20 @@ def _route_through_children(model: nn.Module) -> None:
     for m in model.modules():
         where = WEIGHT_READING_PARENTS.get(_type_path(type(m)))
         if where and any(isinstance(c, NRPMLayer) for c in m.children()):
-            m.__class__ = _import_path(where)
+            routed = _import_path(where)
+            if getattr(routed, "can_route", lambda _: True)(m):
+                m.__class__ = routed
 
 
 def _linear_like(module: nn.Module) -> bool:
     """A module that computes a pattern match of its own: a Linear/Conv/attention/recurrent layer,
-    a library layer we know, or a class so named with a weight matrix of its own."""
+    a library layer we know, or a class so named with a weight matrix of its own (not a bias or
+    position table)."""
     if isinstance(module, NRPMLayer) or _calls_children(module):
         return False
     if isinstance(module, _LINEAR_LIKE) or type(module) in _CONVERTERS or _type_path(type(module)) in LIBRARY_LAYERS:
         return True
-    own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+    own = [p for name, p in module.named_parameters(recurse=False) if p.dim() >= 2 and not _TABLE_NAME.search(name)]
     return bool(own) and _LIKE_NAME.search(type(module).__name__) is not None
 
 

@@ -235,6 +235,36 @@ def test_skipped_layers_are_listed_with_their_reason_and_missing_converters_warn
     assert [g["type"] for g in report["skipped"]] == ["_Custom", "LSTM", "Linear"]
 
 
+class _TableAttention(nn.Module):
+    """An attention with a 2-D score table (as LeViT's attention_biases, Swin's relative_position_bias_table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.attention_biases = nn.Parameter(torch.zeros(3, 3))
+        self.rel_pos_h = nn.Parameter(torch.zeros(5, 2))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return (q @ k.transpose(-1, -2) + self.attention_biases).softmax(-1) @ v
+
+
+class _MatchAttention(_TableAttention):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 4))
+
+
+def test_score_tables_are_not_weights_but_a_weight_matrix_of_its_own_is_reported():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = rs.convert(nn.ModuleDict({"attn": _TableAttention()}))
+    assert skipped_layers(net) == []
+    with pytest.warns(UserWarning, match=r"1 Linear/Conv-like layer left unconverted.*_MatchAttention \(attn\)"):
+        net = rs.convert(nn.ModuleDict({"attn": _MatchAttention()}))
+    assert [r["name"] for r in skipped_layers(net)] == ["attn"]
+
+
 def test_an_override_that_matches_no_selected_layer_warns():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="override '1' matches no selected layer"):
