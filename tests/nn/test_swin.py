@@ -99,3 +99,13 @@ def test_a_converted_swin_saves_and_loads_with_its_attention_calling_the_nrpm_la
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), net(x))
+
+
+def test_a_converted_swin_exports_with_the_eager_numbers():
+    """torch.export traces the switched attention (its NRPM qkv/proj included)."""
+    torch.manual_seed(0)
+    net = rs.convert(_tiny_swin().eval(), lam=0.5, norm="L1", K=2)
+    x = torch.rand(2, 3, 32, 32)
+    exported = torch.export.export(net, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), net(x), rtol=1e-5, atol=1e-5)

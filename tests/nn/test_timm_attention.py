@@ -105,3 +105,12 @@ def test_a_converted_beit_saves_and_loads_with_its_qkv_running(tmp_path):
 
 def _model_beit():
     return _tiny("beit")
+
+
+def test_a_converted_beit_exports_with_the_eager_numbers():
+    """torch.export traces through the qkv_bias_separate property (read at trace time)."""
+    net = rs.convert(_model("beit"), lam=0.5, norm="L1", K=2)
+    x = torch.rand(2, 3, 32, 32)
+    exported = torch.export.export(net, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), net(x), rtol=1e-5, atol=1e-5)
