@@ -11,6 +11,7 @@ directly, or a head used only in training). One JSON line per model; the summary
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -84,15 +85,15 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON lines here as well")
     args = ap.parse_args()
     rows = []
-    out = args.out.open("w") if args.out else None
-    for name, build, size in models(args.family.split(",")):
-        row = probe(name, build, size)
-        rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+    with (args.out.open("w") if args.out else contextlib.nullcontext()) as out:
+        for name, build, size in models(args.family.split(",")):
+            row = probe(name, build, size)
+            rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
     ok = [r for r in rows if "error" not in r]
     print(f"{len(rows)} models, {len(ok)} ran: {sum(r['no_converter'] == 0 for r in ok)} with every layer converted, "
           f"{sum(r['idle'] == 0 for r in ok)} with every converted layer run; "

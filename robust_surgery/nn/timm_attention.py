@@ -41,7 +41,7 @@ class QkvBiasAfterNRPM:
             return self.__dict__["qkv_bias_separate"]
         # under linear_mode the layer is still called (it runs as the dense layer), so the report's
         # probe, which runs under linear_mode, sees it run whatever λ
-        computes_nrpm = qkv.force_dense or not (qkv.settings.is_linear or qkv._lam_is_one)
+        computes_nrpm = qkv.force_dense or not qkv._runs_dense()
         return computes_nrpm or self.__dict__["qkv_bias_separate"]
 
     @qkv_bias_separate.setter

@@ -28,7 +28,7 @@ class _NRPMStandardizedConv(_NRPMConvNd):
                             momentum=0.0, eps=self.eps).reshape_as(self.weight)
 
     def _nrpm_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched, as torch's conv accepts
+        if x.dim() == 3:  # unbatched, as torch's conv accepts (timm's pad_same needs the batch dim)
             return self._nrpm_forward(x.unsqueeze(0)).squeeze(0)
         if getattr(self, "same_pad", False):
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
