@@ -39,6 +39,9 @@ MODELS = {
     "mlp": ("zoo:mnist-mlp", "mnist", dict(norm="L1", K=1, eps=5e-5, lam=0.6)),
     "lenet": ("zoo:mnist-lenet", "mnist", dict(norm="L1", K=1, eps=1e-3, lam=0.6)),
     "resnet20": ("zoo:cifar-resnet20", "cifar10", dict(norm="L1", K=1, eps=5e-4, lam=0.8)),
+    # the NRPM release's PGD-trained narrow ResNet-18 with its own settings: the 16 block convs, λ = 0.9
+    "tiny-resnet18": ("zoo:cifar-tiny-resnet18", "cifar10",
+                      dict(norm="L1", K=1, eps=5e-4, lam=0.9, include="re:layer\\d\\.\\d\\.conv\\d")),
 }
 ATTACK_COLUMNS = ("fgsm", "pgd", "autoattack", "apgd", "square", "transfer", "bpda")
 ROWS = ("original", "paradigm-1", "paradigm-3", "adversarial-training", "paradigm-2")
@@ -51,7 +54,8 @@ def row_recipe(row: str, args) -> HardenRecipe:
     paradigm = 2 if row == "paradigm-2" else 3
     return HardenRecipe(spec[4:], None if row == "adversarial-training" else p1, eps=args.train_eps,
                         steps=args.train_steps, epochs=args.epochs, lr=args.lr_lambda if paradigm == 2 else args.lr_all,
-                        batch_size=args.batch_size, adv_weight=args.adv_weight, val_n=args.val_n, paradigm=paradigm)
+                        batch_size=args.batch_size, adv_weight=args.adv_weight, val_n=args.val_n, paradigm=paradigm,
+                        optimizer=args.optimizer, schedule=args.schedule, alpha=args.train_alpha)
 
 
 def build_row(row: str, args, out: Path):
@@ -67,7 +71,8 @@ def build_row(row: str, args, out: Path):
         model = rs.convert(rs.load_model(spec), 1, **p1)
     else:  # trained rows: paradigm 2 (λ alone, from paradigm 1), paradigm 3, adversarial training
         recipe = row_recipe(row, args)
-        model, metrics = harden(recipe, checkpoint_dir=out / f"ckpt-{row}", log=out / f"{row}.log.json")
+        model, metrics = harden(recipe, checkpoint_dir=out / f"ckpt-{row}", log=out / f"{row}.log.json",
+                                checkpoint_every=args.checkpoint_every)
         same = [name for name, r in HARDENED.items() if r == recipe]
         info = {k: metrics[k] for k in ("train_cpu_s", "kept_epoch", "lam", "test_acc")}
         # the epochs' own seconds: also right when this run resumed a finished training
@@ -155,6 +160,11 @@ def main() -> None:
     ap.add_argument("--adv-weight", type=float, default=0.5)
     ap.add_argument("--lr-lambda", type=float, default=0.05)
     ap.add_argument("--lr-all", type=float, default=1e-3)
+    ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    ap.add_argument("--schedule", choices=("constant", "cosine", "step"), default="cosine")
+    ap.add_argument("--train-alpha", type=float, default=None, help="PGD step in pixel units (default 2.5·ε/steps)")
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="training checkpoint every N steps inside an epoch")
+    ap.add_argument("--train-only", action="store_true", help="train (and save) the rows, evaluate nothing")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--val-n", type=int, default=1000)
     ap.add_argument("--eps", type=parse_eps, default=(0.1, 0.3))
@@ -170,13 +180,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    (args.out / "settings.json").write_text(json.dumps({**{k: str(v) if isinstance(v, Path) else v
+    (args.out / f"settings-{args.rows.replace(',', '+')}.json").write_text(json.dumps({**{k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()},
                                                        "cpu": cpu_kernels.cpu_features(),
                                                        "torch": torch.__version__}, indent=1))
     results = {}
     for row in args.rows.split(","):
         model, info = build_row(row, args, args.out)
+        if args.train_only:
+            print(f"{row}: trained and saved ({info.get('train_wall_s', 0)} s)", flush=True)
+            continue
         results[row] = (evaluate_row(row, model, args, args.out), info)
         print(write_table(results, args, args.out), flush=True)
 

@@ -49,6 +49,8 @@ class HardenRecipe:
     schedule: str = "cosine"
     seed: int = 0
     paradigm: int = 3
+    alpha: float | None = None  # PGD step (pixel units); None: 2.5·ε/steps
+    momentum: float = 0.9
 
     @property
     def classical(self) -> bool:
@@ -57,7 +59,8 @@ class HardenRecipe:
 
     def finetune_kwargs(self) -> dict:
         """The :func:`robust_surgery.finetune` keywords of this recipe."""
-        return dict(adversarial="pgd", eps=self.eps, pgd_steps=self.steps, epochs=self.epochs, lr=self.lr,
+        return dict(adversarial="pgd", eps=self.eps, pgd_steps=self.steps, pgd_alpha=self.alpha, momentum=self.momentum,
+                    epochs=self.epochs, lr=self.lr,
                     optimizer=self.optimizer, schedule=self.schedule, batch_size=self.batch_size,
                     val_n=self.val_n, adv_weight=self.adv_weight, seed=self.seed)
 
@@ -93,12 +96,12 @@ def hardened_architecture(recipe: HardenRecipe) -> nn.Module:
 def harden(recipe: HardenRecipe, *, data_root: str | os.PathLike | None = None,
            checkpoint_dir: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
            n_train: int | None = None, progress: bool = True, device: str | torch.device | None = "auto",
-           amp: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
+           amp: str | torch.dtype | None = None, checkpoint_every: int | None = None) -> tuple[nn.Module, dict]:
     """Run ``recipe``: load the pretrained base, convert, adversarially fine-tune, (unconvert).
 
     Returns (model in eval mode, metrics): the recipe, train CPU/wall seconds, the kept epoch,
     the final λ per layer, the per-epoch history. ``checkpoint_dir`` makes it resumable (one
-    checkpoint per epoch); ``n_train``: the first n training images only (quick checks);
+    checkpoint per epoch, and every ``checkpoint_every`` steps inside one); ``n_train``: the first n training images only (quick checks);
     ``device``/``amp`` as in :func:`robust_surgery.finetune`.
     """
     import robust_surgery as rs
@@ -112,7 +115,8 @@ def harden(recipe: HardenRecipe, *, data_root: str | os.PathLike | None = None,
     cpu, wall = time.process_time(), time.time()
     model, history = rs.finetune(start, dataset, recipe.paradigm, **recipe.finetune_kwargs(), n_train=n_train,
                                  checkpoint_dir=checkpoint_dir, log=Path(log) if log else None,
-                                 data_root=data_root, progress=progress, device=device, amp=amp)
+                                 data_root=data_root, progress=progress, device=device, amp=amp,
+                                 checkpoint_every=checkpoint_every)
     training = rs._meta.get_meta(model)["training"]
     lam = {n: round(m.lam_value, 4) for n, m in rs.nrpm_layers(model)}
     if recipe.classical:

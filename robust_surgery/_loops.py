@@ -68,10 +68,10 @@ class PlainProgress:
     def __exit__(self, *exc):
         return False
 
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
         now = time.monotonic()
-        self.tasks.append({"description": description, "total": total, "done": 0, "fields": fields, "start": now,
-                           "printed": now, "finished": False})
+        self.tasks.append({"description": description, "total": total, "done": completed, "base": completed,
+                           "fields": fields, "start": now, "printed": now, "finished": False})
         return len(self.tasks) - 1
 
     def update(self, task: int, advance: float = 0, description: str | None = None, **fields) -> None:
@@ -93,7 +93,7 @@ class PlainProgress:
     def line(t: dict, now: float) -> str:
         """One progress line: description, done/total (percent), rate, time left or taken, fields."""
         done, total, spent = t["done"], t["total"], max(now - t["start"], 1e-9)
-        rate = done / spent
+        rate = (done - t.get("base", 0)) / spent  # what this process did (a resumed task starts part done)
         parts = [f"{t['description']}: {done:g}" + (f"/{total:g} ({100.0 * done / total:.0f} %)" if total else "")]
         parts.append(f"{rate:.3g} it/s")
         if total and done < total and rate > 0:

@@ -36,7 +36,7 @@ class FinetuneConfig:
     """Training settings (recorded in the saved model's manifest).
 
     ``adversarial``: None (clean batches), ``"fgsm"`` or ``"pgd"`` (``pgd_steps``, step
-    2.5·ε/steps, random start), with budget ``eps`` under ``threat``; the loss is
+    ``pgd_alpha``, default 2.5·ε/steps, random start), with budget ``eps`` under ``threat``; the loss is
     ``(1 − adv_weight)·CE(clean) + adv_weight·CE(adversarial)`` (0.5: Goodfellow et al. 2015's FGSM
     training; 1: adversarial batches alone, as the NRPM release). ``optimizer``: ``sgd``
     (``momentum``) or ``adam``; ``schedule``: ``constant``, ``cosine`` or ``step`` (×0.1 at half
@@ -49,6 +49,7 @@ class FinetuneConfig:
     eps: float = 0.2
     threat: str = "Linf"
     pgd_steps: int = 7
+    pgd_alpha: float | None = None  # the PGD step in pixel units; None: 2.5·ε/pgd_steps
     epochs: int = 1
     lr: float = 1e-3
     optimizer: str = "sgd"
@@ -95,6 +96,9 @@ class FinetuneConfig:
                              f"momentum {self.momentum}, weight_decay {self.weight_decay}")
         if self.threat not in ("Linf", "L2"):
             raise InvalidInputError(f"threat must be Linf or L2, got {self.threat!r}")
+        if self.pgd_alpha is not None and (isinstance(self.pgd_alpha, bool) or not isinstance(self.pgd_alpha, (int, float))
+                                           or not math.isfinite(self.pgd_alpha) or self.pgd_alpha <= 0):
+            raise InvalidInputError(f"pgd_alpha (the PGD step) must be a finite number > 0, got {self.pgd_alpha!r}")
 
 
 def load_train_val(data, val_n: int, n_train: int | None, data_root=None):
@@ -135,7 +139,7 @@ def adversarial_batch(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_c
     was = model.training
     model.eval()
     torch.manual_seed(seed)
-    attack = build_attack(AttackConfig(cfg.adversarial, cfg.eps, cfg.threat, steps=cfg.pgd_steps), target, n_classes, seed)
+    attack = build_attack(AttackConfig(cfg.adversarial, cfg.eps, cfg.threat, steps=cfg.pgd_steps, alpha=cfg.pgd_alpha), target, n_classes, seed)
     x_adv = attack(xb, yb).detach()
     model.train(was)
     return x_adv
@@ -226,6 +230,7 @@ def finetune(
     seed: int = 0,
     threat: str = "Linf",
     pgd_steps: int = 7,
+    pgd_alpha: float | None = None,
     val_n: int = 1000,
     n_train: int | None = None,
     keep: str = "best",
@@ -235,6 +240,7 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     log: str | Path | None = None,
     max_epochs_this_run: int | None = None,
+    checkpoint_every: int | None = None,
     data_root=None,
     device=None,
     progress: bool = False,
@@ -249,13 +255,14 @@ def finetune(
     history one dict per epoch (loss, lr, seconds, validation accuracies). With
     ``checkpoint_dir`` a checkpoint is written after every epoch and a rerun resumes from it;
     ``log`` receives the history as JSON after every epoch. ``max_epochs_this_run`` stops early
-    (the checkpoint lets the next call continue). ``amp``: ``"bf16"`` or ``"fp16"`` runs the
+    (the checkpoint lets the next call continue); ``checkpoint_every``: also checkpoint every that many
+steps inside an epoch (long epochs). ``amp``: ``"bf16"`` or ``"fp16"`` runs the
     model's forward passes (training, attacks, validation) under autocast; ``device``: where to
     train (``auto``, ``cpu``, ``cuda[:N]`` or a torch.device; default: where the model is); ``sync_bn``: under torchrun, paradigm 3 takes BatchNorm
     statistics over the global batch (SyncBatchNorm) instead of each rank's share.
     """
     cfg = FinetuneConfig(paradigm=paradigm, adversarial=adversarial, eps=eps, threat=threat, pgd_steps=pgd_steps,
-                         epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
+                         pgd_alpha=pgd_alpha, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                          schedule=schedule, batch_size=batch_size, seed=seed, val_n=val_n, n_train=n_train,
                          keep=keep, adv_weight=adv_weight, amp=amp_name(amp),
                          sync_bn=bool(sync_bn))
@@ -303,7 +310,7 @@ def finetune(
             end_epoch=end_epoch, score=lambda row: row.get("val_robust_acc", row["val_clean_acc"]),
             start_row=lambda: _validate(model, target, cfg, xv, yv, n_classes), keep_best=cfg.keep == "best",
             checkpoint=ckpt, record=pack_record(record) if ckpt else None, resume=resume, log=Path(log) if log else None,
-            max_epochs_this_run=max_epochs_this_run, device=dev, progress=progress)
+            max_epochs_this_run=max_epochs_this_run, checkpoint_every=checkpoint_every, device=dev, progress=progress)
     history, best = result.history, {"epoch": result.best_epoch, "start": result.start}
     model.eval()
     kept = best["epoch"] if cfg.keep == "best" else len(history)

@@ -77,6 +77,7 @@ def train_loop(
     resume: Optional[dict] = None,
     log: Optional[Path] = None,
     max_epochs_this_run: Optional[int] = None,
+    checkpoint_every: Optional[int] = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     label: str = "epoch",
@@ -99,6 +100,9 @@ def train_loop(
     there (atomically) with ``record`` (the run's fingerprint); ``resume`` is such a checkpoint,
     already read and checked by the caller, to continue from. ``log``: the history as JSON after
     every epoch. ``max_epochs_this_run`` stops early (a rerun continues from the checkpoint).
+``checkpoint_every``: also write the checkpoint every that many steps inside an epoch, so a stopped
+run of long epochs loses at most that many steps; a rerun continues at the next step of the same
+epoch with the same result (the visiting order and the steps' seeds depend only on epoch and step).
 
     Under torchrun (a process group of W ranks): every rank holds the whole model and data and visits
     the same global batches; rank r steps on its contiguous share of each batch, its loss scaled by
@@ -112,28 +116,39 @@ def train_loop(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history: list[dict] = []
     best = {"score": -math.inf, "state": None, "epoch": None, "start": None}
-    start = 0
+    start, partial = 0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         history, best, start = resume["history"], resume["best"], resume["epoch"]
+        partial = resume.get("partial")  # a checkpoint written inside epoch `start` (0-based)
     elif score is not None:
         first = start_row() if start_row is not None else {}
         best = {"score": score(first), "epoch": 0, "start": first, "state": _snapshot(model)}
     n, bs = len(x), batch_size
     steps = math.ceil(n / bs)
     stop = epochs if max_epochs_this_run is None else min(epochs, start + max_epochs_this_run)
+
+    def save(epoch_done: int, partial_state: Optional[dict]) -> None:
+        if checkpoint is not None and rank == 0:
+            with atomic_path(checkpoint, make_parents=True) as tmp:
+                torch.save({"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "history": history, "best": best, "epoch": epoch_done, "partial": partial_state}, tmp)
+
     with training_progress(progress) as bar:
         for epoch in range(start, stop):
             t0 = time.time()
+            first, total, sums = 0, 0.0, {}
+            if partial is not None and epoch == start:  # continue inside the epoch the checkpoint stopped in
+                first, total, sums = partial["step"], partial["total"], dict(partial["sums"])
+                t0 -= partial["seconds"]
             lr_now = lr_at(epoch) if lr_at is not None else optimizer.param_groups[0]["lr"]
             if lr_at is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now * group.get("lr_scale", 1.0)
             perm = order(epoch)
-            task = bar.add_task(f"{label} {epoch + 1}/{epochs}", total=steps, loss=float("nan"))
-            total, sums = 0.0, {}
-            for s in range(steps):
+            task = bar.add_task(f"{label} {epoch + 1}/{epochs}", total=steps, completed=first, loss=float("nan"))
+            for s in range(first, steps):
                 idx = perm[s * bs:(s + 1) * bs]
                 mine = shard(idx, rank, world)
                 if len(mine) == 0:  # a last batch smaller than the world: this rank adds nothing
@@ -156,6 +171,8 @@ def train_loop(
                 for k, v in (out.sums or {}).items():
                     sums[k] = sums.get(k, 0) + v
                 bar.update(task, advance=1, loss=value)
+                if checkpoint_every and (s + 1) % checkpoint_every == 0 and s + 1 < steps:
+                    save(epoch, {"step": s + 1, "total": total, "sums": sums, "seconds": time.time() - t0})
             if world > 1 and sums:
                 keys = sorted(sums)
                 summed = all_reduce_sum_(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64), world)
@@ -167,10 +184,7 @@ def train_loop(
             history.append(row)
             if score is not None and score(row) > best["score"]:
                 best = {**best, "score": score(row), "epoch": epoch + 1, "state": _snapshot(model)}
-            if checkpoint is not None and rank == 0:
-                with atomic_path(checkpoint, make_parents=True) as tmp:
-                    torch.save({"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "history": history, "best": best, "epoch": epoch + 1}, tmp)
+            save(epoch + 1, None)
             if log is not None and rank == 0:
                 with atomic_path(log, make_parents=True) as tmp:
                     tmp.write_text(strict_dumps(history, indent=2))

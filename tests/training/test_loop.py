@@ -86,3 +86,35 @@ def test_a_nan_loss_stops_with_a_clear_error():
     step = lambda xb, yb, e, s: BatchLoss(model(xb).sum() * float("nan"))  # noqa: E731
     with pytest.raises(NonFiniteError, match="loss is nan at epoch 1, step 1.*Lower --lr"):
         train_loop(model, opt, x, y, step, epochs=1, batch_size=16, order=lambda e: torch.arange(len(x)))
+
+
+def test_a_run_killed_inside_an_epoch_resumes_at_the_next_step_with_the_same_result(tmp_path):
+    x, y = _problem()
+    torch.manual_seed(0)
+    whole = nn.Linear(5, 2)
+    init = {k: v.clone() for k, v in whole.state_dict().items()}
+    want = _run(whole, x, y, 2)
+    part = nn.Linear(5, 2)
+    part.load_state_dict(init)
+    ckpt = tmp_path / "ckpt.pt"
+    opt = make_optimizer(part.parameters(), "sgd", 0.1)
+    calls = []
+
+    def step(xb, yb, epoch, s):
+        if (epoch, s) == (1, 3):  # the process dies inside the second epoch, after step 2's checkpoint
+            raise KeyboardInterrupt
+        calls.append((epoch, s))
+        return BatchLoss(F.cross_entropy(part(xb), yb), {"seen": len(xb)})
+
+    order = lambda epoch: torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(part, opt, x, y, step, epochs=2, batch_size=16, order=order, checkpoint=ckpt, record="r",
+                   checkpoint_every=2)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1 and saved["partial"]["step"] == 2
+    fresh = nn.Linear(5, 2)
+    calls.clear()
+    rest = _run(fresh, x, y, 2, checkpoint=ckpt, record="r", resume=saved, checkpoint_every=2)
+    assert [r["train_loss"] for r in rest.history] == [r["train_loss"] for r in want.history]
+    assert rest.history[-1]["seen"] == 64
+    assert all(torch.equal(fresh.state_dict()[k], whole.state_dict()[k]) for k in init)
