@@ -331,7 +331,9 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help="mnist, cifar10, or a path (ImageFolder tree or .pt with images/labels)."),
-    attack: str = typer.Option("fgsm,pgd", "--attack", help="Comma-separated: fgsm, pgd, cw, autoattack, apgd (APGD-CE + APGD-DLR), square; on converted models also transfer (PGD with the λ = 1 network's gradients) and bpda (PGD through the straight-through surrogate), at every ε."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="standard (default): AutoAttack at its real strength (APGD-CE, APGD-T 100 iterations × 9 targets, FAB-T, Square 5000 queries) plus, on converted models, PGD, stronger PGD, transfer from λ = 1, BPDA, Square and FGSM at every ε; quick: FGSM + PGD-20 (smoke test, not adaptive); paper: PGD-20 (the NRPM paper's protocol, not a worst case)."),
+    attack: Optional[str] = typer.Option(None, "--attack", help="Instead of a suite, your own comma-separated list: fgsm, pgd, cw, autoattack (the standard version at its real strength), apgd-ce, apgd-t, fab-t, apgd (APGD-CE + APGD-DLR), square; on converted models also transfer (PGD with the λ = 1 network's gradients) and bpda (PGD through the straight-through surrogate). The report card's attacks join on converted models unless --no-checks."),
+    per_attack: bool = typer.Option(False, "--per-attack", help="Run every attack on every point for its own column (default: the cascade, each attack on the points every earlier one left robust: the same worst case, far cheaper)."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budgets, comma-separated, fractions allowed: 0,0.1,0.3 or 8/255 (default: the data set's standard)."),
     threat: str = typer.Option("Linf", "--threat", help="Linf or L2."),
     n: Optional[int] = typer.Option(None, "--n", "--n-examples", help="Evaluate the first N test points (--n-examples under torchrun, whose own options --n would clash with)."),
@@ -342,7 +344,7 @@ def evaluate(
     restarts: int = typer.Option(1, "--restarts", help="PGD restarts."),
     queries: int = typer.Option(1000, "--queries", help="Square attack queries."),
     compare_original: bool = typer.Option(False, "--compare-original", help="Also evaluate the λ = 1 (original) network."),
-    no_checks: bool = typer.Option(False, "--no-checks", help="Skip the sanity report card (on by default for converted models)."),
+    no_checks: bool = typer.Option(False, "--no-checks", help="Skip the sanity report card and its attacks (on by default for converted models); the worst case is then not adaptive, and the output says so."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised inputs: 0.485,0.456,0.406."),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, with --mean."),
     state: Optional[Path] = typer.Option(None, "--state", help="Keep per-point results here; an interrupted run resumes from it."),
@@ -359,7 +361,8 @@ def evaluate(
 ):
     """Attack a model over an ε sweep and print robust accuracy with the sanity report card.
 
-    Example: [bold]surgery evaluate zoo:mnist-mlp --data mnist --attack fgsm,pgd --eps 0,0.1,0.3 --n 1000[/bold]
+    Example: [bold]surgery evaluate zoo:mnist-mlp --data mnist --eps 0,0.1,0.3 --n 1000[/bold] (the standard suite)
+    Smoke test: [bold]surgery evaluate zoo:mnist-mlp --data mnist --suite quick --n 200[/bold]
     Sharded: [bold]torchrun --nproc-per-node 2 -m robust_surgery.cli.app evaluate MODEL --data mnist --n-examples 1000[/bold]
     """
     import robust_surgery as rs
@@ -373,7 +376,8 @@ def evaluate(
         net = rs.load_model(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                             trust_pickle=trust_pickle, trust_code=trust_code, data_root=root)
     report = rs.evaluate(
-        net, data, attacks=[a for a in attack.split(",") if a.strip()], eps=eps_values,
+        net, data, suite=suite, attacks=None if attack is None else [a for a in attack.split(",") if a.strip()],
+        per_attack=per_attack, eps=eps_values,
         threat=threat, n=n, batch_size=batch_size, seed=seed, steps=steps, alpha=alpha, restarts=restarts,
         queries=queries, compare_original=compare_original, checks=False if no_checks else None,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), data_root=root, state=state,

@@ -64,6 +64,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
+# The parameters of the commands that name files: what they are called in an error line. Every command
+# goes through `guard`, which refuses an output that is the same file as an input or another output.
+_INPUT_PARAMS = {"model": "the model (MODEL)", "source": "the source model (SOURCE)", "data": "the data (--data)",
+                 "compare": "the compared model (--compare)", "downstream": "the downstream data (--downstream)",
+                 "models": "the model", "target": "the target data (--target)"}
+_OUTPUT_PARAMS = {"out": "the output (-o)", "json_out": "the report (--json)", "plot": "the plot (--plot)",
+                  "filters": "the filter image (--filters)", "log": "the log (--log)", "state": "the state file (--state)"}
+
+
+def _file_params(kwargs: dict) -> tuple[list, list]:
+    """(inputs, outputs) of a command's arguments, as (what, path) pairs."""
+    inputs, outputs = [], []
+    for name, what in _INPUT_PARAMS.items():
+        value = kwargs.get(name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None:
+                continue
+            text = str(v)
+            if "=" in text and not os.path.exists(text):  # inherit's name=spec pairs
+                text = text.split("=", 1)[1]
+            inputs.append((what, text))
+    for name, what in _OUTPUT_PARAMS.items():
+        value = kwargs.get(name)
+        if value is not None and str(value) != "-":
+            outputs.append((what, str(value)))
+    return inputs, outputs
+
+
 def guard(fn):
     """Print a user error as one red ``error:`` line on stderr, exit code 1 (no traceback).
 
@@ -75,6 +103,9 @@ def guard(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from robust_surgery._files import check_distinct_paths
+
+            check_distinct_paths(*_file_params(kwargs))
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from robust_surgery.errors import OutputFolderMissingError, OutputPathError
 
-__all__ = ["atomic_path", "check_output_path", "file_sha256"]
+__all__ = ["atomic_path", "check_distinct_paths", "check_output_path", "file_sha256"]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -67,6 +67,34 @@ def check_output_path(path: str | os.PathLike, *, suffix: str | None = None, mak
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write the {what} {path}: no permission to write in {parent}")
     return path
+
+
+def _same_file_keys(path: Path) -> set:
+    """Keys under which two spellings of one file compare equal: its resolved path, and its device
+    and inode when it exists (so hard links, symlinks and ``./`` spellings all match)."""
+    keys = {("path", os.path.realpath(path))}
+    try:
+        st = os.stat(path)
+        keys.add(("inode", st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
+def check_distinct_paths(inputs: list[tuple[str, str | os.PathLike]], outputs: list[tuple[str, str | os.PathLike]]) -> None:
+    """Refuse (:class:`OutputPathError`) an output that is the same file as an input or as another output.
+
+    ``inputs``/``outputs``: (what, path) pairs, ``what`` naming the option (``"the model (MODEL)"``,
+    ``"the report (--json)"``). Inputs that are not existing files (zoo names, data set names) are
+    ignored. Run before any work starts, so nothing is read half and nothing is overwritten."""
+    seen: list[tuple[str, set]] = [(what, _same_file_keys(Path(p))) for what, p in inputs if Path(p).is_file()]
+    for what, p in outputs:
+        keys = _same_file_keys(Path(p))
+        for other, other_keys in seen:
+            if keys & other_keys:
+                raise OutputPathError(f"{what} {p} is the same file as {other}: it would be overwritten; "
+                                      "give another path")
+        seen.append((what, keys))
 
 
 class _Terminated(BaseException):

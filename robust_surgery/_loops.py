@@ -96,7 +96,9 @@ class PlainProgress:
         rate = (done - t.get("base", 0)) / spent  # what this process did (a resumed task starts part done)
         parts = [f"{t['description']}: {done:g}" + (f"/{total:g} ({100.0 * done / total:.0f} %)" if total else "")]
         parts.append(f"{rate:.3g} it/s")
-        if total and done < total and rate > 0:
+        if isinstance(t["fields"].get("left"), str) and t["fields"]["left"]:
+            parts.append(t["fields"]["left"])  # the caller's own estimate
+        elif total and done < total and rate > 0:
             parts.append(f"{_duration((total - done) / rate)} left")
         else:
             parts.append(f"{_duration(spent)} taken")
@@ -138,8 +140,9 @@ def training_progress(enabled: bool):
 
 
 def work_progress(enabled: bool):
-    """A transient rich progress bar on stderr for units of work (batches × attacks); plain lines
-    (:class:`PlainProgress`) when stderr is not a terminal."""
+    """A transient rich progress bar on stderr for units of work (batches × attacks) with the caller's
+    own estimate of the time left (task field ``left``, a string); plain lines (:class:`PlainProgress`)
+    when stderr is not a terminal."""
     if not enabled:
         return _NoProgress()
     if not _stderr_is_terminal():
@@ -148,7 +151,8 @@ def work_progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=True)
+                    TextColumn("{task.fields[left]}"), console=Console(stderr=True), disable=not enabled,
+                    transient=True)
 
 
 def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float) -> None:

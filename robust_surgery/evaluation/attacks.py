@@ -38,6 +38,10 @@ __all__ = [
     "check_labels_fit",
     "build_attack",
     "within_budget",
+    "AUTOATTACK_PARTS",
+    "autoattack_parts",
+    "PointSeededPGD",
+    "point_seed",
 ]
 
 THREATS = ("Linf", "L2")
@@ -91,6 +95,7 @@ class AttackTarget(nn.Module):
 
     ``mean``/``std`` (per channel) normalise inside when the model expects normalised inputs;
     ``amp`` (a dtype, e.g. torch.bfloat16) runs the model under autocast, logits returned in float32.
+    ``on_forward``: an optional callable run before every forward pass (progress reporting).
     """
 
     def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -98,12 +103,15 @@ class AttackTarget(nn.Module):
         super().__init__()
         self.model = model
         self.amp = amp
+        self.on_forward = None  # called once per forward pass (evaluation progress)
         if (mean is None) != (std is None):
             raise InvalidInputError("give both mean and std (per channel), or neither")
         self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_forward is not None:
+            self.on_forward()
         if self.mean is not None:
             x = (x - self.mean) / self.std
         if self.amp is None:
@@ -165,6 +173,10 @@ class AttackConfig:
         extra = ""
         if self.name == "pgd":
             extra = f"-s{self.steps}" + (f"-r{self.restarts}" if self.restarts > 1 else "")
+        elif self.name in ("apgd-ce", "apgd-t", "fab-t"):
+            extra = f"-s{self.steps}"
+        elif self.name == "square":
+            extra = f"-q{self.queries}"
         return f"{self.name}{extra}@{self.eps:g}"
 
 
@@ -213,14 +225,88 @@ def _fgsm(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
     return torchattacks.FGSM(target, eps=cfg.eps) if cfg.threat == "Linf" else FGML2(target, eps=cfg.eps)
 
 
+def point_seed(seed: int, index: int, restart: int = 0) -> int:
+    """The seed of one point's random start: a function of the run's seed, the point's global index in
+    the data and the restart alone, so the start does not depend on which other points share its batch
+    (cascades, shards and batch sizes then attack each point identically)."""
+    return (int(seed) * 0x9E3779B1 + int(index) * 0x85EBCA77 + int(restart) * 0xC2B2AE3D) % (2 ** 63)
+
+
+class PointSeededPGD(torchattacks.attack.Attack):
+    """PGD (L∞ or L2, random start, ``restarts`` runs keeping the first success per point).
+
+    Without ``point_seeds`` it is torchattacks' ``PGD``/``PGDL2`` exactly (one run, the random start
+    drawn from the global generator), as training uses it. With ``point_seeds`` (one int per point,
+    see :func:`point_seed`) every point's random start of restart r is drawn from its own generator
+    seeded ``point_seed(...)`` + r, so a point's result does not depend on its batch; restart r runs
+    only on the points every earlier restart left classified correctly. Images (N, C, H, W) in [0, 1].
+    """
+
+    def __init__(self, model, eps: float, alpha: float, steps: int, threat: str = "Linf", restarts: int = 1):
+        super().__init__("PGD", model)
+        self.eps, self.alpha, self.steps, self.threat, self.restarts = eps, alpha, steps, threat, restarts
+        self.point_seeds: torch.Tensor | None = None
+        self.supported_mode = ["default"]
+
+    def _plain(self):
+        kind = torchattacks.PGD if self.threat == "Linf" else torchattacks.PGDL2
+        return kind(self.model, eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=True)
+
+    def _start(self, x: torch.Tensor, restart: int) -> torch.Tensor:
+        noise = []
+        for s in self.point_seeds.tolist():
+            g = torch.Generator().manual_seed(int(s) + restart)
+            if self.threat == "Linf":
+                noise.append(torch.empty(x.shape[1:]).uniform_(-self.eps, self.eps, generator=g))
+            else:  # a uniformly random radius along a Gaussian direction, as torchattacks' PGDL2
+                d = torch.empty(x.shape[1:]).normal_(generator=g)
+                r = torch.empty(()).uniform_(0, 1, generator=g)
+                noise.append(d * (r / d.norm().clamp_min(1e-12) * self.eps))
+        return (x + torch.stack(noise).to(x.device, x.dtype)).clamp(0, 1)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, restart: int) -> torch.Tensor:
+        adv = self._start(x, restart).detach()
+        n = len(x)
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            (g,) = torch.autograd.grad(nn.functional.cross_entropy(self.get_logits(adv), y), adv)
+            if self.threat == "Linf":
+                adv = adv.detach() + self.alpha * g.sign()
+                adv = (x + (adv - x).clamp(-self.eps, self.eps)).clamp(0, 1).detach()
+            else:
+                g = g / (g.reshape(n, -1).norm(dim=1) + 1e-10).view(n, *([1] * (x.dim() - 1)))
+                d = adv.detach() + self.alpha * g - x
+                factor = (self.eps / d.reshape(n, -1).norm(dim=1)).clamp(max=1.0)
+                adv = (x + d * factor.view(n, *([1] * (x.dim() - 1)))).clamp(0, 1).detach()
+        return adv
+
+    def forward(self, images, labels):
+        images, labels = images.clone().detach().to(self.device), labels.clone().detach().to(self.device)
+        if self.point_seeds is None and self.restarts == 1:
+            return self._plain()(images, labels)
+        if self.point_seeds is None:
+            return torchattacks.MultiAttack([self._plain() for _ in range(self.restarts)])(images, labels)
+        out = images.clone()
+        alive = torch.ones(len(images), dtype=torch.bool, device=images.device)
+        all_seeds = self.point_seeds
+        try:
+            for r in range(self.restarts):
+                idx = alive.nonzero().flatten()
+                if len(idx) == 0:
+                    break
+                self.point_seeds = all_seeds[idx.cpu()]
+                adv = self._run(images[idx], labels[idx], r)
+                out[idx] = adv
+                with torch.no_grad():
+                    alive[idx] = self.get_logits(adv).argmax(1) == labels[idx]
+        finally:
+            self.point_seeds = all_seeds
+        return out
+
+
 @register_attack("pgd")
 def _pgd(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
-    kind = torchattacks.PGD if cfg.threat == "Linf" else torchattacks.PGDL2
-
-    def make():
-        return kind(target, eps=cfg.eps, alpha=step_size(cfg), steps=cfg.steps, random_start=True)
-
-    return make() if cfg.restarts <= 1 else torchattacks.MultiAttack([make() for _ in range(cfg.restarts)])
+    return PointSeededPGD(target, cfg.eps, step_size(cfg), cfg.steps, cfg.threat, cfg.restarts)
 
 
 @register_attack("cw")
@@ -228,10 +314,52 @@ def _cw(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
     return torchattacks.CW(target, c=1.0, kappa=0.0, steps=max(cfg.steps, 50), lr=0.01)
 
 
+# AutoAttack's standard version (Croce & Hein 2020), at its own settings: APGD-CE (100 iterations),
+# APGD-T (100 iterations per target, the 9 most likely wrong classes), FAB-T (100 iterations per
+# target, 9 targets), Square (5000 queries), one restart each, one seed, in this order, each run on
+# the points the earlier ones left robust. torchattacks' own AutoAttack builds the same four with
+# their default 10 iterations: weaker. `evaluate` expands "autoattack" into these four jobs.
+AUTOATTACK_STEPS = 100
+AUTOATTACK_QUERIES = 5000
+AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def autoattack_parts(eps: float, threat: str) -> list[AttackConfig]:
+    """The four attacks of AutoAttack's standard version at budget ``eps``, in its order."""
+    return [AttackConfig(name, eps, threat, steps=AUTOATTACK_STEPS, queries=AUTOATTACK_QUERIES)
+            for name in AUTOATTACK_PARTS]
+
+
+def _targets(n_classes: int) -> int:
+    return max(1, min(9, n_classes - 1))
+
+
+@register_attack("apgd-ce")
+def _apgd_ce(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    return torchattacks.APGD(target, norm=cfg.threat, eps=cfg.eps, steps=cfg.steps, loss="ce", seed=seed, n_restarts=1)
+
+
+@register_attack("apgd-t")
+def _apgd_t(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    attack = torchattacks.APGDT(target, norm=cfg.threat, eps=cfg.eps, steps=cfg.steps, seed=seed, n_restarts=1,
+                                n_classes=n_classes)
+    attack.n_target_classes = _targets(n_classes)
+    return attack
+
+
+@register_attack("fab-t")
+def _fab_t(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    attack = torchattacks.FAB(target, norm=cfg.threat, eps=cfg.eps, steps=cfg.steps, seed=seed, n_restarts=1,
+                              multi_targeted=True, n_classes=n_classes)
+    attack.n_target_classes = _targets(n_classes)
+    return attack
+
+
 @register_attack("autoattack")
 def _autoattack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
-    return torchattacks.AutoAttack(target, norm=cfg.threat, eps=cfg.eps, version="standard", n_classes=n_classes,
-                                   seed=seed)
+    """AutoAttack (standard) as one object: its four attacks at their real settings, each on the survivors."""
+    return torchattacks.MultiAttack([build_attack(part, target, n_classes, seed)
+                                     for part in autoattack_parts(cfg.eps, cfg.threat)])
 
 
 @register_attack("apgd")

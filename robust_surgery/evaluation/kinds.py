@@ -27,27 +27,31 @@ class Source(_StrEnum):
 
 
 class CheckJob(_StrEnum):
-    """The extra attack runs the sanity report card asks for (the ``check`` field of a result row;
-    None for the attacks the user asked for)."""
+    """The extra attack runs the sanity report card adds at every ε (the ``check`` field of a result
+    row; None for the attacks the user or the suite asked for). All but HUGE_EPS count in the worst case."""
 
+    PGD_REFERENCE = "pgd-reference"  # PGD when neither the user nor the suite ran it
     PGD_STRONGER = "pgd-stronger"  # PGD with twice the steps and at least two restarts
-    SQUARE = "square"  # the gradient-free Square attack
-    HUGE_EPS = "huge-eps"  # PGD at an unbounded budget
-    PGD_AT_MAX_EPS = "pgd-at-max-eps"  # PGD at the largest ε when the user did not run it
-    FGSM_AT_MAX_EPS = "fgsm-at-max-eps"  # FGSM likewise
-    TRANSFER = "transfer"  # transfer from the λ = 1 network
-    BPDA = "bpda"  # the BPDA surrogate
+    TRANSFER = "transfer"  # PGD transferred from the λ = 1 network
+    BPDA = "bpda"  # PGD through the straight-through surrogate (BPDA)
+    SQUARE = "square"  # the gradient-free Square attack, when no Square ran
+    FGSM = "fgsm"  # FGSM, when the user did not run it
+    HUGE_EPS = "huge-eps"  # PGD at an unbounded budget (once; not in the worst case)
 
 
 class Check(_StrEnum):
-    """The lines of the sanity report card (``CheckResult.name``); ``docs/evaluation.md``."""
+    """The lines of the sanity report card (``CheckResult.name``); ``docs/evaluation.md``.
+
+    The per-ε lines count the points an attack broke that every attack before it (in the suite's
+    order, strongest first) left robust: a masked defense shows up as a weak attack finding points
+    the strong ones missed."""
 
     FALLS_WITH_EPS = "accuracy falls as ε grows"
     ZERO_AT_HUGE_EPS = "about 0 at a huge ε"
-    STRONGER_PGD = "stronger PGD is not weaker"
-    PGD_BEATS_FGSM = "PGD is not weaker than FGSM"
-    SQUARE_NOT_STRONGER = "Square does not beat gradient attacks"
+    STRONGER_PGD = "stronger PGD adds little"
+    PGD_BEATS_FGSM = "FGSM adds nothing to the iterative attacks"
+    SQUARE_NOT_STRONGER = "Square adds little to the gradient attacks"
     GRADIENTS_DO_NOT_VANISH = "input gradients do not vanish"
     DETERMINISTIC = "outputs are deterministic"
-    TRANSFER_NOT_STRONGER = "transfer from λ = 1 is not stronger"
-    BPDA_NOT_STRONGER = "BPDA is not stronger"
+    TRANSFER_NOT_STRONGER = "transfer from λ = 1 adds nothing"
+    BPDA_NOT_STRONGER = "BPDA adds nothing"

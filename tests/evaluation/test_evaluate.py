@@ -121,7 +121,8 @@ def test_worst_case_is_taken_per_point(monkeypatch):
     monkeypatch.setattr(ev, "build_attack", lambda cfg, target, n_classes, seed: Flip(cfg, 0 if cfg.name == "fgsm" else 1))
     x = torch.full((4, 1, 2, 2), 0.6)
     y = torch.ones(4, dtype=torch.long)
-    r = rs.evaluate(_ThresholdModel(), (x, y), attacks=["fgsm", "pgd"], eps=[0.2], checks=False, batch_size=4)
+    r = rs.evaluate(_ThresholdModel(), (x, y), attacks=["fgsm", "pgd"], eps=[0.2], checks=False, batch_size=4,
+                    per_attack=True)
     assert r.robust_acc("model", "fgsm", 0.2) == 50.0 and r.robust_acc("model", "pgd", 0.2) == 50.0
     assert r.worst("model") == {0.2: 0.0}
 
@@ -131,16 +132,21 @@ def test_compare_original_and_report_card(small_nrpm, mnist, tmp_path):
     r = rs.evaluate(small_nrpm, data, attacks=["fgsm", "pgd"], eps=[0.0, 0.1, 0.3], steps=5, queries=50,
                     compare_original=True, batch_size=30)
     plain = rs.evaluate(rs.unconvert(small_nrpm), data, attacks=["fgsm", "pgd"], eps=[0.0, 0.1, 0.3], steps=5,
-                        batch_size=30)
+                        batch_size=30, checks=False)
     assert r.variants == ["nrpm", "original"]
     for e in (0.1, 0.3):
         for a in ("fgsm", "pgd"):
             assert r.robust_acc("original", a, e) == plain.robust_acc("model", a, e)
-    names = [c.name for c in r.checks]
-    assert names == ["accuracy falls as ε grows", "about 0 at a huge ε", "stronger PGD is not weaker",
-                     "PGD is not weaker than FGSM", "Square does not beat gradient attacks",
-                     "input gradients do not vanish", "outputs are deterministic",
-                     "transfer from λ = 1 is not stronger", "BPDA is not stronger"]
+    names = [(c.name, c.eps) for c in r.checks]
+    per_eps = ["stronger PGD adds little", "transfer from λ = 1 adds nothing", "BPDA adds nothing",
+               "Square adds little to the gradient attacks", "FGSM adds nothing to the iterative attacks"]
+    assert names == [("accuracy falls as ε grows", None), ("about 0 at a huge ε", None),
+                     *[(c, e) for e in (0.1, 0.3) for c in per_eps],  # at every ε > 0, not only the largest
+                     ("input gradients do not vanish", None), ("outputs are deterministic", None)]
+    for c in r.checks:  # each per-ε line reads its row's count of newly broken points
+        if c.eps is not None:
+            row = next(x for x in r.results if x["model"] == "nrpm" and x["eps"] == c.eps and x["label"] == c.numbers["label"])
+            assert c.numbers["broken_new"] == row["broken_new"] and c.passed == (row["broken_new"] <= c.numbers["allowed"])
     by = {c.name: c for c in r.checks}
     assert by["outputs are deterministic"].passed and by["input gradients do not vanish"].passed
     assert by["about 0 at a huge ε"].numbers["robust_acc"] <= 5.0
@@ -150,7 +156,7 @@ def test_compare_original_and_report_card(small_nrpm, mnist, tmp_path):
     assert worst <= min(at)  # per point: see test_worst_case_is_taken_per_point for a case where it is strictly lower
     assert r.worst("nrpm")[0.0] == 100.0 * r.clean["nrpm"] / 60
     d = r.to_dict()
-    assert d["robust_acc"] == worst and len(d["checks"]) == 9
+    assert d["robust_acc"] == worst and len(d["checks"]) == 14 and d["suite"] == "custom" and d["adaptive"]
     json.dumps(d)  # JSON-serialisable
     from robust_surgery.evaluation.plot import plot_robustness_curve
 
@@ -173,10 +179,10 @@ def test_plain_models_get_no_checks_unless_asked(mnist):
 def test_cw_and_autoattack_run_and_are_not_weaker_than_pgd(mnist):
     model = rs.load_model("zoo:mnist-mlp-rs")
     data = (mnist[0][:40], mnist[1][:40])
-    r = rs.evaluate(model, data, attacks=["pgd", "autoattack"], eps=[0.1], steps=10)
+    r = rs.evaluate(model, data, attacks=["pgd", "autoattack"], eps=[0.1], steps=10, per_attack=True)
     assert r.robust_acc("model", "autoattack", 0.1) <= r.robust_acc("model", "pgd", 0.1) + 2.5
     assert r.to_dict()["autoattack_acc"] == r.robust_acc("model", "autoattack", 0.1)
-    l2 = rs.evaluate(model, data, attacks=["fgsm", "pgd", "cw"], eps=[1.5], threat="L2", steps=10)
+    l2 = rs.evaluate(model, data, attacks=["fgsm", "pgd", "cw"], eps=[1.5], threat="L2", steps=10, per_attack=True)
     assert l2.robust_acc("model", "pgd", 1.5) < 100.0 * l2.clean["model"] / 40
     assert 0.0 <= l2.robust_acc("model", "cw", 1.5) <= 100.0 * l2.clean["model"] / 40
 
@@ -241,7 +247,7 @@ def test_two_gloo_processes_give_the_single_process_counts(tmp_path, shared_data
 def test_transfer_and_bpda_at_every_eps_count_in_the_worst_case():
     """--attack transfer,bpda: PGD with the λ = 1 network's and the surrogate's gradients at every ε,
     shown as their own rows, part of the per-point worst case, read by the report card (no second run)."""
-    from robust_surgery.evaluation.run import _plan
+    from robust_surgery.evaluation.plan import plan_jobs
 
     plain = rs.load_model("zoo:mnist-mlp-rs")
     model = rs.convert(plain, **rs.preset_for(plain))
@@ -249,9 +255,12 @@ def test_transfer_and_bpda_at_every_eps_count_in_the_worst_case():
     for e in (0.1, 0.3):
         accs = [rep.robust_acc("nrpm", a, e) for a in ("fgsm", "pgd", "transfer", "bpda")]
         assert rep.worst("nrpm")[e] <= min(accs)
-    checks = {c.name: c for c in rep.checks}
-    assert f"transfer PGD {rep.robust_acc('nrpm', 'transfer', 0.3):.1f} %" in checks["transfer from λ = 1 is not stronger"].detail
-    jobs = _plan(["pgd", "transfer", "bpda"], [0.1, 0.3], "Linf", ["nrpm"], True, 5, None, 1, 100, 784)
+    checks = {(c.name, c.eps): c for c in rep.checks}
+    for e in (0.1, 0.3):
+        row = next(r for r in rep.results if r["label"] == "transfer" and r["eps"] == e)
+        assert f"transfer PGD: {row['broken_new']} new point" in checks[("transfer from λ = 1 adds nothing", e)].detail
+    jobs = plan_jobs(["pgd", "transfer", "bpda"], [0.1, 0.3], threat="Linf", variants=["nrpm"], checks=True, steps=5,
+                     alpha=None, restarts=1, queries=100, x_numel=784)
     assert sorted(j.key for j in jobs if j.source != "direct") == [
         "nrpm/bpda:pgd-s5@0.1", "nrpm/bpda:pgd-s5@0.3", "nrpm/transfer:pgd-s5@0.1", "nrpm/transfer:pgd-s5@0.3"]
     with pytest.raises(ValueError, match="transfer and bpda attacks take their gradients from a converted model"):

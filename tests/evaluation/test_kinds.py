@@ -13,8 +13,9 @@ def test_members_equal_format_and_serialise_as_their_strings():
 
 
 def test_a_report_card_line_names_its_check():
-    line = CheckResult(Check.PGD_BEATS_FGSM, True, "PGD 1.0 % vs FGSM 5.0 %")
-    assert line.name == "PGD is not weaker than FGSM" and line.name is Check.PGD_BEATS_FGSM
+    line = CheckResult(Check.PGD_BEATS_FGSM, True, "FGSM: 0 new points broken (0.0 %), allowed 1", eps=0.1)
+    assert line.name == "FGSM adds nothing to the iterative attacks" and line.name is Check.PGD_BEATS_FGSM
+    assert line.eps == 0.1
 
 
 def test_rows_hold_plain_strings_so_state_files_load_with_weights_only(tmp_path):
