@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_surgery.evaluation.attacks import THREATS, AttackTarget
-from robust_surgery.training.finetune import FinetuneConfig, adversarial_batch, load_train_val, lr_at_epoch
+from robust_surgery.io.runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
+from robust_surgery.training.finetune import (FinetuneConfig, adversarial_batch, check_finetune_paths, load_train_val,
+                                              lr_at_epoch)
 from robust_surgery._device import amp_name, resolve_amp, resolve_device
 from robust_surgery._loops import batch_seed, epoch_permutation, evaluate_accuracy
 from robust_surgery._meta import set_meta
@@ -119,6 +121,8 @@ def pretrain(
     data_root=None,
     device=None,
     progress: bool = False,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Train every parameter of ``model`` in place, clean or adversarially; returns ``(model, history)``.
 
@@ -136,6 +140,9 @@ def pretrain(
     if any(type(m).__name__.startswith("NRPM") for m in model.modules()):
         raise InvalidInputError("pretrain trains plain models; for an NRPM-converted model use robust_surgery.finetune "
                          "(surgery finetune)")
+    if checkpoint_dir is not None and cfg.adversarial == "noise":
+        raise InvalidInputError("checkpoint_dir cannot resume noise training (its generator is not checkpointed)")
+    ckpt = check_finetune_paths(checkpoint_dir, None)
     (xt, yt), (xv, yv) = load_train_val(data, cfg.val_n, cfg.n_train, data_root)
     dev = resolve_device(device) if device else next(model.parameters()).device
     model.to(dev)
@@ -145,6 +152,12 @@ def pretrain(
     target = AttackTarget(model, amp=resolve_amp(cfg.amp)).to(dev).eval()
     with torch.no_grad():
         n_classes = target(xt[:1].to(dev)).shape[1]
+    record = resume = None
+    if ckpt is not None:
+        record = {"version": RECORD_VERSION, "starting weights": state_digest(model), "training data": tensor_digest(xt, yt),
+                  "validation data": tensor_digest(xv, yv), "settings": asdict(cfg)}
+        if ckpt.exists():
+            resume = resume_file(ckpt, record, "checkpoint", "delete it or use another checkpoint folder")
     torch.manual_seed(cfg.seed)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 4242)
     steps = math.ceil(len(xt) / cfg.batch_size)
@@ -173,7 +186,8 @@ def pretrain(
     history = train_loop(model, opt, xt, yt, step, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          order=lambda epoch: epoch_permutation(len(xt), cfg.seed, epoch),
                          lr_at=lambda epoch: lr_at_epoch(cfg, epoch), end_epoch=end_epoch, device=dev,
-                         progress=progress).history
+                         progress=progress, checkpoint=ckpt, record=pack_record(record) if ckpt else None,
+                         resume=resume, checkpoint_every=checkpoint_every).history
     model.eval()
     data_name = data.spec() if isinstance(data, SparseCodingTask) else data if isinstance(data, str) else "custom"
     set_meta(model, training={"kind": "pretrain", "data": str(data_name), **asdict(cfg), "history": history})

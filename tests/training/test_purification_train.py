@@ -93,3 +93,48 @@ def test_pure_oracle_encoder_passes_robustness_to_a_clean_head():
     assert rows["pure"]["clean_acc"] > 97
     assert rows["pure"]["robust_acc"][eps] > 95  # measured 100
     assert rows["random"]["robust_acc"][eps] < 85  # measured 71.7
+
+
+def test_pretrain_resumes_from_its_checkpoint_and_refuses_another_runs(tmp_path):
+    """A checkpoint inside an epoch resumes to the uninterrupted result; other settings are refused."""
+    import pytest
+    import torch
+    from torch import nn
+
+    import robust_surgery as rs
+    from robust_surgery.training import loop
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(96, 1, 4, 4, generator=g), torch.randint(0, 3, (96,), generator=g)
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+    kw = dict(adversarial="pgd", eps=0.1, pgd_steps=2, ramp=0.5, epochs=2, batch_size=16, lr=0.05, seed=3)
+    whole, _ = rs.pretrain(net(), (x, y), **kw)
+    real_step, calls = loop.train_loop, {"n": 0}
+
+    def dying_loop(*a, **k):  # the process dies at the 9th step (the second epoch's third)
+        step = a[4]
+
+        def counted(*s):
+            calls["n"] += 1
+            if calls["n"] == 9:
+                raise KeyboardInterrupt
+            return step(*s)
+
+        return real_step(*a[:4], counted, *a[5:], **k)
+
+    import robust_surgery.training.pretrain as pre
+
+    pre.train_loop = dying_loop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rs.pretrain(net(), (x, y), **kw, checkpoint_dir=tmp_path, checkpoint_every=2)
+    finally:
+        pre.train_loop = real_step
+    resumed, _ = rs.pretrain(net(), (x, y), **kw, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ValueError, match="belongs to another run"):
+        rs.pretrain(net(), (x, y), **{**kw, "lr": 0.01}, checkpoint_dir=tmp_path)
