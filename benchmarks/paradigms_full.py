@@ -114,6 +114,42 @@ def evaluate_row(row: str, model, args, out: Path) -> dict:
     return result
 
 
+def evaluate_row_suites(row: str, model, args, out: Path) -> dict:
+    """Issue 30's evaluation of one row: clean accuracy on the whole test set; the ``paper`` suite
+    (PGD-20, the NRPM paper's protocol) at --paper-eps on the first --paper-n points; the
+    ``standard`` suite (AutoAttack at its real strength plus, on converted rows, the report card's
+    adaptive attacks at every ε, cascaded) at --eps on the first --n-eval points. Resumable (state
+    files); the report is OUT/<row>.suites.json."""
+    _, data, _ = MODELS[args.model]
+    report_path = out / f"{row}.suites.json"
+    if report_path.exists():
+        return json.loads(report_path.read_text())
+    t = time.time()
+    clean = rs.evaluate(model, data, suite="quick", eps=[0.0], checks=False, batch_size=500)
+    paper = rs.evaluate(model, data, suite="paper", eps=args.paper_eps, n=args.paper_n, batch_size=args.eval_batch,
+                        state=out / f"{row}.paper.state", progress=True)
+    t_paper = time.time() - t
+    std = rs.evaluate(model, data, suite="standard", eps=args.eps, n=args.n_eval, batch_size=args.eval_batch,
+                      state=out / f"{row}.standard.state", progress=True)
+    v = std.variants[0]
+    result = {
+        "row": row, "clean_acc_full_test": 100.0 * clean.clean[clean.variants[0]] / clean.n, "clean_n_full_test": clean.n,
+        "paper": {"n": paper.n, "clean_acc": 100.0 * paper.clean[paper.variants[0]] / paper.n,
+                  "pgd20": {format_eps(e): w for e, w in paper.worst(paper.variants[0]).items()}},
+        "standard": {"n": std.n, "clean_acc": 100.0 * std.clean[v] / std.n,
+                     "worst": {format_eps(e): w for e, w in std.worst(v).items()},
+                     "after_each_attack": {format_eps(e): {r["label"]: r["robust_acc"] for r in std.results
+                                                           if r["eps"] == e and r["in_worst"] and r["model"] == v}
+                                           for e in std.eps},
+                     "checks": [{"name": c.name, "eps": c.eps, "passed": c.passed, "detail": c.detail} for c in std.checks],
+                     "autoattack_acc": std.to_dict()["autoattack_acc"]},
+        "eval_wall_s": {"paper": round(t_paper, 1), "total": round(time.time() - t, 1)},
+        "cpu": cpu_kernels.cpu_features(), "threads": torch.get_num_threads(),
+    }
+    report_path.write_text(json.dumps(strict(result), indent=1))
+    return result
+
+
 def first_batch_worst(state: Path, results: list[dict], batch: int) -> dict:
     """Per ε, how many of the first ``batch`` points survive every attack (read from the per-point
     state): evaluating those points alone (``n=batch``) must give the same count, as the slow zoo
@@ -165,6 +201,11 @@ def main() -> None:
     ap.add_argument("--train-alpha", type=float, default=None, help="PGD step in pixel units (default 2.5·ε/steps)")
     ap.add_argument("--checkpoint-every", type=int, default=50, help="training checkpoint every N steps inside an epoch")
     ap.add_argument("--train-only", action="store_true", help="train (and save) the rows, evaluate nothing")
+    ap.add_argument("--eval", choices=("legacy", "suites"), default="legacy",
+                    help="legacy: --attacks per attack (the MNIST tables); suites: the paper suite at --paper-eps on "
+                         "--paper-n points and the standard suite at --eps on --n-eval points (issue 30)")
+    ap.add_argument("--paper-eps", type=parse_eps, default=(8 / 255, 16 / 255, 32 / 255))
+    ap.add_argument("--paper-n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--val-n", type=int, default=1000)
     ap.add_argument("--eps", type=parse_eps, default=(0.1, 0.3))
@@ -189,6 +230,9 @@ def main() -> None:
         model, info = build_row(row, args, args.out)
         if args.train_only:
             print(f"{row}: trained and saved ({info.get('train_wall_s', 0)} s)", flush=True)
+            continue
+        if args.eval == "suites":
+            print(json.dumps(evaluate_row_suites(row, model, args, args.out))[:2000], flush=True)
             continue
         results[row] = (evaluate_row(row, model, args, args.out), info)
         print(write_table(results, args, args.out), flush=True)

@@ -55,6 +55,9 @@ def parse_arch_kwargs(text: str | None) -> dict | None:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         fail(f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 10}}': {e}", code=2)
+    except RecursionError:
+        fail("--arch-kwargs is nested too deeply to be constructor arguments; give a flat JSON object such as "
+             "'{\"num_classes\": 10}'", code=2)
     if not isinstance(value, dict):
         fail(f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 10}}', got {text!r}", code=2)
     return value

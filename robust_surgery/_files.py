@@ -42,6 +42,9 @@ def check_output_path(path: str | os.PathLike, *, suffix: str | None = None, mak
     missing parent folder (unless ``make_parents``), a parent that is not a writable folder.
     """
     path = Path(path)
+    if len(path.name.encode()) > 255 or len(os.fsencode(path)) > 4000:
+        raise OutputPathError(f"the {what} name is too long for the file system ({len(path.name.encode())} bytes; "
+                              "at most 255 per name): give a shorter name")
     if suffix is not None and path.suffix != suffix:
         raise OutputPathError(f"the {what} {path} must be a file ending in {suffix} (e.g. {path.stem or 'model'}{suffix})")
     if path.is_symlink() or path.exists():

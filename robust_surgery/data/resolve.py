@@ -54,6 +54,23 @@ def _synthetic_task(data):
     return parse_synthetic_spec(data) if isinstance(data, str) else None
 
 
+def _refuse_special_file(data) -> None:
+    """A data path that exists must be a regular file or a folder: reading a FIFO, a socket or a
+    device would block or never end."""
+    import stat
+
+    if str(data) in ("mnist", "cifar10") or not os.path.lexists(data):
+        return
+    try:
+        mode = os.stat(data).st_mode
+    except OSError:
+        raise InvalidInputError(f"the data path {data} is a dangling link (it points to a file that does not exist); "
+                                "give the data set's real path") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidInputError(f"the data path {data} is not a file or a folder (a pipe, socket or device), which "
+                                "would block or never end; give a data set's folder or file")
+
+
 def resolve_data(data, split: str = "test", *, n: Optional[int] = None, data_root=None,
                  labels: bool = True) -> ResolvedData:
     """Resolve a data spec (see the module docstring) to tensors of ``split`` (``"train"``/``"test"``;
@@ -68,6 +85,7 @@ def resolve_data(data, split: str = "test", *, n: Optional[int] = None, data_roo
     elif isinstance(data, (str, os.PathLike)):
         from robust_surgery.data.datasets import load_dataset
 
+        _refuse_special_file(data)
         ds = load_dataset(data, split, root=data_root, n=n)
         x, y = ds.tensors
         name = str(data) if str(data) in ("mnist", "cifar10") else Path(data).name

@@ -362,6 +362,14 @@ def _autoattack(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int)
                                      for part in autoattack_parts(cfg.eps, cfg.threat)])
 
 
+@register_attack("autoattack-10")
+def _autoattack_10(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
+    """torchattacks' own ``AutoAttack(version="standard")``: the same four attacks with 10 iterations
+    each (its defaults). Kept to reproduce numbers measured with it; weaker than ``autoattack``."""
+    return torchattacks.AutoAttack(target, norm=cfg.threat, eps=cfg.eps, version="standard", n_classes=n_classes,
+                                   seed=seed)
+
+
 @register_attack("apgd")
 def _apgd(cfg: AttackConfig, target: nn.Module, n_classes: int, seed: int):
     """AutoAttack's untargeted pair: APGD-CE, then APGD-DLR on what survives (100 steps each)."""

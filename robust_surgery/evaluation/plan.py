@@ -26,7 +26,7 @@ from robust_surgery.evaluation.kinds import CheckJob, Source
 __all__ = ["Job", "SOURCE_ATTACKS", "plan_jobs", "units"]
 
 SOURCE_ATTACKS = (Source.TRANSFER, Source.BPDA)  # PGD with the gradients of the λ = 1 network / the straight-through surrogate
-_RANK = {"autoattack": 0, "apgd": 1, "pgd": 2, "cw": 3, "pgd-stronger": 5, "transfer": 6, "bpda": 7, "square": 8,
+_RANK = {"autoattack": 0, "autoattack-10": 0.5, "apgd": 1, "pgd": 2, "cw": 3, "pgd-stronger": 5, "transfer": 6, "bpda": 7, "square": 8,
          "fgsm": 9}
 _OTHER_RANK = 4  # attacks of the user's own (register_attack)
 

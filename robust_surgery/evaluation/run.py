@@ -469,11 +469,11 @@ def evaluate(
                 new = int((before & ~robust[j.key]).sum())
                 before &= robust[j.key]
                 results.append(_row(j, robust[j.key], N, in_worst=True, worst_count=int(worst.sum()), broken_new=new,
-                                    cascade=not per_attack))
+                                    cascade=not per_attack, n_classes=n_classes))
         for j in jobs:
             if j.variant == v and not j.worst:
                 results.append(_row(j, robust[j.key], N, in_worst=False, worst_count=None, broken_new=None,
-                                    cascade=not per_attack))
+                                    cascade=not per_attack, n_classes=n_classes))
     adaptive = not converted or all(any(j.source == s and j.cfg.eps == e and j.variant == variants[0] for j in jobs)
                                     for s in SOURCE_ATTACKS for e in eps if e > 0)
     note = SUITES[suite].note if suite in SUITES else ""
@@ -493,7 +493,7 @@ def evaluate(
 
 
 def _row(job: Job, robust: torch.Tensor, N: int, *, in_worst: bool, worst_count: int | None, broken_new: int | None,
-         cascade: bool) -> dict:
+         cascade: bool, n_classes: int) -> dict:
     c = job.cfg
     return {
         # plain strings in rows: they go to JSON and to state files read with weights_only=True
@@ -501,7 +501,9 @@ def _row(job: Job, robust: torch.Tensor, N: int, *, in_worst: bool, worst_count:
         "check": None if job.check is None else job.check.value, "eps": c.eps,
         "eps_str": format_eps(c.eps), "steps": c.steps if c.name in ("pgd", "cw", "apgd-ce", "apgd-t", "fab-t") else None,
         "restarts": c.restarts if c.name == "pgd" else None,
-        "queries": c.queries if c.name == "square" else None, "robust_count": int(robust.sum()),
+        "queries": c.queries if c.name == "square" else None,
+        "targets": max(1, min(9, n_classes - 1)) if c.name in ("apgd-t", "fab-t") else None,
+        "robust_count": int(robust.sum()),
         "robust_acc": 100.0 * int(robust.sum()) / N, "broken_new": broken_new, "cascade": cascade, "in_worst": in_worst,
         "worst_robust_acc": None if worst_count is None else 100.0 * worst_count / N, "key": job.key,
     }

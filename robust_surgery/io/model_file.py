@@ -45,6 +45,7 @@ __all__ = [
 
 MANIFEST_KEY = "robust_surgery"
 FORMAT = "robust-surgery/1"
+_OTHER_FORMATS = ("robust-surgery/r2dl/1",)  # our other file kinds, read by their own loaders
 
 
 def _version() -> str:
@@ -110,19 +111,41 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}: the manifest is not valid JSON ({e}); the file is damaged or was not "
                              "written by robust-surgery (re-save it)") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: the manifest is nested too deeply to be one of ours; the file is damaged or "
+                             "crafted (re-save the model)") from None
     if isinstance(manifest, dict) and manifest.get("format") not in (None, FORMAT):
-        return manifest  # another of our formats (an R2DL result): its reader checks its own fields
+        if manifest.get("format") in _OTHER_FORMATS:
+            return manifest  # another of our formats (an R2DL result): its reader checks its own fields
+        raise ModelLoadError(f"{path}: its manifest says format {manifest.get('format')!r}, which this version does not "
+                             f"read (it reads {FORMAT}); a newer robust-surgery wrote it: upgrade, or re-save the model "
+                             "with this version")
     return validate_manifest(manifest, path)
 
 
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _dtype_kind(stored: str) -> str:
+    return "floating point" if stored in _FLOAT_DTYPES else ("bool" if stored == "BOOL" else "integer")
+
+
 def _check_tensor_shapes(model: nn.Module, path: Path, spec: str) -> None:
-    """Name the first tensor of ``path`` whose shape does not fit ``model`` (before loading anything)."""
+    """Name the first tensor of ``path`` whose shape or kind of dtype (floating point, integer, bool)
+    does not fit ``model`` (before loading anything): an int64 or bool weight would load and compute
+    silently wrong numbers."""
     from safetensors import safe_open
 
     own = model.state_dict()
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             if key in own:
+                stored = f.get_slice(key).get_dtype()
+                want = "floating point" if own[key].is_floating_point() else ("bool" if own[key].dtype == torch.bool else "integer")
+                if _dtype_kind(stored) != want:
+                    raise ModelLoadError(
+                        f"{path}: tensor {key} is stored as {stored} ({_dtype_kind(stored)}), but {spec} wants a "
+                        f"{want} tensor ({str(own[key].dtype).replace('torch.', '')}); the file is damaged or edited")
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(own[key].shape):
                     raise ModelLoadError(
@@ -175,8 +198,9 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
         raise ModelLoadError(f"{path}: its tensors could not be loaded into {spec} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0]})") from None
     if missing or unexpected:
-        raise ModelLoadError(f"{path} does not match its recorded architecture {spec}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        missing, unexpected = sorted(missing), sorted(unexpected)  # safetensors returns sets
+        raise ModelLoadError(f"{path} does not match its recorded architecture {spec}: missing tensors {missing[:5]}, "
+                             f"unexpected tensors {unexpected[:5]} (a damaged or edited file; re-save the model)")
     set_meta(model, **{k: manifest[k] for k in ("arch", "arch_kwargs", "source", "training", "recalibration")
                        if manifest.get(k) is not None})
     if not manifest.get("arch"):

@@ -185,12 +185,15 @@ def builtin_norm_code(norm: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------
+MAX_K = 100  # IRLS steps: the estimate settles in a handful (the paper uses K <= 5); more is a mistake or an attack
+
+
 @dataclass(frozen=True)
 class NRPMSettings:
     """The knobs of one NRPM layer.
 
     norm: reweighting function name (``L2``, ``L1``, ``MCP``, ``Huber``, ``HM`` or registered).
-    K: number of IRLS steps (int >= 0). eps: the small constant ε > 0 in the weights.
+    K: number of IRLS steps (int, 0 to ``MAX_K`` = 100; each costs one pass over the terms). eps: the small constant ε > 0 in the weights.
     gamma, delta: the thresholds γ, δ of ``MCP``/``Huber``/``HM`` (in the units of the terms).
     """
 
@@ -206,8 +209,9 @@ class NRPMSettings:
                 f"unknown norm {self.norm!r}: choose one of {', '.join(REWEIGHTS)} "
                 "(or add one with robust_surgery.register_reweight)"
             )
-        if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 0:
-            raise InvalidInputError(f"K must be a whole number >= 0 (IRLS steps), got {self.K!r}")
+        if isinstance(self.K, bool) or not isinstance(self.K, int) or not 0 <= self.K <= MAX_K:
+            raise InvalidInputError(f"K (IRLS steps) must be a whole number from 0 to {MAX_K}, got {self.K!r} "
+                                    "(the estimate settles within a few steps; the paper uses K <= 5)")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
             raise InvalidInputError(f"eps must be a positive finite number, got {self.eps!r}")
         if not self.gamma > 0 or not self.delta > 0:

@@ -108,6 +108,7 @@ def test_autoattack_runs_at_its_real_strength(first100):
     rows = {row["label"]: row for row in r.results}
     assert [k for k in rows] == ["autoattack:apgd-ce", "autoattack:apgd-t", "autoattack:fab-t", "autoattack:square"]
     assert [rows[k]["steps"] for k in list(rows)[:3]] == [100, 100, 100] and rows["autoattack:square"]["queries"] == 5000
+    assert [rows[k]["targets"] for k in list(rows)[:3]] == [None, 9, 9]
     assert r.to_dict()["autoattack_acc"] == rows["autoattack:square"]["robust_acc"] == r.worst("model")[0.1]
 
 

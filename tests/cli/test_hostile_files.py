@@ -1,0 +1,100 @@
+"""Issue 31: a saved model that would hang or compute silently wrong numbers is refused with one
+`error:` line (exit 1): a layer's K beyond the bound, an unknown format version, a weight of the wrong
+kind of dtype."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import robust_surgery as rs
+from robust_surgery.cli.app import app
+from robust_surgery.io.model_file import MANIFEST_KEY
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    path = tmp_path / "m.safetensors"
+    rs.save(rs.convert(rs.load_model("zoo:mnist-mlp-rs"), lam=0.6, K=1), path)
+    return path
+
+
+def _edit(path, manifest_fn=None, tensor_fn=None):
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    if manifest_fn:
+        m = json.loads(meta[MANIFEST_KEY])
+        manifest_fn(m)
+        meta[MANIFEST_KEY] = json.dumps(m)
+    if tensor_fn:
+        tensor_fn(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _one_error(path, match):
+    res = runner.invoke(app, ["evaluate", str(path), "--data", "mnist", "--n", "4", "--suite", "quick"])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.output
+
+
+def test_a_huge_K_in_a_manifest_is_refused_not_run(saved):
+    _edit(saved, manifest_fn=lambda m: m["layers"]["fc1"].update(K=1_000_000_000))
+    _one_error(saved, "K (IRLS steps) must be a whole number from 0 to 100, got 1000000000")
+    with pytest.raises(ValueError, match="from 0 to 100"):
+        rs.convert(rs.load_model("zoo:mnist-mlp-rs"), K=101)
+
+
+def test_an_unknown_format_version_is_refused(saved):
+    _edit(saved, manifest_fn=lambda m: m.update(format="robust-surgery/999"))
+    _one_error(saved, "format 'robust-surgery/999', which this version does not read (it reads robust-surgery/1)")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_weight_of_the_wrong_dtype_is_refused(saved, dtype):
+    _edit(saved, tensor_fn=lambda t: t.update({"fc1.weight": t["fc1.weight"].to(dtype)}))
+    _one_error(saved, "tensor fc1.weight is stored as")
+
+
+@pytest.mark.parametrize("edit", ["missing", "extra"])
+def test_a_missing_or_extra_tensor_is_named_not_a_traceback(saved, edit):
+    def change(t):
+        if edit == "missing":
+            del t["fc2.bias"]
+        else:
+            t["fc9.weight"] = torch.zeros(2, 2)
+
+    _edit(saved, tensor_fn=change)
+    _one_error(saved, "missing tensors ['fc2.bias']" if edit == "missing" else "unexpected tensors ['fc9.weight']")
+
+
+def test_deep_json_and_long_names_are_error_lines(saved, tmp_path):
+    deep = "[" * 100000 + "]" * 100000
+    _edit(saved, manifest_fn=lambda m: m.update(arch_kwargs={"x": 1}))
+    with safe_open(str(saved), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta[MANIFEST_KEY] = meta[MANIFEST_KEY][:-1] + ', "deep": ' + deep + "}"
+    save_file(load_file(str(saved)), str(saved), metadata=meta)
+    _one_error(saved, "nested too deeply")
+    res = runner.invoke(app, ["convert", "zoo:mnist-mlp-rs", "--arch-kwargs", '{"a": ' + deep + "}", "-o",
+                              str(tmp_path / "x.safetensors")])
+    assert res.exit_code == 2 and res.output.count("error: --arch-kwargs is nested too deeply") == 1, res.output
+    res = runner.invoke(app, ["convert", "zoo:mnist-mlp-rs", "-o", str(tmp_path / ("n" * 300 + ".safetensors"))])
+    assert res.exit_code == 1 and "name is too long" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_fifo_or_a_dangling_link_as_data_is_refused_at_once(saved, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for name, match in (("fifo", "is not a file or a folder (a pipe, socket or device)"), ("dangling", "dangling link")):
+        res = runner.invoke(app, ["evaluate", str(saved), "--data", str(tmp_path / name), "--suite", "quick", "--n", "4"])
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], res.output
