@@ -17,13 +17,42 @@ from torch import nn
 __all__ = ["dist_info", "all_reduce_sum_", "is_main", "shard", "average_gradients_", "synchronized_batchnorm"]
 
 
+def _env_int(name: str, default: str | None, *, minimum: int) -> int | None:
+    """An integer environment variable set by torchrun, checked: a clear error for anything else."""
+    text = os.environ.get(name, default)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        from robust_surgery.errors import InvalidInputError
+
+        raise InvalidInputError(f"the environment variable {name}={text!r} must be a whole number >= {minimum} "
+                                "(torchrun sets it); unset it to run as one process")
+    return value
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of this process: (0, 1) alone; under torchrun (WORLD_SIZE > 1) the process
     group is initialised on first call (NCCL with CUDA, else gloo)."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1", minimum=1)
     if world > 1 and not dist.is_initialized():
+        rank = _env_int("RANK", None, minimum=0)
+        if rank is not None and rank >= world:
+            from robust_surgery.errors import InvalidInputError
+
+            raise InvalidInputError(f"RANK={rank} is outside the world of WORLD_SIZE={world} processes (ranks 0 to "
+                                    f"{world - 1}); start the processes with torchrun, which sets both")
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                from robust_surgery.errors import InvalidInputError
+
+                raise InvalidInputError(f"WORLD_SIZE={world} asks for several processes but {name} is not set; start "
+                                        "them with torchrun (it sets MASTER_ADDR and MASTER_PORT), or unset WORLD_SIZE")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -15,8 +15,10 @@ __all__ = ["check_budgets", "format_eps", "parse_eps"]
 def parse_eps(text: str) -> tuple[float, ...]:
     """``"0,0.05,8/255"`` -> (0.0, 0.05, 0.0313...)."""
     out = []
-    for part in text.split(","):
-        part = part.strip()
+    parts = [p.strip() for p in text.split(",")]
+    if any(not p for p in parts[:-1]) or (len(parts) > 1 and not parts[-1]):
+        raise InvalidInputError(f"--eps has an empty value between commas ({text!r}); give budgets such as 0,0.1,8/255")
+    for part in parts:
         if not part:
             continue
         try:
@@ -36,6 +38,8 @@ def check_budgets(eps: Sequence[float], what: str = "eps") -> list[float]:
     """``eps`` as floats, or a clear error for NaN, infinite or negative budgets."""
     out = []
     for e in eps:
+        if isinstance(e, (str, bytes, bool)):
+            raise InvalidTypeError(f"{what} takes numbers, got {e!r} (a {type(e).__name__}); write 0.1, not '0.1'")
         try:
             e = float(e)
         except (TypeError, ValueError):

@@ -337,6 +337,9 @@ def evaluate(
         eps = check_budgets(eps)
         if not eps:
             raise InvalidInputError("eps is empty: give budgets such as 0,0.1,8/255")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise InvalidInputError(f"max_batches (--max-batches) must be a whole number >= 1 (the new batches to run before "
+                                f"stopping), got {max_batches!r}")
     if state is not None:
         check_output_path(state, make_parents=True, what="state file (--state)")
     resolved = resolve_data(data, "test", n=n, data_root=data_root)

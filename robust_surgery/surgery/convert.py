@@ -57,6 +57,9 @@ class LayerConfig:
     lam: float = 0.5
     memory_budget: int | None = None
 
+    def __post_init__(self):
+        _check_lam(self.lam)
+
     def to_dict(self) -> dict:
         return {**self.settings.to_dict(), "lam": self.lam}
 
@@ -288,6 +291,9 @@ def _layer_config(fqn: str, base: LayerConfig, overrides: Mapping[str, Mapping] 
 
 
 def _check_lam(lam) -> float:
+    """λ as a float in [0, 1]; a clear error for NaN, values outside, and non-numbers (True, '0.5')."""
+    if isinstance(lam, (bool, str, bytes)) or lam is None:
+        raise InvalidTypeError(f"lam (λ) must be a number in [0, 1], got {lam!r} (a {type(lam).__name__})")
     try:
         lam = float(lam)
     except (TypeError, ValueError):

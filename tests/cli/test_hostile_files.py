@@ -98,3 +98,35 @@ def test_a_fifo_or_a_dangling_link_as_data_is_refused_at_once(saved, tmp_path):
         res = runner.invoke(app, ["evaluate", str(saved), "--data", str(tmp_path / name), "--suite", "quick", "--n", "4"])
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], res.output
+
+
+def test_silent_accepts_are_now_errors(saved, monkeypatch):
+    """inspect --lam nan, --eps with an empty value, --max-batches 0/-1, a bad WORLD_SIZE; lam=True and
+    eps=("0.1",) in Python."""
+    cases = [
+        (["inspect", "zoo:mnist-mlp-rs", "--lam", "nan"], "lam (λ) must be in [0, 1] (1 = the original layer, 0 = pure NRPM), got nan"),
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--eps", "0.1,,0.2"],
+         "--eps has an empty value between commas"),
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--max-batches", "0"],
+         "max_batches (--max-batches) must be a whole number >= 1"),
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--max-batches", "-1"],
+         "max_batches (--max-batches) must be a whole number >= 1"),
+    ]
+    for args, match in cases:
+        res = runner.invoke(app, args)
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code in (1, 2) and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], \
+            (args, res.output)
+    for world, match in (("-3", "WORLD_SIZE='-3' must be a whole number >= 1"), ("abc", "WORLD_SIZE='abc'")):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        res = runner.invoke(app, ["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick"])
+        assert res.exit_code == 1 and match in res.output and "Traceback" not in res.output, res.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    res = runner.invoke(app, ["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick"])
+    assert res.exit_code == 1 and "MASTER_ADDR is not set" in res.output, res.output
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(TypeError, match="lam"):
+        rs.convert(rs.load_model("zoo:mnist-mlp-rs"), lam=True)
+    with pytest.raises(TypeError, match="write 0.1, not '0.1'"):
+        rs.evaluate(rs.load(saved), "mnist", suite="quick", eps=("0.1",), n=4)
