@@ -426,6 +426,19 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print the list 
     console.print(t)
 
 
+@zoo_app.command("card")
+@guard
+def zoo_card(name: str = typer.Argument(..., help="A zoo model with a card (the hardened ones): mnist-lenet-p3, ...")):
+    """Print a zoo model's card: recipe, training cost, evaluation table, Hugging Face model-index
+    front matter and a RobustBench entry (Markdown, publishable as is).
+
+    Example: [bold]surgery zoo card mnist-lenet-at[/bold]
+    """
+    from robust_surgery.io.cards import read_card
+
+    print(read_card(name), end="")
+
+
 @zoo_app.command("train")
 @guard
 def zoo_train(
