@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import signal
+import socket
 import stat
 import tempfile
 import threading
@@ -21,7 +22,7 @@ from typing import Iterator
 
 from robust_surgery.errors import OutputFolderMissingError, OutputPathError
 
-__all__ = ["atomic_path", "check_distinct_paths", "check_output_path", "file_sha256"]
+__all__ = ["atomic_path", "check_distinct_paths", "check_output_path", "file_sha256", "remove_stale_temporaries"]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -47,6 +48,9 @@ def check_output_path(path: str | os.PathLike, *, suffix: str | None = None, mak
                               "at most 255 per name): give a shorter name")
     if suffix is not None and path.suffix != suffix:
         raise OutputPathError(f"the {what} {path} must be a file ending in {suffix} (e.g. {path.stem or 'model'}{suffix})")
+    if path.is_symlink() and not path.exists():
+        raise OutputPathError(f"the {what} {path} is a dangling link (it points to {os.readlink(path)}, which does not "
+                              "exist); it is never followed: give a plain file name")
     if path.is_symlink() or path.exists():
         try:
             mode = os.stat(path).st_mode
@@ -160,11 +164,13 @@ def atomic_path(path: str | os.PathLike, *, make_parents: bool = False) -> Itera
     path = check_output_path(path, make_parents=make_parents)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     tmp: Path | None = None
     try:
         with _signals_raise():
             try:
-                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, name = tempfile.mkstemp(prefix=f".{path.name}{_tmp_marker(os.getpid())}", suffix=".tmp",
+                                            dir=path.parent)
                 os.close(fd)
                 tmp = Path(name)
                 yield tmp
@@ -187,6 +193,47 @@ def atomic_path(path: str | os.PathLike, *, make_parents: bool = False) -> Itera
             raise
         raise OutputPathError(f"could not write {path}: {cause}; nothing was written there (free space or choose "
                               "another place)") from None
+
+
+def _tmp_marker(pid: int) -> str:
+    """What our temporary files carry in their name: this machine and the writing process."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+    return f".rs-{host}-{pid}-"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of our writes in ``folder`` whose writing process is gone (killed
+    with SIGKILL, or the machine lost power, mid-write); return them. Only files named by
+    :func:`atomic_path` on this machine (``.NAME.rs-HOST-PID-XXXX.tmp``) whose PID no longer runs are
+    touched: another program's files, and those of a live writer, are left alone."""
+    removed = []
+    mark = _tmp_marker(0)[: -len("0-")]  # ".rs-HOST-"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp") and mark in name):
+            continue
+        pid_text = name.split(mark, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(Path(folder) / name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _write_failure(e: BaseException) -> str | None:

@@ -120,6 +120,11 @@ def resume_file(path: str | os.PathLike, record: Mapping, what: str, fix: str) -
     version, or one that is not ours.
     """
     saved = read_resume_file(path, what, fix)
+    if "record" not in saved:
+        looks = " (it holds tensors by name: a model's weights?)" if saved and all(
+            torch.is_tensor(v) for v in saved.values()) else ""
+        raise StateMismatchError(f"{what} {path} is not a {what} robust-surgery wrote: it has no run record{looks}; "
+                                 f"{fix}")
     try:
         saved_record = json.loads(saved["record"]) if "record" in saved else None
     except (TypeError, ValueError):

@@ -91,8 +91,10 @@ class FinetuneConfig:
                             ("weight_decay", self.weight_decay), ("adv_weight (--adv-weight)", self.adv_weight)):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise NonFiniteError(f"{name} must be a finite number, got {value!r}")
-        if not self.lr > 0 or self.eps < 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise InvalidInputError(f"lr must be > 0 and eps, momentum, weight_decay >= 0; got lr {self.lr}, eps {self.eps}, "
+        if self.eps < 0:
+            raise InvalidInputError(f"the training attack's budget eps (--train-eps) must be >= 0, got {self.eps}")
+        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise InvalidInputError(f"lr must be > 0 and momentum, weight_decay >= 0; got lr {self.lr}, "
                              f"momentum {self.momentum}, weight_decay {self.weight_decay}")
         if self.threat not in ("Linf", "L2"):
             raise InvalidInputError(f"threat must be Linf or L2, got {self.threat!r}")

@@ -130,3 +130,38 @@ def test_silent_accepts_are_now_errors(saved, monkeypatch):
         rs.convert(rs.load_model("zoo:mnist-mlp-rs"), lam=True)
     with pytest.raises(TypeError, match="write 0.1, not '0.1'"):
         rs.evaluate(rs.load(saved), "mnist", suite="quick", eps=("0.1",), n=4)
+
+
+def test_a_killed_writes_temporary_is_removed_by_the_next_write_and_only_ours(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from robust_surgery._files import _tmp_marker, atomic_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    stale = tmp_path / f".big.safetensors{_tmp_marker(pid)}abc123.tmp"
+    live = tmp_path / f".other.json{_tmp_marker(os.getpid())}def456.tmp"  # a writer that still runs
+    foreign = tmp_path / ".something.else.tmp"  # not ours
+    for f in (stale, live, foreign):
+        f.write_text("x")
+    with atomic_path(tmp_path / "out.json") as tmp:
+        tmp.write_text("{}")
+    assert not stale.exists() and live.exists() and foreign.exists() and (tmp_path / "out.json").read_text() == "{}"
+
+
+def test_misleading_messages_now_say_what_is_wrong(saved, tmp_path):
+    import os
+
+    os.symlink(tmp_path / "gone.json", tmp_path / "dangling.json")
+    res = runner.invoke(app, ["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--json",
+                              str(tmp_path / "dangling.json")])
+    assert res.exit_code == 1 and "is a dangling link" in res.output and "device, socket or pipe" not in res.output
+    torch.save({"fc1.weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    res = runner.invoke(app, ["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--state",
+                              str(tmp_path / "weights.pt")])
+    assert res.exit_code == 1 and "has no run record (it holds tensors by name: a model's weights?)" in res.output
+    assert "older version" not in res.output
+    res = runner.invoke(app, ["finetune", str(saved), "--data", "mnist", "--train-eps", "-1"])
+    assert res.exit_code == 1 and "budget eps (--train-eps) must be >= 0, got -1" in res.output, res.output
