@@ -177,7 +177,7 @@ def test_chunking_does_not_change_results():
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="unknown norm 'L3'"):
         NRPMSettings(norm="L3")
-    with pytest.raises(ValueError, match="K must be"):
+    with pytest.raises(ValueError, match=r"K \(IRLS steps\) must be a whole number from 0 to 100"):
         NRPMSettings(K=-1)
     with pytest.raises(ValueError, match="eps must be"):
         NRPMSettings(eps=0)
