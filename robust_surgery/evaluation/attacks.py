@@ -36,6 +36,7 @@ __all__ = [
     "FGML2",
     "check_unit_range",
     "check_labels_fit",
+    "count_classes",
     "build_attack",
     "within_budget",
     "AUTOATTACK_PARTS",
@@ -122,6 +123,32 @@ class AttackTarget(nn.Module):
         if out.dim() != 2:
             raise InvalidTypeError(f"the model's logits must have shape (N, classes), got {tuple(out.shape)}")
         return out
+
+
+def count_classes(target: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes ``target`` outputs for the images ``x`` (N, C, H, W); a clear error,
+    naming the data's shape and the model's expected one where known, when the data does not fit
+    the model (instead of torch's "mat1 and mat2 shapes cannot be multiplied")."""
+    try:
+        with torch.no_grad():
+            return target(x[:1]).shape[1]
+    except RuntimeError as e:
+        text = str(e)
+        if not any(k in text for k in ("shape", "size", "channels", "Expected", "dimension")):
+            raise
+        from robust_surgery._meta import get_meta
+
+        want = ""
+        arch = get_meta(getattr(target, "model", target)).get("arch") or ""
+        if arch.startswith("zoo:"):
+            try:
+                from robust_surgery.io.zoo import get_entry
+
+                want = f" it expects images of shape {tuple(get_entry(arch[4:]).input_shape)} (C, H, W) ({arch});"
+            except Exception:
+                want = ""
+        raise InvalidInputError(f"the data does not fit the model: its images have shape {tuple(x.shape[1:])} (C, H, W);"
+                                f"{want} torch says: {text.splitlines()[0]}. Give the data set the model was made for") from None
 
 
 class FGML2(torchattacks.attack.Attack):

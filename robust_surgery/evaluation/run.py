@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.evaluation.attacks import (AttackTarget, PointSeededPGD, attack_names, build_attack,
+from robust_surgery.evaluation.attacks import (AttackTarget, PointSeededPGD, attack_names, build_attack, count_classes,
                                                check_labels_fit, check_unit_range, point_seed, within_budget)
 from robust_surgery.data.resolve import resolve_data
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, NonFiniteError, StateMismatchError
@@ -388,8 +388,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     target = AttackTarget(model, mean, std, amp=resolve_amp(amp)).to(dev).eval()  # torchattacks restores this mode after attacking
-    with torch.no_grad():
-        n_classes = target(x[:1].to(dev)).shape[1]
+    n_classes = count_classes(target, x[:1].to(dev))
     check_labels_fit(y, n_classes)
     done_before = set(st["done"])
     mine = [b for b in range(n_batches) if b % world == rank and b not in done_before]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.evaluation.attacks import AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range
+from robust_surgery.evaluation.attacks import (AttackConfig, AttackTarget, build_attack, check_labels_fit, check_unit_range,
+                                               count_classes)
 from robust_surgery.errors import InvalidInputError, InvalidTypeError, NonFiniteError, OutputPathError
 from robust_surgery._device import amp_name, resolve_amp, resolve_device
 from robust_surgery._dist import all_reduce_sum_, dist_info, synchronized_batchnorm
@@ -284,8 +285,7 @@ steps inside an epoch (long epochs). ``amp``: ``"bf16"`` or ``"fp16"`` runs the
                                 "exactly 0 or 1 cannot move: convert with 0 < lam < 1, or use paradigm 3)")
     opt = make_optimizer(params, cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     target = AttackTarget(model, amp=resolve_amp(cfg.amp)).to(dev).eval()
-    with torch.no_grad():
-        n_classes = target(xt[:1].to(dev)).shape[1]
+    n_classes = count_classes(target, xt[:1].to(dev))
     check_labels_fit(torch.cat([yt, yv]), n_classes)
 
     # the run's record (digests of the start and the data, every setting) matters only to a checkpoint

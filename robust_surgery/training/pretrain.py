@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_surgery.evaluation.attacks import THREATS, AttackTarget
+from robust_surgery.evaluation.attacks import THREATS, AttackTarget, count_classes
 from robust_surgery.io.runrecord import RECORD_VERSION, pack_record, resume_file, state_digest, tensor_digest
 from robust_surgery.training.finetune import (FinetuneConfig, adversarial_batch, check_finetune_paths, load_train_val,
                                               lr_at_epoch)
@@ -150,8 +150,7 @@ def pretrain(
         p.requires_grad_(True)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     target = AttackTarget(model, amp=resolve_amp(cfg.amp)).to(dev).eval()
-    with torch.no_grad():
-        n_classes = target(xt[:1].to(dev)).shape[1]
+    n_classes = count_classes(target, xt[:1].to(dev))
     record = resume = None
     if ckpt is not None:
         record = {"version": RECORD_VERSION, "starting weights": state_digest(model), "training data": tensor_digest(xt, yt),

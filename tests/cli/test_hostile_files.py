@@ -165,3 +165,10 @@ def test_misleading_messages_now_say_what_is_wrong(saved, tmp_path):
     assert "older version" not in res.output
     res = runner.invoke(app, ["finetune", str(saved), "--data", "mnist", "--train-eps", "-1"])
     assert res.exit_code == 1 and "budget eps (--train-eps) must be >= 0, got -1" in res.output, res.output
+
+
+def test_data_that_does_not_fit_the_model_says_which_shape_it_expects(saved):
+    res = runner.invoke(app, ["evaluate", str(saved), "--data", "cifar10", "--n", "4", "--suite", "quick"])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "its images have shape (3, 32, 32)" in lines[0] and "it expects images of shape (1, 28, 28)" in lines[0]
