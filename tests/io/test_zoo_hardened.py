@@ -30,7 +30,7 @@ def test_every_recipe_is_trainable_and_starts_from_a_zoo_model():
     assert set(HARDENED) <= set(trainable())
     for name, recipe in HARDENED.items():
         assert get_entry(recipe.base).dataset in ("mnist", "cifar10")
-        assert name.endswith("-at") == recipe.classical and recipe.paradigm == 3
+        assert name.endswith("-at") == recipe.classical and recipe.paradigm == (2 if name.endswith("-p2") else 3)
 
 
 def test_classical_recipe_gives_the_plain_architecture_trained_adversarially(tmp_path, mnist_test, shared_data):
