@@ -68,10 +68,15 @@ def _harden(name: str, *, epochs, lr, batch_size, seed: int, data_root, n_train,
     """Run the hardening recipe of ``name`` (options given override the recipe's)."""
     import dataclasses
 
+    from robust_surgery.limits import check_count, check_positive_finite
+
     changes = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
     recipe = dataclasses.replace(HARDENED[name], seed=seed, **changes)
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise InvalidInputError(f"epochs and batch_size must be >= 1 and lr > 0, got {changes}")
+    check_count("epochs", recipe.epochs, "epochs", flag="--epochs")
+    check_count("batch_size", recipe.batch_size, "batch_size", flag="--batch-size")
+    check_positive_finite("lr", recipe.lr, flag="--lr")
+    if n_train is not None:
+        check_count("n_train", n_train, "points", flag="--n-train")
     model, metrics = harden(recipe, data_root=data_root, n_train=n_train, progress=progress, device=device, amp=amp)
     # saved files name the base architecture: rs.load rebuilds the NRPM layers from the manifest
     return model, {**metrics, "name": name, "arch": f"zoo:{recipe.base}", "torch": torch.__version__,
@@ -124,8 +129,14 @@ def train_zoo_model(name: str, *, epochs: int | None = None, lr: float | None = 
     for key, val in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
         if val is not None:
             recipe[key] = val
-    if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0:
-        raise InvalidInputError(f"epochs and batch_size must be >= 1 and lr > 0, got {recipe}")
+    from robust_surgery.limits import check_count, check_positive_finite, check_seed
+
+    check_count("epochs", recipe["epochs"], "epochs", flag="--epochs")
+    check_count("batch_size", recipe["batch_size"], "batch_size", flag="--batch-size")
+    check_positive_finite("lr", recipe["lr"], flag="--lr")
+    check_seed(seed)
+    if n_train is not None:
+        check_count("n_train", n_train, "points", flag="--n-train")
     device = resolve_device(device)
 
     x_train, y_train = load_mnist("train", data_root)

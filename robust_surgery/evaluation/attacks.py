@@ -190,8 +190,11 @@ class AttackConfig:
             raise InvalidInputError(f"threat must be one of {', '.join(THREATS)}, got {self.threat!r}")
         if not math.isfinite(self.eps) or self.eps < 0:
             raise InvalidInputError(f"eps must be a finite budget >= 0, got {self.eps}")
-        if self.steps < 1 or self.restarts < 1 or self.queries < 1:
-            raise InvalidInputError(f"steps, restarts and queries must be >= 1, got {self.steps}, {self.restarts}, {self.queries}")
+        from robust_surgery.limits import check_count
+
+        check_count("steps", self.steps, "steps", flag="--steps")
+        check_count("restarts", self.restarts, "restarts", flag="--restarts")
+        check_count("queries", self.queries, "queries", flag="--queries")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise InvalidInputError(f"alpha (the step size) must be a finite number > 0, got {self.alpha}")
 

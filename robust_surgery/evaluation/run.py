@@ -208,10 +208,12 @@ def _record(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[Job],
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size, steps, restarts, queries, alpha, mean, std) -> None:
-    for name, value in (("batch_size (--batch-size)", batch_size), ("steps (--steps)", steps),
-                        ("restarts (--restarts)", restarts), ("queries (--queries)", queries)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
+    from robust_surgery.limits import check_count
+
+    check_count("batch_size", batch_size, "batch_size", flag="--batch-size")
+    check_count("steps", steps, "steps", flag="--steps")
+    check_count("restarts", restarts, "restarts", flag="--restarts")
+    check_count("queries", queries, "queries", flag="--queries")
     if alpha is not None and not (math.isfinite(float(alpha)) and alpha > 0):
         raise InvalidInputError(f"alpha (--alpha, the PGD step) must be a finite number > 0, got {alpha!r}")
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
@@ -309,6 +311,9 @@ def evaluate(
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"evaluate takes an nn.Module, got a {type(model).__name__}; load it first "
                         "(robust_surgery.load_model('zoo:...' or a file))")
+    from robust_surgery.limits import check_seed
+
+    check_seed(seed)
     if attacks is not None and suite is not None:
         raise InvalidInputError("give a suite (--suite) or a list of attacks (--attack), not both")
     if attacks is None:

@@ -185,7 +185,9 @@ def builtin_norm_code(norm: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------
-MAX_K = 100  # IRLS steps: the estimate settles in a handful (the paper uses K <= 5); more is a mistake or an attack
+from robust_surgery.limits import LIMITS
+
+MAX_K = LIMITS["K"]  # IRLS steps: the estimate settles in a handful (the paper uses K <= 5); more is a mistake or an attack
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,12 @@ class FinetuneConfig:
         resolve_amp(self.amp)  # an unknown word is a clear error
         if self.schedule not in ("constant", "cosine", "step"):
             raise InvalidInputError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
-        for name, value in (("epochs (--epochs)", self.epochs), ("batch_size (--batch-size)", self.batch_size),
-                            ("pgd_steps (--pgd-steps)", self.pgd_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
+        from robust_surgery.limits import check_count, check_seed
+
+        check_count("epochs", self.epochs, "epochs", flag="--epochs")
+        check_count("batch_size", self.batch_size, "batch_size", flag="--batch-size")
+        check_count("pgd_steps", self.pgd_steps, "steps", flag="--pgd-steps")
+        check_seed(self.seed)
         if isinstance(self.val_n, bool) or not isinstance(self.val_n, int) or self.val_n < 0:
             raise InvalidInputError(f"val_n (--val-n) must be a whole number >= 0, got {self.val_n!r}")
         if self.n_train is not None and (not isinstance(self.n_train, int) or self.n_train < 1):

@@ -172,3 +172,26 @@ def test_data_that_does_not_fit_the_model_says_which_shape_it_expects(saved):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1 and len(lines) == 1, res.output
     assert "its images have shape (3, 32, 32)" in lines[0] and "it expects images of shape (1, 28, 28)" in lines[0]
+
+
+def test_settings_that_scale_work_are_bounded_and_seeds_fit_torch(saved):
+    from robust_surgery.limits import LIMITS
+
+    cases = [
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--attack", "pgd", "--steps", "10000000"],
+         "steps (--steps) must be a whole number >= 1 and at most 10,000, got 10000000"),
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--attack", "pgd", "--restarts", "1000"],
+         "restarts (--restarts) must be a whole number >= 1 and at most 100"),
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--attack", "square", "--queries", "99999999"],
+         "queries (--queries) must be a whole number >= 1 and at most 1,000,000"),
+        (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--seed", str(2 ** 70)],
+         "the seed (--seed) must be a whole number from 0 to 2**63 - 1"),
+        (["finetune", str(saved), "--data", "mnist", "--epochs", "100000"], "epochs (--epochs) must be a whole number >= 1 and at most 10,000"),
+        (["zoo", "train", "mnist-mlp", "--lr", "nan"], "lr (--lr) must be a finite number > 0, got nan"),
+        (["zoo", "train", "mnist-mlp", "--n-train", "0"], "n_train (--n-train) must be a whole number >= 1"),
+    ]
+    for args, match in cases:
+        res = runner.invoke(app, args)
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], (args, res.output)
+    assert LIMITS["K"] == 100
