@@ -245,6 +245,6 @@ def _write_failure(e: BaseException) -> str | None:
                          ("Disk quota", errno.EDQUOT), ("Read-only file system", errno.EROFS)):
         if needle in text:
             return _WRITE_ERRORS[code]
-    if "file write failed" in text or "failed writing file" in text:
+    if "file write failed" in text or "failed writing file" in text or "unexpected pos" in text:
         return "the write failed (disk full or a file size limit?)"
     return None

@@ -211,11 +211,8 @@ def _torchvision(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         _offline_check_torchvision(name)
     try:
         return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-    except (OSError, RuntimeError) as e:  # offline download
-        raise ModelLoadError(
-            f"could not fetch torchvision's pretrained weights for {name!r} ({type(e).__name__}: {e}). "
-            f"Offline? Pass a weights file instead: surgery convert {name}.pth --arch torchvision:{name}"
-        ) from None
+    except (OSError, RuntimeError, MemoryError) as e:  # offline download, or a constructor that cannot allocate
+        raise _build_failure("torchvision", name, pretrained, kwargs, e, f"{name}.pth") from None
 
 
 def _timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
@@ -226,11 +223,21 @@ def _timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     try:
         with hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (OSError, RuntimeError) as e:
-        raise ModelLoadError(
-            f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: {e}). "
-            f"Offline? Pass a weights file instead: surgery convert {name}.safetensors --arch timm:{name}"
-        ) from None
+    except (OSError, RuntimeError, MemoryError) as e:
+        raise _build_failure("timm", name, pretrained, kwargs, e, f"{name}.safetensors") from None
+
+
+def _build_failure(lib: str, name: str, pretrained: bool, kwargs: dict, e: Exception, weights_file: str) -> ModelLoadError:
+    """The error for a library model that could not be built: out of memory (its arguments ask for
+    too large a network), a failed download of pretrained weights, or another failure of its constructor."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, MemoryError) or "allocate" in str(e) or "out of memory" in str(e).lower():
+        return ModelLoadError(f"building {lib}:{name} with {kwargs or 'its defaults'} needs more memory than this machine "
+                              f"has ({text}); check --arch-kwargs")
+    if pretrained:
+        return ModelLoadError(f"could not fetch {lib}'s pretrained weights for {name!r} ({type(e).__name__}: {text}). "
+                              f"Offline? Pass a weights file instead: surgery convert {weights_file} --arch {lib}:{name}")
+    return ModelLoadError(f"could not build {lib}:{name} with {kwargs or 'its defaults'} ({type(e).__name__}: {text})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,3 +195,10 @@ def test_settings_that_scale_work_are_bounded_and_seeds_fit_torch(saved):
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], (args, res.output)
     assert LIMITS["K"] == 100
+
+
+def test_a_failed_huge_allocation_is_called_that_not_a_failed_download():
+    res = runner.invoke(app, ["inspect", "timm:resnet18", "--arch-kwargs", '{"num_classes": 100000000000}'])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "needs more memory than this machine has" in lines[0], res.output
+    assert "fetch" not in lines[0]
