@@ -21,6 +21,8 @@ LIMITS = {
     "epochs": 10_000,  # training epochs
     "batch_size": 1_000_000,
     "points": 1_000_000_000,  # --n, --n-train
+    "zo_steps": 1_000_000,  # BAR's zeroth-order steps (a full-size program needs ~10^5)
+    "directions": 10_000,  # BAR's random directions per gradient estimate (q)
 }
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a signed 64-bit integer
 

@@ -48,6 +48,11 @@ class ARConfig:
     mapping_lr: float = 0.01
 
     def __post_init__(self):
+        from robust_surgery.limits import check_count
+
+        check_count("epochs", self.epochs, "epochs", flag="--epochs")
+        check_count("batch_size", self.batch_size, "batch_size", flag="--batch-size")
+        check_count("adv_steps", self.adv_steps, "steps", flag="--adv-steps")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.reg < 0 or not 0 < self.decay <= 1 \
                 or self.decay_every < 1 or not self.mapping_lr > 0:
             raise InvalidInputError("AR needs epochs >= 1, batch_size >= 1, lr > 0, reg >= 0, 0 < decay <= 1, decay_every >= 1, "

@@ -51,6 +51,11 @@ class BARConfig:
     price_per_1000: float = 1.0
 
     def __post_init__(self):
+        from robust_surgery.limits import check_count
+
+        check_count("steps", self.steps, "zo_steps", flag="--steps")
+        check_count("q (random directions per estimate)", self.q, "directions", flag="--q")
+        check_count("batch_size", self.batch_size, "batch_size", flag="--batch-size")
         if self.steps < 1 or self.q < 1 or not self.beta > 0 or not self.lr > 0 or self.batch_size < 1 \
                 or self.gamma < 0 or not 0 < self.decay <= 1 or self.decay_every < 1:
             raise InvalidInputError("BAR needs steps >= 1, q >= 1, β > 0, lr > 0, batch_size >= 1, γ >= 0, "
