@@ -39,9 +39,12 @@ def _edit(path, manifest_fn=None, tensor_fn=None):
 
 
 def _one_error(path, match):
+    """Run evaluate on ``path`` as the CLI would: one `error:` line naming the problem, exit 1, the file unchanged."""
+    before = path.read_bytes()
     res = runner.invoke(app, ["evaluate", str(path), "--data", "mnist", "--n", "4", "--suite", "quick"])
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.output
+    assert path.read_bytes() == before
 
 
 def test_a_huge_K_in_a_manifest_is_refused_not_run(saved):
@@ -112,11 +115,13 @@ def test_silent_accepts_are_now_errors(saved, monkeypatch):
         (["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--max-batches", "-1"],
          "max_batches (--max-batches) must be a whole number >= 1"),
     ]
+    before = saved.read_bytes()
     for args, match in cases:
         res = runner.invoke(app, args)
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert res.exit_code in (1, 2) and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], \
             (args, res.output)
+    assert saved.read_bytes() == before
     for world, match in (("-3", "WORLD_SIZE='-3' must be a whole number >= 1"), ("abc", "WORLD_SIZE='abc'")):
         monkeypatch.setenv("WORLD_SIZE", world)
         res = runner.invoke(app, ["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick"])
@@ -202,3 +207,20 @@ def test_a_failed_huge_allocation_is_called_that_not_a_failed_download():
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1 and len(lines) == 1 and "needs more memory than this machine has" in lines[0], res.output
     assert "fetch" not in lines[0]
+
+
+def test_a_full_disk_while_writing_the_state_file_is_an_error_line(saved, tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError ('unexpected pos' / 'file write failed'), not OSError."""
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).endswith(".tmp") and "run.state" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 6912 vs 6800")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    res = runner.invoke(app, ["evaluate", str(saved), "--data", "mnist", "--n", "4", "--suite", "quick", "--state",
+                              str(tmp_path / "run.state")])
+    lines = [line for line in res.output.splitlines() if line.strip() and not line.startswith("batch ")]
+    assert res.exit_code == 1 and len(lines) == 1 and "disk full or a file size limit?" in lines[0], res.output
+    assert not list(tmp_path.glob(".run.state*"))  # no temporary left behind
