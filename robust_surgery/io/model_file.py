@@ -21,7 +21,7 @@ from torch import nn
 from robust_surgery.io.archspec import ARCH_HELP as _ARCH_HELP
 from robust_surgery.io.checkpoint import extract_state_dict, load_weights, read_checkpoint
 from robust_surgery.io.archspec import build_arch, is_spec, looks_like_factory, reading_file
-from robust_surgery.errors import InvalidTypeError, ModelLoadError, UntrustedCodeError
+from robust_surgery.errors import InvalidInputError, InvalidTypeError, ModelLoadError, UntrustedCodeError
 from robust_surgery._json import strict_dumps
 from robust_surgery._files import atomic_path, check_output_path, file_sha256
 from robust_surgery._meta import get_meta, set_meta
@@ -137,6 +137,10 @@ def _check_tensor_shapes(model: nn.Module, path: Path, spec: str) -> None:
     from safetensors import safe_open
 
     own = model.state_dict()
+    given = spec.startswith("the given ")
+    wanter = spec if given else f"its recorded architecture {spec}"
+    cause = ("the given network is not the one the file was converted from" if given
+             else "the file's tensors do not fit its manifest (damaged or edited file)")
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             if key in own:
@@ -148,14 +152,11 @@ def _check_tensor_shapes(model: nn.Module, path: Path, spec: str) -> None:
                         f"{want} tensor ({str(own[key].dtype).replace('torch.', '')}); the file is damaged or edited")
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(own[key].shape):
-                    raise ModelLoadError(
-                        f"{path}: tensor {key} has shape {shape}, but its recorded architecture {spec} wants "
-                        f"{tuple(own[key].shape)}; the file's tensors do not fit its manifest (damaged or edited file)")
+                    raise ModelLoadError(f"{path}: tensor {key} has shape {shape}, but {wanter} wants "
+                                         f"{tuple(own[key].shape)}; {cause}")
 
 
 def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None, trust_code: bool) -> nn.Module:
-    from safetensors.torch import load_model as st_load_model
-
     if arch and manifest.get("arch") and arch != manifest["arch"]:
         raise ModelLoadError(
             f"{path} records its own architecture ({manifest['arch']}); --arch {arch} (Python: arch=) is only for "
@@ -170,6 +171,15 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
             model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
     else:  # the user named the architecture of a file that records none
         model = build_arch(spec, pretrained=False, data_root=data_root, kwargs=kwargs)
+    return _apply_manifest(model, manifest, path, spec)
+
+
+def _apply_manifest(model: nn.Module, manifest: dict, path: Path, spec: str) -> nn.Module:
+    """Rebuild on the plain ``model`` the NRPM layers ``manifest`` records (each with its settings),
+    load the file's tensors strictly (a mismatch names the tensor), restore provenance and the
+    paradigm. ``spec``: what the model is, for messages. Returns the model in eval mode."""
+    from safetensors.torch import load_model as st_load_model
+
     if is_converted(model):
         # an architecture that comes converted (a hardened zoo entry such as zoo:mnist-lenet-p3):
         # back to its plain layers, so the manifest's layers convert it exactly as it was saved
@@ -203,7 +213,7 @@ def _rebuild(manifest: dict, path: Path, arch: str | None, data_root: str | None
                              f"unexpected tensors {unexpected[:5]} (a damaged or edited file; re-save the model)")
     set_meta(model, **{k: manifest[k] for k in ("arch", "arch_kwargs", "source", "training", "recalibration")
                        if manifest.get(k) is not None})
-    if not manifest.get("arch"):
+    if not manifest.get("arch") and not spec.startswith("the given "):
         set_meta(model, arch=spec)
     if manifest.get("paradigm"):
         apply_paradigm(model, manifest["paradigm"])
@@ -296,14 +306,34 @@ def load_model(
     return model.eval()
 
 
-def load(path: str | os.PathLike, *, arch: str | None = None, data_root: str | None = None,
-         trust_code: bool = False, trust_pickle: bool = False) -> nn.Module:
-    """Rebuild a model saved by :func:`save` (or ``surgery convert``) from the file alone.
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, arch: str | None = None,
+         data_root: str | None = None, trust_code: bool = False, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (or ``surgery convert``).
 
-    ``trust_code``: allow a manifest that names a ``package.module:Callable`` outside our
-    registries to import and call it (only for files you trust).
+    From the file alone when it records its architecture. ``model``: your own plain network (the
+    architecture the file was converted from, e.g. ``torchvision.models.resnet18(num_classes=10)``
+    or an ``nn.Module`` of yours), as PEFT's ``PeftModel.from_pretrained(base, path)``: the file's
+    NRPM layers are rebuilt on it with their recorded settings and its tensors loaded strictly (a
+    mismatch names the first wrong tensor); the module is modified in place and returned. Nothing
+    in the file chooses code then. ``trust_code``: allow a manifest that names a
+    ``package.module:Callable`` outside our registries to import and call it (only for files you trust).
     """
-    return load_model(path, arch=arch, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
+    if model is None:
+        return load_model(path, arch=arch, data_root=data_root, trust_code=trust_code, trust_pickle=trust_pickle)
+    if arch is not None:
+        raise InvalidInputError("give model= (your own network) or arch= (a spec), not both")
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model= takes the plain nn.Module the file was converted from, got a "
+                               f"{type(model).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"{path}: model= loads a .safetensors file written by robust_surgery.save")
+    manifest = read_manifest(path) or {}
+    if manifest.get("format") not in (None, FORMAT):
+        raise ModelLoadError(f"{path} is not a model file (its manifest says format {manifest.get('format')!r})")
+    return _apply_manifest(model, manifest, path, f"the given {type(model).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,9 +380,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
         set_meta(model, arch=arch)
     manifest = build_manifest(model, **extra)
     if not manifest["arch"]:
-        warnings.warn(f"{path}: the model records no architecture, so loading it will need arch=... (CLI --arch). "
-                      "Record one: rs.save(model, path, arch='package.module:build_fn'), or build the model with "
-                      "rs.load_model/rs.build_arch (which record it); CLI: give --arch when loading a weights file",
+        warnings.warn(f"{path}: the model records no architecture, so loading it needs your plain network: "
+                      "rs.load(path, model=YourNet()) (or arch=...; CLI --arch). To record one: rs.save(model, path, "
+                      "arch='package.module:build_fn'), or build the model with rs.load_model/rs.build_arch",
                       UserWarning, stacklevel=2)
     with atomic_path(path) as tmp:
         st_save_model(model, str(tmp), metadata={MANIFEST_KEY: strict_dumps(manifest)})
