@@ -35,6 +35,7 @@ __all__ = ["HEAD_FITS", "RECIPES", "evaluate_accuracy", "save_state_dict_safeten
 RECIPES: dict[str, dict] = {
     "mnist-mlp-rs": {"epochs": 2, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"},
     "mnist-lenet-rs": {"epochs": 3, "lr": 1e-3, "batch_size": 64, "optimizer": "adam"},
+    "mnist-cnn": {"epochs": 3, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"},  # TRADES's SmallCNN
 }
 RECIPES["mnist-mlp"] = dict(RECIPES["mnist-mlp-rs"])
 RECIPES["mnist-lenet"] = dict(RECIPES["mnist-lenet-rs"])

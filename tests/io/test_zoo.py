@@ -126,7 +126,7 @@ def test_wrong_architecture_is_a_clear_error(shared_data):
         zoo._load_weights(model, entry, shared_data / "nrpm-official" / "lenet_mnist_model.pth")
 
 
-@pytest.mark.parametrize("name", ["mnist-mlp-rs", "mnist-lenet-rs"])
+@pytest.mark.parametrize("name", ["mnist-mlp-rs", "mnist-lenet-rs", "mnist-cnn"])
 def test_embedded_models_load_without_data(no_data, shared_data, name):
     model = create_model(name)  # nothing under any data root
     assert model.zoo_info["weights"].endswith(f"{name}.safetensors")
