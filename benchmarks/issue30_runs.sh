@@ -40,7 +40,8 @@ case "${1:-run}" in
       mkdir -p "$SAVED/$name"
       (cd "$RUNS/$name" && find . \( -name '*.pt' -o -name '*.json' -o -name '*.safetensors' -o -name '*.out' \) \
          -exec cp --parents {} "$SAVED/$name" \;)
-    done; du -sh "$SAVED"/* ;;
+    done; git -C "$REPO" add -f "$SAVED"/*/ckpt-*/finetune-last.pt  # ckpt-*/ folders are ignored elsewhere
+    du -sh "$SAVED"/* ;;
   run)
     for t in "${TABLES[@]}"; do IFS='|' read -r name commit rows cmd <<<"$t"
       mkdir -p "$RUNS/$name"
