@@ -40,7 +40,8 @@ case "${1:-run}" in
       mkdir -p "$SAVED/$name"
       (cd "$RUNS/$name" && find . \( -name '*.pt' -o -name '*.json' -o -name '*.safetensors' -o -name '*.out' \) \
          -exec cp --parents {} "$SAVED/$name" \;)
-    done; git -C "$REPO" add -f "$SAVED"/*/ckpt-*/finetune-last.pt  # ckpt-*/ folders are ignored elsewhere
+    done; git -C "$REPO" add -f "$SAVED"/*/ckpt-*/finetune-last.pt  # ckpt-*/ and *.safetensors are ignored elsewhere
+    for f in "$SAVED"/*/*.safetensors; do [ -f "$f" ] && git -C "$REPO" add -f "$f"; done
     du -sh "$SAVED"/* ;;
   run)
     for t in "${TABLES[@]}"; do IFS='|' read -r name commit rows cmd <<<"$t"
