@@ -145,7 +145,7 @@ def adversarial_batch(model, target, cfg: FinetuneConfig, xb, yb, seed: int, n_c
     model.eval()
     torch.manual_seed(seed)
     attack = build_attack(AttackConfig(cfg.adversarial, cfg.eps, cfg.threat, steps=cfg.pgd_steps,
-                                        alpha=getattr(cfg, "pgd_alpha", None)), target, n_classes, seed)
+                                        alpha=cfg.pgd_alpha), target, n_classes, seed)
     x_adv = attack(xb, yb).detach()
     model.train(was)
     return x_adv

@@ -50,6 +50,7 @@ class PretrainConfig:
     eps: float = 0.0
     threat: str = "Linf"
     pgd_steps: int = 5
+    pgd_alpha: float | None = None  # the PGD step; None: 2.5·ε/steps
     ramp: float = 0.0
     epochs: int = 1
     lr: float = 1e-3
